@@ -1,0 +1,223 @@
+"""VQRAE model configuration."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED_ENCODER_TYPES = ("siglip_vision_model",)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool (got {value!r} of type {type(value).__name__}).")
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"`{name}` must be {allowed} (got {value!r}).")
+
+
+class VQRAEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`VQRAEModel`]: a SigLIP vision encoder, a quantizer (FSQ or a learned VQ codebook), an
+    optional `post_quant_conv` and code normalisation, and a ViT decoder. Every field is validated here, before any
+    layer is built.
+
+    Args:
+        vision_config (`dict` or `SiglipVisionConfig`, *optional*):
+            The SigLIP vision encoder (SigLIP, or a fixed-resolution SigLIP2 checkpoint, which uses the same
+            architecture). Its attention-pooling head is always switched off: a tokenizer never uses it.
+            Defaults to a SigLIP-B/16 at 256 px.
+        encoder_name_or_path (`str`, *optional*):
+            Where the encoder's pretrained weights came from (a Hub id or a folder). Kept for provenance and the
+            model card only; loading a VQRAE model never reads it.
+        use_fsq (`bool`, *optional*, defaults to `True`):
+            Finite scalar quantization (`True`) or a learned VQ codebook (`False`).
+        fsq_levels (`list[int]`, *optional*, defaults to `[8, 8, 8, 5, 5, 5]`):
+            Levels per FSQ dimension, each >= 2; the codebook holds `prod(fsq_levels)` codes (64,000 by default).
+        num_embeddings (`int`, *optional*, defaults to 16384):
+            Number of VQ codes (used when `use_fsq=False`), >= 2.
+        codebook_dim (`int`, *optional*):
+            Width of the VQ codes; `None` uses the encoder width (no projection), as in the VQRAE paper.
+        commitment_cost (`float`, *optional*, defaults to 0.25):
+            Weight of the VQ commitment loss.
+        use_simvq (`bool`, *optional*, defaults to `False`):
+            Use SimVQ's codebook (a frozen random codebook times a learned linear map) for VQ.
+        use_post_quant_conv (`bool`, *optional*, defaults to `False`):
+            Apply a learned `Conv2d(D, D, k)` to the codes before decoding (the Cosmos-Tokenizer flow).
+        post_quant_conv_kernel_size (`int`, *optional*, defaults to 1):
+            Kernel size `k` of `post_quant_conv`: a positive odd integer, so the token grid keeps its size.
+        normalize_codes (`bool`, *optional*, defaults to `False`):
+            Apply a parameter-free LayerNorm over the channel dimension to the codes before the decoder.
+        decoder_hidden_size (`int`, *optional*):
+            Width of the ViT decoder; `None` mirrors the encoder.
+        decoder_num_hidden_layers (`int`, *optional*):
+            Number of decoder blocks; `None` mirrors the encoder.
+        decoder_num_attention_heads (`int`, *optional*):
+            Attention heads per decoder block; must divide `decoder_hidden_size`. `None` mirrors the encoder.
+        decoder_intermediate_size (`int`, *optional*):
+            Width of the decoder MLPs; `None` mirrors the encoder.
+        decoder_hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
+            Activation of the decoder MLPs (any name in `transformers.activations.ACT2FN`).
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the decoder, quantizer and `post_quant_conv`.
+
+    Example:
+
+    ```python
+    >>> from vqrae import VQRAEConfig, VQRAEModel
+    >>> config = VQRAEConfig(use_fsq=True, fsq_levels=[8, 8, 8, 5, 5, 5], use_post_quant_conv=True)
+    >>> model = VQRAEModel(config)
+    ```
+    """
+
+    model_type = "vqrae"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            AutoConfig,
+            model_type="siglip_vision_model",
+            init_kwargs={"image_size": 256, "patch_size": 16, "vision_use_head": False},
+        )
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    encoder_name_or_path: str | None = None
+    use_fsq: bool = True
+    fsq_levels: list[int] | tuple[int, ...] | None = None
+    num_embeddings: int = 16384
+    codebook_dim: int | None = None
+    commitment_cost: float = 0.25
+    use_simvq: bool = False
+    use_post_quant_conv: bool = False
+    post_quant_conv_kernel_size: int = 1
+    normalize_codes: bool = False
+    decoder_hidden_size: int | None = None
+    decoder_num_hidden_layers: int | None = None
+    decoder_num_attention_heads: int | None = None
+    decoder_intermediate_size: int | None = None
+    decoder_hidden_act: str = "gelu_pytorch_tanh"
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.fsq_levels is None:
+            self.fsq_levels = [8, 8, 8, 5, 5, 5]
+        if self.vision_config is not None and not isinstance(self.vision_config, (dict, PreTrainedConfig)):
+            raise TypeError(
+                "`vision_config` must be a dict, a SiglipVisionConfig or None "
+                f"(got {type(self.vision_config).__name__})."
+            )
+        if isinstance(self.vision_config, dict):
+            self.vision_config = dict(self.vision_config)
+            self.vision_config.setdefault("model_type", "siglip_vision_model")
+        super().__post_init__(**kwargs)
+        self._validate_vqrae()
+
+    def _validate_vqrae(self) -> None:
+        vision = self.vision_config
+        if vision.model_type not in SUPPORTED_ENCODER_TYPES:
+            raise ValueError(
+                f"`vision_config` must be a SigLIP vision config (model_type 'siglip_vision_model'; fixed-resolution "
+                f"SigLIP2 checkpoints use it too), got model_type {vision.model_type!r}."
+            )
+        if getattr(vision, "vision_use_head", False):
+            # The attention-pooling head is never used by a tokenizer; under DDP an unused parameter is an error.
+            logger.info("Switching off the SigLIP attention-pooling head (`vision_use_head=False`): VQRAE never uses it.")
+            vision.vision_use_head = False
+        image_size, patch_size = vision.image_size, vision.patch_size
+        if not _is_int(image_size) or not _is_int(patch_size) or patch_size < 1 or image_size % patch_size != 0:
+            raise ValueError(
+                "`vision_config.image_size` must be a multiple of `vision_config.patch_size` "
+                f"(got image_size={image_size!r}, patch_size={patch_size!r})."
+            )
+        if vision.hidden_size % vision.num_attention_heads != 0:
+            raise ValueError(
+                "`vision_config.hidden_size` must be divisible by `vision_config.num_attention_heads` "
+                f"(got {vision.hidden_size} and {vision.num_attention_heads})."
+            )
+
+        if self.encoder_name_or_path is not None and not isinstance(self.encoder_name_or_path, str):
+            raise TypeError(f"`encoder_name_or_path` must be a string or None (got {self.encoder_name_or_path!r}).")
+        for name in ("use_fsq", "use_simvq", "use_post_quant_conv", "normalize_codes"):
+            _check_bool(name, getattr(self, name))
+
+        levels = self.fsq_levels
+        if isinstance(levels, tuple):
+            levels = self.fsq_levels = list(levels)
+        if not isinstance(levels, list) or len(levels) == 0 or any(not _is_int(lv) or lv < 2 for lv in levels):
+            raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {levels!r}).")
+        _check_int("num_embeddings", self.num_embeddings, 2)
+        _check_int("codebook_dim", self.codebook_dim, 1, optional=True)
+        cost = self.commitment_cost
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
+            raise ValueError(f"`commitment_cost` must be a number >= 0 (got {cost!r}).")
+        kernel = self.post_quant_conv_kernel_size
+        if not _is_int(kernel) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(
+                "`post_quant_conv_kernel_size` must be a positive odd integer, so the token grid keeps its size "
+                f"(got {kernel!r})."
+            )
+
+        for name in ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads"):
+            _check_int(name, getattr(self, name), 1, optional=True)
+        _check_int("decoder_intermediate_size", self.decoder_intermediate_size, 1, optional=True)
+        if self.decoder_hidden_size_resolved % self.decoder_num_attention_heads_resolved != 0:
+            raise ValueError(
+                "`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` (got "
+                f"{self.decoder_hidden_size_resolved} and {self.decoder_num_attention_heads_resolved})."
+            )
+        if not isinstance(self.decoder_hidden_act, str) or self.decoder_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"`decoder_hidden_act` must be one of {sorted(ACT2FN)} (got {self.decoder_hidden_act!r})."
+            )
+        rng = self.initializer_range
+        if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not rng > 0:
+            raise ValueError(f"`initializer_range` must be a number > 0 (got {rng!r}).")
+
+    # -- derived sizes (not stored) -------------------------------------------------------------------------------
+
+    @property
+    def decoder_hidden_size_resolved(self) -> int:
+        return self.decoder_hidden_size or self.vision_config.hidden_size
+
+    @property
+    def decoder_num_hidden_layers_resolved(self) -> int:
+        return self.decoder_num_hidden_layers or self.vision_config.num_hidden_layers
+
+    @property
+    def decoder_num_attention_heads_resolved(self) -> int:
+        return self.decoder_num_attention_heads or self.vision_config.num_attention_heads
+
+    @property
+    def decoder_intermediate_size_resolved(self) -> int:
+        return self.decoder_intermediate_size or self.vision_config.intermediate_size
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of codes: `prod(fsq_levels)` for FSQ, `num_embeddings` for VQ."""
+        if self.use_fsq:
+            size = 1
+            for level in self.fsq_levels:
+                size *= level
+            return size
+        return self.num_embeddings
+
+    @property
+    def token_grid_size(self) -> tuple[int, int]:
+        """`(h, w)` of the token grid at the encoder's native resolution."""
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        return side, side
+
+
+__all__ = ["VQRAEConfig"]

@@ -1,0 +1,517 @@
+"""VQRAE: a SigLIP encoder, an FSQ or VQ quantizer, an optional post_quant_conv and a ViT decoder.
+
+The file reads in the order of the data flow:
+
+    pixel_values -> encoder (SiglipVisionModel)           -> continuous features (B, N, D)
+                 -> quantizer (project_in, FSQ/VQ, project_out) -> indices (B, h, w), codes (B, D, h, w)
+                 -> post_quant_conv (optional)              -> normalisation (optional)
+                 -> decoder (ViT, unpatchify)               -> reconstruction (B, 3, H, W)
+
+It imports only torch and transformers (and the two sibling files), because `save_pretrained` copies it to the
+Hub for `trust_remote_code` users.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel, SiglipVisionModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_vqrae import VQRAEConfig
+from .quantizers import VQRAEFSQuantizer, VQRAEVectorQuantizer
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VQRAEEncoderOutput(ModelOutput):
+    """
+    Output of [`VQRAEModel.encode`].
+
+    Args:
+        indices (`torch.LongTensor` of shape `(batch_size, h, w)`):
+            The discrete tokens: one code index per patch, `h = H / patch_size`, `w = W / patch_size`.
+        quantized (`torch.FloatTensor` of shape `(batch_size, hidden_size, h, w)`):
+            The codes of `indices` projected back to the encoder width, before `post_quant_conv`. In training they
+            carry straight-through gradients to the encoder.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, h * w, hidden_size)`):
+            The encoder's continuous semantic features (the input of the quantizer).
+        quantizer_loss (`torch.FloatTensor`, scalar):
+            The quantizer's loss (zero for FSQ; codebook + commitment loss for VQ).
+    """
+
+    indices: torch.LongTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    quantizer_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class VQRAEDecoderOutput(ModelOutput):
+    """
+    Output of [`VQRAEModel.decode`] and [`VQRAEModel.decode_from_indices`].
+
+    Args:
+        reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, H, W)`):
+            The decoded image, in the encoder's normalised pixel range (about [-1, 1] for SigLIP).
+    """
+
+    reconstruction: torch.FloatTensor | None = None
+
+
+@dataclass
+class VQRAEModelOutput(ModelOutput):
+    """
+    Output of [`VQRAEModel.forward`].
+
+    Args:
+        reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, H, W)`):
+            The reconstructed image, in the encoder's normalised pixel range.
+        indices (`torch.LongTensor` of shape `(batch_size, h, w)`):
+            The discrete tokens of the image.
+        quantized (`torch.FloatTensor` of shape `(batch_size, hidden_size, h, w)`):
+            The (straight-through) codes, before `post_quant_conv`.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, h * w, hidden_size)`):
+            The encoder's continuous semantic features.
+        quantizer_loss (`torch.FloatTensor`, scalar):
+            The quantizer's loss (zero for FSQ).
+    """
+
+    reconstruction: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    quantizer_loss: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder: a ViT that maps tokens to patches of pixels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class VQRAEDecoderAttention(nn.Module):
+    """Multi-head self-attention over the token grid (no mask: every token sees every other)."""
+
+    def __init__(self, config: VQRAEConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.decoder_hidden_size_resolved
+        self.num_heads = config.decoder_num_attention_heads_resolved
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self, queries, keys, values, None, is_causal=False, scaling=self.scale, dropout=0.0
+        )
+        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class VQRAEDecoderMLP(nn.Module):
+    def __init__(self, config: VQRAEConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.decoder_hidden_act]
+        self.fc1 = nn.Linear(config.decoder_hidden_size_resolved, config.decoder_intermediate_size_resolved)
+        self.fc2 = nn.Linear(config.decoder_intermediate_size_resolved, config.decoder_hidden_size_resolved)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class VQRAEDecoderLayer(GradientCheckpointingLayer):
+    """A pre-norm transformer block."""
+
+    def __init__(self, config: VQRAEConfig):
+        super().__init__()
+        width, eps = config.decoder_hidden_size_resolved, config.vision_config.layer_norm_eps
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.self_attn = VQRAEDecoderAttention(config)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = VQRAEDecoderMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class VQRAEDecoder(nn.Module):
+    """ViT decoder, the mirror of the SigLIP encoder: tokens `(B, h * w, D)` -> pixels `(B, C, h * p, w * p)`.
+
+    `in_proj` maps the encoder width to the decoder width, a learned position embedding (interpolated for other
+    grids) marks where each token sits, `L` pre-norm blocks mix the tokens, and `out_proj` predicts the `p * p * C`
+    pixel values of each patch, which are then put back in place (unpatchify).
+    """
+
+    def __init__(self, config: VQRAEConfig):
+        super().__init__()
+        vision = config.vision_config
+        width = config.decoder_hidden_size_resolved
+        self.patch_size = vision.patch_size
+        self.num_channels = vision.num_channels
+        self.grid_size = vision.image_size // vision.patch_size
+        self.in_proj = nn.Linear(vision.hidden_size, width)
+        self.position_embedding = nn.Parameter(torch.empty(1, self.grid_size * self.grid_size, width))
+        self.layers = nn.ModuleList([VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers_resolved)])
+        self.norm = nn.LayerNorm(width, eps=vision.layer_norm_eps)
+        self.out_proj = nn.Linear(width, self.patch_size * self.patch_size * self.num_channels)
+
+    def position_embedding_for(self, height: int, width: int) -> torch.Tensor:
+        """Position embedding `(1, height * width, D)` for a grid of `height x width` tokens."""
+        if height == self.grid_size and width == self.grid_size:
+            return self.position_embedding
+        grid = self.position_embedding.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+        return grid.to(self.position_embedding.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        hidden_states = self.in_proj(tokens) + self.position_embedding_for(height, width)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        patches = self.out_proj(self.norm(hidden_states))
+        batch_size, p, c = patches.shape[0], self.patch_size, self.num_channels
+        # (B, h*w, p*p*C) -> (B, C, h*p, w*p)
+        patches = patches.reshape(batch_size, height, width, p, p, c)
+        return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, c, height * p, width * p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained base class
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VQRAEPreTrainedModel(PreTrainedModel):
+    config_class = VQRAEConfig
+    config: VQRAEConfig
+    base_model_prefix = "vqrae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["VQRAEDecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, VQRAEDecoder):
+            init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)
+        elif isinstance(module, VQRAEVectorQuantizer) and module.use_simvq:
+            init.normal_(module.frozen_codebook, std=module.codebook_dim**-0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VQRAEModel(VQRAEPreTrainedModel):
+    """
+    A VQRAE image tokenizer: `encode` turns images into discrete tokens (and continuous semantic features),
+    `decode_from_indices` turns tokens back into images, `forward` does both.
+
+    Args:
+        config ([`VQRAEConfig`]): the model configuration.
+        encoder (`SiglipVisionModel`, *optional*): a ready (e.g. pretrained) encoder to use instead of building a
+            randomly initialised one from `config.vision_config`. See [`VQRAEModel.from_encoder_pretrained`].
+    """
+
+    def __init__(self, config: VQRAEConfig, encoder: PreTrainedModel | None = None):
+        super().__init__(config)
+        vision = config.vision_config
+        hidden_size = vision.hidden_size
+        self.patch_size = vision.patch_size
+
+        if encoder is None:
+            encoder = SiglipVisionModel(vision)
+        elif encoder.config.hidden_size != hidden_size or encoder.config.patch_size != vision.patch_size:
+            raise ValueError(
+                "`encoder` does not match `config.vision_config` (got hidden_size "
+                f"{encoder.config.hidden_size} and patch_size {encoder.config.patch_size}, expected {hidden_size} "
+                f"and {vision.patch_size})."
+            )
+        if getattr(encoder, "use_head", False):
+            raise ValueError(
+                "`encoder` has a SigLIP attention-pooling head, which a tokenizer never trains; build it with "
+                "`vision_use_head=False` (as `from_encoder_pretrained` does)."
+            )
+        self.encoder = encoder
+
+        if config.use_fsq:
+            self.quantizer = VQRAEFSQuantizer(levels=config.fsq_levels, dim=hidden_size)
+        else:
+            self.quantizer = VQRAEVectorQuantizer(
+                num_embeddings=config.num_embeddings,
+                dim=hidden_size,
+                codebook_dim=config.codebook_dim,
+                commitment_cost=config.commitment_cost,
+                use_simvq=config.use_simvq,
+            )
+        if config.use_post_quant_conv:
+            kernel = config.post_quant_conv_kernel_size
+            self.post_quant_conv = nn.Conv2d(hidden_size, hidden_size, kernel, padding=kernel // 2)
+        else:
+            self.post_quant_conv = None
+        self.decoder = VQRAEDecoder(config)
+        self.post_init()
+
+    # -- building from a pretrained SigLIP ------------------------------------------------------------------------
+
+    @classmethod
+    def from_encoder_pretrained(cls, encoder_name_or_path: str, *, encoder_kwargs: dict | None = None, **config_kwargs):
+        """Build a VQRAE model around a pretrained SigLIP vision encoder; the rest is randomly initialised.
+
+        Args:
+            encoder_name_or_path (`str`): a Hub id or folder of a SigLIP (or fixed-resolution SigLIP2) checkpoint,
+                vision-only (`SiglipVisionModel`) or full (`SiglipModel`, whose text tower is ignored).
+            encoder_kwargs (`dict`, *optional*): passed to `from_pretrained` of the encoder (`revision`,
+                `cache_dir`, `local_files_only`, `dtype`, ...).
+            **config_kwargs: fields of [`VQRAEConfig`] (`use_fsq`, `fsq_levels`, `use_post_quant_conv`, ...).
+        """
+        encoder_kwargs = dict(encoder_kwargs or {})
+        if "vision_config" in config_kwargs:
+            raise ValueError("`vision_config` comes from the pretrained encoder; do not pass it to from_encoder_pretrained.")
+        hub_kwargs = {
+            key: encoder_kwargs[key]
+            for key in ("revision", "cache_dir", "local_files_only", "token", "trust_remote_code")
+            if key in encoder_kwargs
+        }
+        loaded_config = AutoConfig.from_pretrained(encoder_name_or_path, **hub_kwargs)
+        vision_config = getattr(loaded_config, "vision_config", loaded_config)
+        vision_config.vision_use_head = False
+        config = VQRAEConfig(vision_config=vision_config, encoder_name_or_path=encoder_name_or_path, **config_kwargs)
+        encoder = SiglipVisionModel.from_pretrained(encoder_name_or_path, config=config.vision_config, **encoder_kwargs)
+        return cls(config, encoder=encoder)
+
+    # -- input checks ----------------------------------------------------------------------------------------------
+
+    def _check_pixel_values(self, pixel_values) -> None:
+        channels = self.config.vision_config.num_channels
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"`pixel_values` must be a torch.Tensor (got {type(pixel_values).__name__}).")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, {channels}, height, width) "
+                f"(got shape {tuple(pixel_values.shape)})."
+            )
+        if not pixel_values.dtype.is_floating_point:
+            raise TypeError(
+                f"`pixel_values` must be floating point, normalised as the image processor does (got dtype "
+                f"{pixel_values.dtype}); use `AutoImageProcessor.from_pretrained(...)` to prepare images."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height == 0 or width == 0 or height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"`pixel_values` height and width must be positive multiples of the patch size {self.patch_size} "
+                f"(got {height} x {width})."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("`pixel_values` holds NaN or infinite values.")
+
+    def _check_indices(self, indices) -> None:
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"`indices` must be a torch.Tensor of integers (got {type(indices).__name__}).")
+        if indices.ndim != 3:
+            raise ValueError(f"`indices` must have shape (batch_size, h, w) (got shape {tuple(indices.shape)}).")
+        # dtype and range are checked by the quantizer's `indices_to_codes`.
+
+    # -- encode ----------------------------------------------------------------------------------------------------
+
+    def _encoder_is_frozen(self) -> bool:
+        return not any(parameter.requires_grad for parameter in self.encoder.parameters())
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
+        """The continuous semantic features of the encoder, `(batch_size, h * w, hidden_size)`."""
+        self._check_pixel_values(pixel_values)
+        if interpolate_pos_encoding is None:
+            image_size = self.config.vision_config.image_size
+            interpolate_pos_encoding = tuple(pixel_values.shape[-2:]) != (image_size, image_size)
+        pixel_values = pixel_values.to(self.encoder.dtype)
+        # A frozen encoder (stage 1) runs without building a graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._encoder_is_frozen()):
+            outputs = self.encoder(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return outputs.last_hidden_state
+
+    def quantize(self, features: torch.Tensor, grid_size: tuple[int, int]) -> VQRAEEncoderOutput:
+        """Quantize continuous features `(B, h * w, D)` into indices `(B, h, w)` and codes `(B, D, h, w)`."""
+        height, width = grid_size
+        output = self.quantizer(features)
+        quantized = output.quantized.to(features.dtype)
+        quantized = quantized.transpose(1, 2).reshape(features.shape[0], -1, height, width)
+        return VQRAEEncoderOutput(
+            indices=output.indices.reshape(features.shape[0], height, width),
+            quantized=quantized,
+            last_hidden_state=features,
+            quantizer_loss=output.loss,
+        )
+
+    def encode(self, pixel_values: torch.Tensor, return_dict: bool | None = None) -> VQRAEEncoderOutput | tuple:
+        """Images `(B, C, H, W)` to tokens: `indices` `(B, H / p, W / p)`, the codes and the continuous features."""
+        features = self.get_image_features(pixel_values)
+        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        output = self.quantize(features, grid)
+        return output if self._use_return_dict(return_dict) else output.to_tuple()
+
+    # -- decode ----------------------------------------------------------------------------------------------------
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token indices `(B, h, w)` to codes `(B, D, h, w)` (codebook lookup and `project_out`)."""
+        self._check_indices(indices)
+        codes = self.quantizer.indices_to_codes(indices)
+        return codes.permute(0, 3, 1, 2).to(self.decoder.in_proj.weight.dtype)
+
+    def decode(self, codes: torch.Tensor, return_dict: bool | None = None) -> VQRAEDecoderOutput | tuple:
+        """Codes `(B, D, h, w)` -> `post_quant_conv` -> normalisation -> decoder -> images `(B, C, h p, w p)`."""
+        hidden_size = self.config.vision_config.hidden_size
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 4 or codes.shape[1] != hidden_size:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"`codes` must have shape (batch_size, {hidden_size}, h, w) (got {shape}).")
+        if self.post_quant_conv is not None:
+            codes = self.post_quant_conv(codes)
+        batch_size, _, height, width = codes.shape
+        tokens = codes.flatten(2).transpose(1, 2)
+        if self.config.normalize_codes:
+            tokens = F.layer_norm(tokens, (hidden_size,))
+        reconstruction = self.decoder(tokens, height, width)
+        output = VQRAEDecoderOutput(reconstruction=reconstruction)
+        return output if self._use_return_dict(return_dict) else output.to_tuple()
+
+    def decode_from_indices(self, indices: torch.Tensor, return_dict: bool | None = None) -> VQRAEDecoderOutput | tuple:
+        """Token indices `(B, h, w)` to images `(B, C, h * p, w * p)`."""
+        return self.decode(self.indices_to_codes(indices), return_dict=return_dict)
+
+    # -- both ------------------------------------------------------------------------------------------------------
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> VQRAEModelOutput | tuple:
+        """Encode and decode: returns the reconstruction, the tokens, the codes, the features and the quantizer loss."""
+        if kwargs:
+            raise TypeError(f"VQRAEModel.forward() got unexpected keyword arguments: {sorted(kwargs)}.")
+        encoded = self.encode(pixel_values, return_dict=True)
+        reconstruction = self.decode(encoded.quantized, return_dict=True).reconstruction
+        output = VQRAEModelOutput(
+            reconstruction=reconstruction,
+            indices=encoded.indices,
+            quantized=encoded.quantized,
+            last_hidden_state=encoded.last_hidden_state,
+            quantizer_loss=encoded.quantizer_loss,
+        )
+        return output if self._use_return_dict(return_dict) else output.to_tuple()
+
+    # -- saving ----------------------------------------------------------------------------------------------------
+
+    def get_image_processor(self):
+        """The image processor that prepares images exactly as the encoder expects (SigLIP: bicubic resize to the
+        encoder's resolution, rescale to [0, 1], normalise with mean = std = 0.5, so pixels lie in [-1, 1])."""
+        from transformers import SiglipImageProcessorPil
+
+        size = self.config.vision_config.image_size
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a `preprocessor_config.json` for `AutoImageProcessor`."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.get_image_processor().save_pretrained(save_directory)
+        return result
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def _use_return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
+
+    def freeze_encoder(self, freeze: bool = True) -> None:
+        """Stop (or restart) training the encoder: no gradients, and in eval mode while frozen."""
+        self.encoder.requires_grad_(not freeze)
+        if freeze:
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self._encoder_is_frozen():
+            self.encoder.eval()
+        return self
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def bits_per_token(self) -> float:
+        return math.log2(self.codebook_size)
+
+
+def VQRAE(**config_kwargs) -> VQRAEModel:
+    """The seed's spelling: build a randomly initialised [`VQRAEModel`] from [`VQRAEConfig`] keyword arguments.
+
+    ```python
+    >>> model = VQRAE(use_fsq=True, fsq_levels=[8, 8, 8, 5, 5, 5], use_post_quant_conv=True)
+    ```
+    """
+    return VQRAEModel(VQRAEConfig(**config_kwargs))
+
+
+__all__ = [
+    "VQRAE",
+    "VQRAEDecoder",
+    "VQRAEDecoderOutput",
+    "VQRAEEncoderOutput",
+    "VQRAEModel",
+    "VQRAEModelOutput",
+    "VQRAEPreTrainedModel",
+]
