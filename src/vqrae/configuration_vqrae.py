@@ -185,6 +185,18 @@ class VQRAEConfig(PreTrainedConfig):
         if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not rng > 0:
             raise ValueError(f"`initializer_range` must be a number > 0 (got {rng!r}).")
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Refuse a config.json written for another kind of model; transformers would only log a warning."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This config.json has `model_type` {model_type!r}, but VQRAEConfig reads only {cls.model_type!r} "
+                "configs: load it with the class it was written for (e.g. AutoModel), or set `model_type` to "
+                f"{cls.model_type!r} if it really describes a VQRAE model."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     # -- derived sizes (not stored) -------------------------------------------------------------------------------
 
     @property

@@ -13,7 +13,13 @@ Hub for `trust_remote_code` users.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import math
+import os
+import re
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -252,6 +258,9 @@ class VQRAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=1.0)
+        elif isinstance(module, VQRAEFSQuantizer):
+            for name, table in module.level_tables().items():
+                init.copy_(getattr(module, name), table)
         elif isinstance(module, VQRAEVectorQuantizer) and module.use_simvq:
             init.normal_(module.frozen_codebook, std=module.codebook_dim**-0.5)
 
@@ -332,7 +341,13 @@ class VQRAEModel(VQRAEPreTrainedModel):
             for key in ("revision", "cache_dir", "local_files_only", "token", "trust_remote_code")
             if key in encoder_kwargs
         }
-        loaded_config = AutoConfig.from_pretrained(encoder_name_or_path, **hub_kwargs)
+        try:
+            loaded_config = AutoConfig.from_pretrained(encoder_name_or_path, **hub_kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not load the SigLIP encoder {encoder_name_or_path!r}: give a Hub id that is reachable (or in "
+                f"the local Hub cache when offline) or a folder with config.json and model.safetensors. {error}"
+            ) from error
         vision_config = getattr(loaded_config, "vision_config", loaded_config)
         vision_config.vision_use_head = False
         config = VQRAEConfig(vision_config=vision_config, encoder_name_or_path=encoder_name_or_path, **config_kwargs)
@@ -464,11 +479,81 @@ class VQRAEModel(VQRAEPreTrainedModel):
         return SiglipImageProcessorPil(size={"height": size, "width": size})
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a `preprocessor_config.json` for `AutoImageProcessor`."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            self.get_image_processor().save_pretrained(save_directory)
+        """`PreTrainedModel.save_pretrained`, plus a `preprocessor_config.json` for `AutoImageProcessor`.
+
+        The save is atomic: the model is written into a hidden sibling folder, which then takes the place of
+        `save_directory` in one step, so a save killed at any moment leaves either the old model or the new one,
+        never a mix. Other files already in `save_directory` (a model card, logs, checkpoints) are kept; stale
+        weight files are dropped, as `PreTrainedModel.save_pretrained` does.
+        """
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if not is_main_process or kwargs.get("distributed_checkpoint") or os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = os.path.realpath(save_directory)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(target))
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        _remove_leftovers(parent, name)
+        staging = os.path.join(parent, f".{name}{_STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+        os.mkdir(staging)
+        try:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            self.get_image_processor().save_pretrained(staging)
+            _fsync_files(staging)
+            _move_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about the weights.
+
+        Weights that do not match the configuration (a tensor missing from the checkpoint, an unexpected one, or
+        one of another shape) raise a `ValueError` instead of being randomly initialised or dropped with a logged
+        warning; pass `ignore_mismatched_sizes=True` to re-initialise tensors of another shape instead. A truncated
+        or corrupted `model.safetensors` raises an `OSError` that says so.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, with a clearer message than transformers' own
+                **kwargs,
+            )
+        except Exception as error:
+            # safetensors' own error type; matched by module so this file imports only torch and transformers.
+            if type(error).__module__.split(".")[0] == "safetensors":
+                raise OSError(
+                    f"Could not read the weights of {os.fspath(pretrained_model_name_or_path)!r}: {error}. The "
+                    "weights file is truncated or corrupted (an interrupted download, copy or save?); download or "
+                    "save it again."
+                ) from error
+            raise
+        problems = []
+        if loading_info["missing_keys"]:
+            problems.append(f"missing from the checkpoint: {', '.join(sorted(loading_info['missing_keys']))}")
+        if loading_info["unexpected_keys"]:
+            problems.append(f"not expected by the config: {', '.join(sorted(loading_info['unexpected_keys']))}")
+        if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
+            shapes = ", ".join(
+                f"{key} (checkpoint {tuple(saved)}, config {tuple(expected)})"
+                for key, saved, expected in sorted(loading_info["mismatched_keys"])
+            )
+            problems.append(f"of another shape: {shapes}")
+        if problems:
+            raise ValueError(
+                f"The weights of {os.fspath(pretrained_model_name_or_path)!r} do not match its configuration; tensors "
+                + "; ".join(problems)
+                + ". The checkpoint was saved from a model with other settings (e.g. `use_post_quant_conv`, "
+                "`fsq_levels`, `num_embeddings`, `codebook_dim`, `use_simvq` or the encoder/decoder sizes): fix "
+                "config.json so it describes the weights, instead of loading randomly initialised tensors."
+            )
+        return (model, loading_info) if output_loading_info else model
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -494,6 +579,87 @@ class VQRAEModel(VQRAEPreTrainedModel):
     @property
     def bits_per_token(self) -> float:
         return math.log2(self.codebook_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving: write into a hidden sibling folder, then move it into place in one step
+# ---------------------------------------------------------------------------------------------------------------
+
+_STAGING_MARK = ".vqrae-staging-"
+# Weight files that `PreTrainedModel.save_pretrained` itself replaces; a new save never keeps stale ones.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _remove_leftovers(parent: str, name: str) -> None:
+    """Delete the staging folders of earlier saves into `parent/name` that were killed before they finished."""
+    prefix = f".{name}{_STAGING_MARK}"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _fsync_files(folder: str) -> None:
+    """Flush the saved files to disk, so the folder that takes the model's place also survives a power cut."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two folders in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), first, None, second)
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Make the freshly saved `staging` folder become `target`, keeping the other files already in `target`.
+
+    `staging` first receives hard links (copies where links are impossible) to everything in `target` that the
+    new save did not write and that is not a stale weight file, so the swap loses nothing. The swap itself is one
+    atomic exchange of the two folders on Linux. Elsewhere it is two renames, and a process killed between them
+    leaves the old model in the hidden `.<name>.vqrae-staging-*` sibling folder until the next save.
+    """
+    if not os.path.isdir(target):
+        os.rename(staging, target)
+        return
+    os.chmod(staging, os.stat(target).st_mode & 0o7777)
+    for entry in os.scandir(target):
+        destination = os.path.join(staging, entry.name)
+        if os.path.lexists(destination) or _WEIGHT_FILE.fullmatch(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), destination)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, destination)
+    if not _exchange(staging, target):
+        parked = f"{staging}-old"
+        os.rename(target, parked)
+        os.rename(staging, target)
+        os.rename(parked, staging)
+    # `staging` now holds the old model; the caller deletes it.
 
 
 def VQRAE(**config_kwargs) -> VQRAEModel:

@@ -119,18 +119,26 @@ class VQRAEFSQuantizer(nn.Module):
         self.codebook_dim = len(levels)
         self.codebook_size = math.prod(levels)
 
-        basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
-        # (L - 1) / 2: maps codes in [-1, 1] to level indices and back.
-        self.register_buffer("_half_width", (torch.tensor(levels, dtype=torch.float32) - 1) / 2, persistent=False)
-        # Float basis for a one-matmul index when every index is exact in float32 (below 2**24).
-        self.register_buffer("_basis_float", torch.tensor(basis, dtype=torch.float32), persistent=False)
+        for name, table in self.level_tables().items():
+            self.register_buffer(name, table, persistent=False)
         self._float_indices_exact = self.codebook_size <= 2**24
 
         needs_projection = dim != self.codebook_dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if needs_projection else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if needs_projection else nn.Identity()
+
+    def level_tables(self) -> dict[str, torch.Tensor]:
+        """The constant tables of the grid, kept as non-persistent buffers. A model loaded with
+        `from_pretrained` is built on the meta device, so its `_init_weights` refills them from here."""
+        basis = [math.prod(self.levels[:i]) for i in range(len(self.levels))]
+        return {
+            "_levels": torch.tensor(self.levels, dtype=torch.int64),
+            "_basis": torch.tensor(basis, dtype=torch.int64),
+            # (L - 1) / 2: maps codes in [-1, 1] to level indices and back.
+            "_half_width": (torch.tensor(self.levels, dtype=torch.float32) - 1) / 2,
+            # Float basis for a one-matmul index when every index is exact in float32 (below 2**24).
+            "_basis_float": torch.tensor(basis, dtype=torch.float32),
+        }
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
@@ -141,6 +149,10 @@ class VQRAEFSQuantizer(nn.Module):
         if self._float_indices_exact:
             return (level_indices @ self._basis_float).long()
         return (level_indices.long() * self._basis).sum(dim=-1)
+
+    def _level_indices_to_codes(self, level_indices: torch.Tensor) -> torch.Tensor:
+        # (i - (L-1)/2) / ((L-1)/2): one rounding, so codes are the closest floats to the exact grid values.
+        return (level_indices - self._half_width) / self._half_width
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes `(..., len(levels))` on the grid (values in [-1, 1]) to indices `(...)` (int64)."""
@@ -161,7 +173,7 @@ class VQRAEFSQuantizer(nn.Module):
         """Indices `(...)` to codes: `(..., len(levels))` on the grid, or `(..., dim)` after `project_out`."""
         _check_indices(indices, self.codebook_size)
         with _float32_region(indices.device.type):
-            codes = self.indices_to_level_indices(indices).float() / self._half_width - 1
+            codes = self._level_indices_to_codes(self.indices_to_level_indices(indices).float())
             if project_out:
                 codes = self.project_out(codes)
         return codes
@@ -176,7 +188,7 @@ class VQRAEFSQuantizer(nn.Module):
         """Bound and round `z` `(..., len(levels))`: returns straight-through codes and indices."""
         bounded = torch.tanh(z)
         level_indices = torch.floor((bounded + 1) * self._half_width + 0.5)
-        codes = level_indices / self._half_width - 1
+        codes = self._level_indices_to_codes(level_indices)
         if torch.is_grad_enabled() and bounded.requires_grad:
             codes = bounded + (codes - bounded).detach()
         return codes, self._level_indices_to_index(level_indices)
@@ -312,7 +324,8 @@ class VQRAEVectorQuantizer(nn.Module):
             codes = F.embedding(indices, codebook).view_as(latents)
             loss = F.mse_loss(codes, latents.detach()) + self.commitment_cost * F.mse_loss(latents, codes.detach())
             if torch.is_grad_enabled():
-                # Straight-through: the decoder's gradient reaches `z`; the codebook learns from `loss` alone.
-                codes = latents + (codes - latents).detach()
+                # Straight-through: the decoder's gradient reaches `z`; the codebook learns from `loss` alone. Written
+                # as codes + (latents - latents) so the forward value is exactly the code, even for huge latents.
+                codes = codes.detach() + (latents - latents.detach())
             quantized = self.project_out(codes)
         return VQRAEQuantizerOutput(quantized=quantized, indices=indices.view(latents.shape[:-1]), loss=loss)

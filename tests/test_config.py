@@ -1,0 +1,81 @@
+"""VQRAEConfig: the seed's configurations, defaults, validation, and old config.json files."""
+
+import json
+
+import pytest
+
+from conftest import SEED_PRESETS, TINY_VISION, tiny_config
+from vqrae import VQRAEConfig
+
+
+def test_defaults():
+    config = VQRAEConfig()
+    assert config.model_type == "vqrae"
+    assert config.use_fsq is True and config.fsq_levels == [8, 8, 8, 5, 5, 5]
+    assert config.codebook_size == 64000 and config.num_embeddings == 16384
+    assert config.use_post_quant_conv is False and config.post_quant_conv_kernel_size == 1
+    assert config.normalize_codes is False
+    assert config.vision_config.model_type == "siglip_vision_model"
+    assert config.vision_config.vision_use_head is False
+    assert config.decoder_hidden_size_resolved == config.vision_config.hidden_size
+
+
+@pytest.mark.parametrize("name", sorted(SEED_PRESETS))
+def test_seed_configurations_round_trip(name, tmp_path):
+    config = tiny_config(**SEED_PRESETS[name])
+    for key, value in SEED_PRESETS[name].items():
+        assert getattr(config, key) == value
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key, value in SEED_PRESETS[name].items():
+        assert saved[key] == value
+    reloaded = VQRAEConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert type(reloaded.vision_config).__name__ == "SiglipVisionConfig"
+
+
+def test_pooling_head_is_always_off():
+    config = VQRAEConfig(vision_config=dict(TINY_VISION, vision_use_head=True))
+    assert config.vision_config.vision_use_head is False
+
+
+def test_old_config_json_without_new_fields_loads(tmp_path):
+    # A config.json written before post_quant_conv, code normalisation, SimVQ and the decoder sizes existed.
+    old = {"model_type": "vqrae", "use_fsq": True, "fsq_levels": [8, 8, 8], "vision_config": dict(TINY_VISION)}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = VQRAEConfig.from_pretrained(tmp_path)
+    assert config.fsq_levels == [8, 8, 8]
+    assert config.use_post_quant_conv is False and config.normalize_codes is False and config.use_simvq is False
+    assert config.decoder_hidden_size is None and config.decoder_hidden_size_resolved == 32
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"fsq_levels": []}, ValueError, r"`fsq_levels` must be a non-empty list of integers >= 2 \(got \[\]\)"),
+        ({"fsq_levels": [8, 1, 5]}, ValueError, r"`fsq_levels`.*\(got \[8, 1, 5\]\)"),
+        ({"fsq_levels": [8, 2.5]}, ValueError, r"`fsq_levels`.*integers"),
+        ({"fsq_levels": "888"}, ValueError, r"`fsq_levels`"),
+        ({"post_quant_conv_kernel_size": 2}, ValueError, r"`post_quant_conv_kernel_size` must be a positive odd"),
+        ({"post_quant_conv_kernel_size": 0}, ValueError, r"`post_quant_conv_kernel_size`.*got 0"),
+        ({"post_quant_conv_kernel_size": -3}, ValueError, r"`post_quant_conv_kernel_size`.*got -3"),
+        ({"num_embeddings": 1}, ValueError, r"`num_embeddings` must be an integer >= 2 \(got 1\)"),
+        ({"codebook_dim": 0}, ValueError, r"`codebook_dim` must be an integer >= 1 or None"),
+        ({"commitment_cost": -0.1}, ValueError, r"`commitment_cost` must be a number >= 0"),
+        ({"use_fsq": "yes"}, TypeError, r"`use_fsq` must be a bool"),
+        ({"use_post_quant_conv": 1}, TypeError, r"`use_post_quant_conv` must be a bool"),
+        ({"decoder_hidden_size": 30, "decoder_num_attention_heads": 4}, ValueError,
+         r"`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` \(got 30 and 4\)"),
+        ({"decoder_num_hidden_layers": 0}, ValueError, r"`decoder_num_hidden_layers` must be an integer >= 1"),
+        ({"decoder_hidden_act": "swishy"}, ValueError, r"`decoder_hidden_act` must be one of"),
+        ({"initializer_range": 0}, ValueError, r"`initializer_range` must be a number > 0"),
+        ({"encoder_name_or_path": 3}, TypeError, r"`encoder_name_or_path` must be a string"),
+        ({"vision_config": dict(TINY_VISION, image_size=30)}, ValueError,
+         r"`vision_config.image_size` must be a multiple of `vision_config.patch_size`"),
+        ({"vision_config": {"model_type": "clip_vision_model"}}, ValueError, r"must be a SigLIP vision config"),
+        ({"vision_config": 5}, TypeError, r"`vision_config` must be a dict"),
+    ],
+)
+def test_invalid_fields_are_named(overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny_config(**overrides)

@@ -1,0 +1,222 @@
+"""VQRAEModel: the three seed flows, the encode/decode invariant, gradients, save/load, resolutions, errors."""
+
+import pytest
+import torch
+
+from conftest import SEED_PRESETS, tiny_model
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from vqrae import VQRAE, VQRAEConfig, VQRAEDecoderOutput, VQRAEEncoderOutput, VQRAEModel, VQRAEModelOutput
+
+PRESETS = sorted(SEED_PRESETS)
+
+
+def images(batch=2, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_forward_shapes(preset):
+    model = tiny_model(**SEED_PRESETS[preset])
+    out = model(images())
+    assert isinstance(out, VQRAEModelOutput)
+    assert out.reconstruction.shape == (2, 3, 32, 32)
+    assert out.indices.shape == (2, 4, 4) and out.indices.dtype == torch.int64
+    assert out.quantized.shape == (2, 32, 4, 4)
+    assert out.last_hidden_state.shape == (2, 16, 32)
+    assert out.quantizer_loss.shape == ()
+    assert int(out.indices.max()) < model.codebook_size
+    assert (model.post_quant_conv is not None) == SEED_PRESETS[preset].get("use_post_quant_conv", False)
+    tuple_out = model(images(), return_dict=False)
+    assert isinstance(tuple_out, tuple) and len(tuple_out) == 5
+    torch.testing.assert_close(tuple_out[0], out.reconstruction)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_from_indices_equals_forward_in_eval(preset):
+    model = tiny_model(**SEED_PRESETS[preset]).eval()
+    x = images(batch=3)
+    with torch.no_grad():
+        forward = model(x).reconstruction
+        encoded = model.encode(x)
+        assert isinstance(encoded, VQRAEEncoderOutput)
+        decoded = model.decode_from_indices(encoded.indices)
+    assert isinstance(decoded, VQRAEDecoderOutput)
+    torch.testing.assert_close(decoded.reconstruction, forward, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.indices_to_codes(encoded.indices), encoded.quantized, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gradients_reach_every_trainable_parameter(preset):
+    model = tiny_model(**SEED_PRESETS[preset]).train()
+    out = model(images())
+    (out.reconstruction.pow(2).mean() + out.quantizer_loss).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached: {missing}"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_frozen_encoder_gets_no_gradient(preset):
+    model = tiny_model(**SEED_PRESETS[preset]).train()
+    model.freeze_encoder()
+    assert not model.encoder.training  # frozen encoder stays in eval mode, also after .train()
+    out = model(images())
+    assert not out.last_hidden_state.requires_grad  # ran under no_grad
+    (out.reconstruction.pow(2).mean() + out.quantizer_loss).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    assert all(p.grad is not None for p in trainable)
+    model.freeze_encoder(False)
+    assert all(p.requires_grad for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_save_and_load_round_trip(preset, tmp_path):
+    model = tiny_model(**SEED_PRESETS[preset]).eval()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_vqrae.py",
+            "modeling_vqrae.py", "quantizers.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded, VQRAEModel) and not reloaded.training
+    original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert original_state.keys() == reloaded_state.keys()
+    for name, tensor in original_state.items():
+        assert torch.equal(tensor, reloaded_state[name]), name
+    x = images()
+    with torch.no_grad():
+        a, b = model(x), reloaded(x)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction)
+    assert torch.equal(a.indices, b.indices)
+    loaded_config = AutoConfig.from_pretrained(tmp_path).to_dict()
+    expected_config = model.config.to_dict()
+    for config_dict in (loaded_config, expected_config):
+        config_dict.pop("_name_or_path")
+    assert loaded_config == expected_config
+
+
+def test_image_processor_matches_the_encoder(tmp_path):
+    from PIL import Image
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    image = Image.new("RGB", (50, 70), color=(255, 0, 128))
+    pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixel_values[0, :, 10, 10], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]))
+    from vqrae import to_pil_images
+
+    back = to_pil_images(pixel_values)[0]
+    assert back.size == (32, 32) and back.getpixel((10, 10)) == (255, 0, 128)
+
+
+def test_other_resolutions_follow_the_image():
+    model = tiny_model(use_post_quant_conv=True, post_quant_conv_kernel_size=3).eval()
+    x = torch.rand(1, 3, 48, 24) * 2 - 1
+    with torch.no_grad():
+        out = model(x)
+        assert out.indices.shape == (1, 6, 3)
+        assert out.reconstruction.shape == (1, 3, 48, 24)
+        torch.testing.assert_close(model.decode_from_indices(out.indices).reconstruction, out.reconstruction,
+                                   atol=1e-5, rtol=0)
+
+
+def test_sdpa_and_eager_agree_and_checkpointing_matches():
+    x = images()
+    eager = tiny_model(use_post_quant_conv=True)
+    eager.set_attn_implementation("eager")
+    sdpa = tiny_model(use_post_quant_conv=True)
+    sdpa.set_attn_implementation("sdpa")
+    assert sdpa.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(x).reconstruction, sdpa(x).reconstruction, atol=1e-5, rtol=1e-4)
+
+    model = tiny_model(use_post_quant_conv=True).train()
+    model(x).reconstruction.mean().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.decoder.layers)
+    model(x).reconstruction.mean().backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference[name], atol=1e-6, rtol=1e-4)
+
+
+def test_initialisation_is_deterministic():
+    a, b = tiny_model(seed=3), tiny_model(seed=3)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    c = tiny_model(seed=4)
+    assert not torch.equal(a.decoder.in_proj.weight, c.decoder.in_proj.weight)
+
+
+def test_seed_example_runs_as_written():
+    model = VQRAE(use_fsq=True, fsq_levels=[8, 8, 8, 5, 5, 5], use_post_quant_conv=True)
+    assert isinstance(model, VQRAEModel)
+    assert model.config.codebook_size == 64000 and model.post_quant_conv.kernel_size == (1, 1)
+    size = model.config.vision_config.image_size
+    model.eval()
+    with torch.no_grad():
+        tokens = model.encode(torch.rand(1, 3, size, size) * 2 - 1).indices
+        assert tokens.shape == (1, size // 16, size // 16)
+        codes = model.quantizer.indices_to_codes(tokens)
+        assert codes.shape == (1, size // 16, size // 16, 768)
+        images_out = model.decode_from_indices(tokens).reconstruction
+    assert images_out.shape == (1, 3, size, size)
+
+
+def test_config_kwargs_spelling_and_config_object_agree():
+    config = VQRAEConfig(vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                                        "num_attention_heads": 4, "image_size": 16, "patch_size": 8})
+    assert VQRAEModel(config).config.to_dict() == VQRAE(**config.to_dict()).config.to_dict()
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().eval()
+
+
+@pytest.mark.parametrize(
+    "pixel_values, error, match",
+    [
+        (torch.zeros(3, 32, 32), ValueError, r"shape \(batch_size, 3, height, width\) \(got shape \(3, 32, 32\)\)"),
+        (torch.zeros(1, 1, 32, 32), ValueError, r"shape \(batch_size, 3, height, width\)"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, r"must be floating point.*torch.uint8"),
+        (torch.zeros(1, 3, 30, 32), ValueError, r"multiples of the patch size 8 \(got 30 x 32\)"),
+        (torch.full((1, 3, 32, 32), float("nan")), ValueError, r"NaN or infinite"),
+        (torch.full((1, 3, 32, 32), float("inf")), ValueError, r"NaN or infinite"),
+        ([[1.0]], TypeError, r"must be a torch.Tensor"),
+    ],
+)
+def test_bad_pixel_values(model, pixel_values, error, match):
+    with pytest.raises(error, match=match):
+        model(pixel_values)
+    with pytest.raises(error, match=match):
+        model.encode(pixel_values)
+
+
+@pytest.mark.parametrize(
+    "indices, error, match",
+    [
+        (torch.zeros(1, 4, 4), TypeError, r"must hold integers.*torch.float32"),
+        (torch.full((1, 4, 4), -1), ValueError, r"must lie in \[0, 64000\).*from -1"),
+        (torch.full((1, 4, 4), 64000), ValueError, r"must lie in \[0, 64000\).*to 64000"),
+        (torch.zeros(4, 4, dtype=torch.long), ValueError, r"shape \(batch_size, h, w\) \(got shape \(4, 4\)\)"),
+        (torch.zeros(1, 1, 4, 4, dtype=torch.long), ValueError, r"shape \(batch_size, h, w\)"),
+    ],
+)
+def test_bad_indices(model, indices, error, match):
+    with pytest.raises(error, match=match):
+        model.decode_from_indices(indices)
+
+
+def test_bad_codes_and_kwargs(model):
+    with pytest.raises(ValueError, match=r"`codes` must have shape \(batch_size, 32, h, w\)"):
+        model.decode(torch.zeros(1, 16, 4, 4))
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        model(images(), pixel_mask=None)

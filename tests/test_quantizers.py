@@ -1,0 +1,182 @@
+"""FSQ and VQ quantizers: the exact grid, the oracle, float32 under autocast, chunked search, losses."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vqrae import VQRAEFSQuantizer, VQRAEVectorQuantizer, codebook_statistics
+
+LEVELS = [8, 8, 8, 5, 5, 5]
+
+
+def expected_grid(levels):
+    """Per DESIGN.md: L levels -> {-(L-1)/2 .. (L-1)/2} / ((L-1)/2), first dimension least significant."""
+    per_dim = [[(i - (L - 1) / 2) / ((L - 1) / 2) for i in range(L)] for L in levels]
+    # itertools.product varies the last factor fastest; reverse so the first dimension varies fastest.
+    return torch.tensor([list(reversed(c)) for c in itertools.product(*reversed(per_dim))], dtype=torch.float32)
+
+
+def test_codebook_size_and_grid_values():
+    fsq = VQRAEFSQuantizer(LEVELS, dim=len(LEVELS))
+    assert fsq.codebook_size == 64000
+    assert isinstance(fsq.project_in, torch.nn.Identity) and isinstance(fsq.project_out, torch.nn.Identity)
+    codes = fsq.implicit_codebook()
+    assert codes.shape == (64000, 6)
+    torch.testing.assert_close(codes, expected_grid(LEVELS), rtol=0, atol=0)
+    # L=8: -3.5 .. 3.5 scaled by 3.5; L=5: -2 .. 2 scaled by 2. Symmetric, in [-1, 1].
+    eight = torch.tensor([v / 3.5 for v in (-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5)], dtype=torch.float32)
+    assert sorted(set(codes[:, 0].tolist())) == eight.tolist()
+    assert sorted(set(codes[:, 5].tolist())) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert len({tuple(row) for row in codes.tolist()}) == 64000
+    indices = torch.arange(64000)
+    assert torch.equal(fsq.codes_to_indices(codes), indices)
+    # The forward pass on a code's atanh lands on that code's index.
+    z = torch.atanh(codes.clamp(-0.999999, 0.999999))
+    out = fsq(z)
+    assert torch.equal(out.indices, indices)
+    assert out.indices.dtype == torch.int64
+
+
+def test_first_dimension_is_least_significant():
+    fsq = VQRAEFSQuantizer([8, 5], dim=2)
+    assert fsq.indices_to_level_indices(torch.tensor([1, 8])).tolist() == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("levels", [LEVELS, [8, 8, 8], [2, 3, 4], [7, 5, 5, 5, 5]])
+def test_indices_agree_with_vector_quantize_pytorch(levels):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    oracle = vqp.FSQ(levels=levels, dim=len(levels), preserve_symmetry=True)
+    ours = VQRAEFSQuantizer(levels, dim=len(levels))
+    z = torch.randn(4, 1000, len(levels)) * 2
+    expected_codes, expected_indices = oracle(z)
+    out = ours(z)
+    assert torch.equal(out.indices, expected_indices.long())
+    torch.testing.assert_close(out.quantized, expected_codes, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.indices_to_codes(out.indices), oracle.indices_to_codes(expected_indices))
+
+
+def test_projection_and_shapes():
+    torch.manual_seed(0)
+    fsq = VQRAEFSQuantizer(LEVELS, dim=32)
+    assert isinstance(fsq.project_in, torch.nn.Linear) and fsq.project_in.in_features == 32
+    z = torch.randn(2, 5, 7, 32, requires_grad=True)
+    out = fsq(z)
+    assert out.quantized.shape == (2, 5, 7, 32)
+    assert out.indices.shape == (2, 5, 7) and out.indices.dtype == torch.int64
+    assert out.loss.item() == 0.0
+    torch.testing.assert_close(fsq.indices_to_codes(out.indices), out.quantized, atol=1e-6, rtol=0)
+    assert fsq.indices_to_codes(out.indices, project_out=False).shape == (2, 5, 7, 6)
+    out.quantized.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through gradients reach the input
+
+
+def test_fsq_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    fsq = VQRAEFSQuantizer(LEVELS, dim=48)
+    z = torch.randn(4096, 48)
+    reference = fsq(z).indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fsq(z.to(torch.bfloat16))
+    assert out.quantized.dtype == torch.float32
+    # bf16 input is rounded, so compare against float32 on the same bf16-rounded values.
+    assert torch.equal(out.indices, fsq(z.to(torch.bfloat16).float()).indices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fsq(z).indices, reference)
+    # Indices above 256 survive (bf16 could not represent them exactly).
+    assert reference.max() > 256
+
+
+def test_fsq_does_not_materialise_codebook(monkeypatch):
+    fsq = VQRAEFSQuantizer(LEVELS, dim=6)
+    called = []
+    monkeypatch.setattr(fsq, "implicit_codebook", lambda: called.append(1))
+    fsq(torch.randn(10, 6))
+    fsq.indices_to_codes(torch.arange(10))
+    assert not called
+    assert not any(buffer.numel() >= fsq.codebook_size for buffer in fsq.buffers())
+
+
+@pytest.mark.parametrize("use_simvq", [False, True])
+def test_vq_nearest_neighbour_and_losses(use_simvq):
+    torch.manual_seed(0)
+    vq = VQRAEVectorQuantizer(num_embeddings=50, dim=16, codebook_dim=8, use_simvq=use_simvq)
+    z = torch.randn(3, 10, 16, requires_grad=True)
+    out = vq(z)
+    assert out.indices.shape == (3, 10) and out.indices.dtype == torch.int64
+    latents = vq.project_in(z).reshape(-1, 8)
+    expected = torch.cdist(latents, vq.codebook).argmin(dim=1)
+    assert torch.equal(out.indices.reshape(-1), expected)
+    codes = vq.codebook[out.indices]
+    expected_loss = (1 + 0.25) * torch.mean((latents.reshape(3, 10, 8) - codes) ** 2)
+    torch.testing.assert_close(out.loss, expected_loss)
+    (out.quantized.sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    learned = vq.codebook_transform.weight if use_simvq else vq.embedding.weight
+    assert learned.grad is not None and learned.grad.abs().sum() > 0
+    if use_simvq:
+        assert not any(p is vq.frozen_codebook for p in vq.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(vq.indices_to_codes(out.indices), vq(z).quantized)
+
+
+def test_vq_search_is_chunked_and_exact():
+    torch.manual_seed(0)
+    vq = VQRAEVectorQuantizer(num_embeddings=1000, dim=24, max_distance_elements=5000)
+    vectors = torch.randn(333, 24)
+    chunked = vq.nearest_indices(vectors)
+    full = torch.cdist(vectors, vq.codebook.detach()).argmin(dim=1)
+    assert torch.equal(chunked, full)
+
+
+def test_vq_search_memory_is_bounded(monkeypatch):
+    """A 16384-code codebook against 64 x 256 tokens never builds the full 16384 x 16384 distance matrix."""
+    vq = VQRAEVectorQuantizer(num_embeddings=16384, dim=64)
+    largest = []
+    real_addmm = torch.addmm
+
+    def recording_addmm(*args, **kwargs):
+        result = real_addmm(*args, **kwargs)
+        largest.append(result.numel())
+        return result
+
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
+    vq.nearest_indices(torch.randn(64 * 256, 64))
+    assert largest and max(largest) <= vq.max_distance_elements
+    assert len(largest) > 1
+
+
+def test_codebook_statistics():
+    stats = codebook_statistics(torch.tensor([0, 0, 1, 1]), codebook_size=8)
+    assert stats["used_codes"] == 2 and stats["utilization"] == 0.25
+    assert math.isclose(stats["perplexity"], 2.0, rel_tol=1e-9)
+    uniform = codebook_statistics(torch.arange(16).repeat(3), codebook_size=16)
+    assert uniform["utilization"] == 1.0 and math.isclose(uniform["perplexity"], 16.0, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"levels": [], "dim": 4}, ValueError, "non-empty list of integers >= 2"),
+        ({"levels": [8, 1], "dim": 4}, ValueError, r"integers >= 2 \(got \[8, 1\]\)"),
+        ({"levels": [8, 2.5], "dim": 4}, ValueError, "integers >= 2"),
+        ({"levels": [8, 8], "dim": 0}, ValueError, "`dim` must be a positive integer"),
+    ],
+)
+def test_fsq_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        VQRAEFSQuantizer(**kwargs)
+
+
+def test_quantizer_bad_indices():
+    fsq = VQRAEFSQuantizer([8, 8, 8], dim=3)
+    with pytest.raises(TypeError, match="must hold integers"):
+        fsq.indices_to_codes(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 512\)"):
+        fsq.indices_to_codes(torch.tensor([0, 512]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 512\)"):
+        fsq.indices_to_codes(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="`num_embeddings` must be an integer >= 2"):
+        VQRAEVectorQuantizer(num_embeddings=1, dim=4)
