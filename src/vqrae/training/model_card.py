@@ -1,0 +1,317 @@
+"""Model cards for saved VQRAE folders.
+
+The card is rendered from the folder alone, so every figure on it is one the training run measured: the YAML
+metadata (with a `model-index` of the evaluation results), the tokenizer and its size, the evaluation against the
+bicubic baseline, the pictures the run drew, a quickstart that the tests execute, and the command that reproduces
+the run. Files a folder lacks (an untrained model has no `eval_results.json` and no pictures) are left off the card.
+
+The template is `vqrae/model_cards/vqrae_card.md`, shipped inside the package (the repository's top-level
+`model_cards/` points at it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+__all__ = [
+    "EVAL_RESULTS_FILE",
+    "PICTURES",
+    "TRAINING_CONFIG_FILE",
+    "read_eval_results",
+    "render_model_card",
+    "write_model_card",
+]
+
+TEMPLATE_NAME = "vqrae_card.md"
+EVAL_RESULTS_FILE = "eval_results.json"
+TRAINING_CONFIG_FILE = "training_config.yaml"
+# Picture file -> (title, caption), in the order they appear on the card.
+PICTURES = {
+    "reconstructions.png": (
+        "Reconstructions",
+        "Validation images (top row) above their reconstructions from the tokens (bottom row).",
+    ),
+    "training_curves.png": ("Training curves", "Training losses and validation metrics over the run."),
+    "codebook_usage.png": ("Codebook usage", "How often each code is used on the validation images."),
+}
+TAGS = ("vqrae", "image-tokenizer", "siglip", "custom_code")
+
+_REAL = (int, float)
+# eval_results.json: field -> allowed types. `rfid` is measured only where Inception weights exist (else null).
+_EVAL_FIELDS = {
+    "dataset_name": (str,),
+    "dataset_split": (str,),
+    "num_images": (int,),
+    "image_size": (int,),
+    "step": (int,),
+    "psnr": _REAL,
+    "ssim": _REAL,
+    "codebook_utilization": _REAL,
+    "used_codes": (int,),
+    "perplexity": _REAL,
+    "bits_per_image": _REAL,
+    "bicubic_psnr": _REAL,
+    "bicubic_ssim": _REAL,
+    "bicubic_bits_per_image": _REAL,
+}
+
+
+def read_eval_results(folder: str | os.PathLike) -> dict | None:
+    """The folder's `eval_results.json` (a flat object, checked field by field), or `None` when it has none."""
+    path = Path(folder) / EVAL_RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from error
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} must hold a JSON object (got {type(results).__name__}).")
+    missing = sorted(set(_EVAL_FIELDS) - set(results))
+    if missing:
+        raise ValueError(f"{path} lacks the fields {missing}; it must hold {sorted(_EVAL_FIELDS)} and `rfid`.")
+    for name, types in _EVAL_FIELDS.items():
+        value = results[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            allowed = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"`{name}` in {path} must be {allowed} (got {value!r}).")
+    rfid = results.setdefault("rfid", None)
+    if rfid is not None and (isinstance(rfid, bool) or not isinstance(rfid, _REAL)):
+        raise ValueError(f"`rfid` in {path} must be a number or null (got {rfid!r}).")
+    return results
+
+
+def render_model_card(
+    folder: str | os.PathLike, repo_id: str | None = None, *, license: str = "apache-2.0"
+) -> ModelCard:
+    """Render the model card of a saved VQRAE folder.
+
+    Args:
+        folder: a folder written by `VQRAEModel.save_pretrained` (and, after training, the run's results).
+        repo_id: the Hub repository (`"org/name"`) the card is for; it names the model and is what the quickstart
+            loads. Without it the quickstart loads the folder by its name, from the folder's parent.
+        license: the license identifier for the metadata (SigLIP and vqrae are Apache-2.0).
+    """
+    try:
+        import jinja2  # noqa: F401  (ModelCard.from_template needs it)
+    except ImportError as error:
+        raise ImportError('Rendering a model card needs jinja2: `pip install -e ".[train]"`.') from error
+    from vqrae import VQRAEConfig
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a saved VQRAE model: it has no config.json (save it with save_pretrained).")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "vqrae":
+        raise ValueError(f"{config_path} must be a VQRAE config (model_type 'vqrae'), got model_type {model_type!r}.")
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    config = VQRAEConfig.from_pretrained(folder)
+
+    model_name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
+    evaluation = read_eval_results(folder)
+    base_model = _hub_id(config.encoder_name_or_path)
+    datasets = []
+    for name in ((evaluation or {}).get("dataset_name"), _training_dataset(folder)):
+        if _hub_id(name) and name not in datasets:
+            datasets.append(name)
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        tags=[*TAGS[:2], "fsq" if config.use_fsq else "vq", *TAGS[2:]],
+        base_model=base_model,
+        datasets=datasets or None,
+        # The model-index is named after the model; without results, `model_name` would only clutter the metadata.
+        model_name=model_name if evaluation else None,
+        eval_results=_eval_results(evaluation) if evaluation else None,
+    )
+    template = resources.files("vqrae").joinpath("model_cards", TEMPLATE_NAME).read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=model_name,
+        model_id=repo_id or folder.resolve().name,
+        repo_id=repo_id,
+        base_model=base_model,
+        encoder_name_or_path=config.encoder_name_or_path,
+        image_size=config.vision_config.image_size,
+        codebook_size=config.codebook_size,
+        quantizer=_quantizer(config),
+        architecture=_architecture(config, folder),
+        evaluation=_evaluation(evaluation, config.codebook_size) if evaluation else None,
+        pictures=[
+            {"file": file, "title": title, "caption": caption}
+            for file, (title, caption) in PICTURES.items()
+            if (folder / file).is_file()
+        ],
+        has_training_config=(folder / TRAINING_CONFIG_FILE).is_file(),
+    )
+
+
+def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, *, license: str = "apache-2.0") -> Path:
+    """Render the folder's model card (see `render_model_card`) and write it to `folder/README.md`."""
+    path = Path(folder) / "README.md"
+    render_model_card(folder, repo_id, license=license).save(path)
+    return path
+
+
+# -- pieces of the card ----------------------------------------------------------------------------------------------
+
+
+def check_repo_id(repo_id) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"`repo_id` must be a Hub repository id like 'org/name' (got {repo_id!r}): {error}"
+        ) from error
+
+
+def _hub_id(name) -> str | None:
+    """`name` when it reads as a Hub repository `org/name` rather than a local path (for `base_model`/`datasets`)."""
+    if not isinstance(name, str) or name.count("/") != 1 or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _training_dataset(folder: Path) -> str | None:
+    path = folder / TRAINING_CONFIG_FILE
+    if not path.is_file():
+        return None
+    import yaml
+
+    options = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return options.get("dataset_name") if isinstance(options, dict) else None
+
+
+def _eval_results(evaluation: dict) -> list[EvalResult]:
+    metrics = [("psnr", "PSNR"), ("ssim", "SSIM"), ("codebook_utilization", "Codebook utilisation")]
+    if evaluation["rfid"] is not None:
+        metrics.append(("rfid", "rFID"))
+    return [
+        EvalResult(
+            task_type="image-feature-extraction",
+            task_name="Image reconstruction",
+            dataset_type=evaluation["dataset_name"],
+            dataset_name=evaluation["dataset_name"],
+            dataset_split=evaluation["dataset_split"],
+            metric_type=metric,
+            metric_name=name,
+            metric_value=evaluation[metric],
+        )
+        for metric, name in metrics
+    ]
+
+
+def _quantizer(config) -> dict:
+    grid_h, grid_w = config.token_grid_size
+    tokens = grid_h * grid_w
+    bits_per_token = math.log2(config.codebook_size)
+    if config.use_fsq:
+        kind = "FSQ (finite scalar quantization)"
+        description = f"finite scalar quantization (FSQ, levels {config.fsq_levels})"
+        codebook = ("Levels", str(config.fsq_levels))
+    else:
+        width = config.codebook_dim or config.vision_config.hidden_size
+        kind = "SimVQ (learned linear map of a frozen codebook)" if config.use_simvq else "VQ (learned codebook)"
+        description = f"a learned {'SimVQ' if config.use_simvq else 'VQ'} codebook"
+        codebook = ("Codebook", f"{config.num_embeddings:,} vectors of dimension {width}")
+    post_quant_conv = "off"
+    if config.use_post_quant_conv:
+        kernel = config.post_quant_conv_kernel_size
+        post_quant_conv = f"on ({kernel}×{kernel} convolution before the decoder)"
+    return {
+        "description": description,
+        "grid": f"{grid_h} × {grid_w}",
+        "grid_shape": f"{grid_h}, {grid_w}",
+        "rows": [
+            ("Quantizer", kind),
+            codebook,
+            ("Codebook size", f"{config.codebook_size:,}"),
+            ("Token grid", f"{grid_h} × {grid_w} = {tokens} tokens per {config.vision_config.image_size} px image"),
+            ("Bits per token", f"{bits_per_token:.2f}"),
+            ("Bits per image", f"{tokens * bits_per_token:,.0f}"),
+            ("post_quant_conv", post_quant_conv),
+            ("Code normalisation", "on" if config.normalize_codes else "off"),
+        ],
+    }
+
+
+def _architecture(config, folder: Path) -> list[tuple[str, str]]:
+    vision = config.vision_config
+    rows = [
+        (
+            "Encoder",
+            f"SigLIP ViT: {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+            f"{vision.num_attention_heads} heads, patch {vision.patch_size}, {vision.image_size} px",
+        ),
+        (
+            "Decoder",
+            f"ViT: {config.decoder_num_hidden_layers_resolved} layers, width {config.decoder_hidden_size_resolved}, "
+            f"{config.decoder_num_attention_heads_resolved} heads, MLP {config.decoder_intermediate_size_resolved}",
+        ),
+    ]
+    counts = _parameter_counts(folder)
+    if counts:
+        total, encoder = counts
+        rows.append(("Parameters", f"{_millions(total)} in all, {_millions(encoder)} of them in the encoder"))
+    return rows
+
+
+def _parameter_counts(folder: Path) -> tuple[int, int] | None:
+    """(all parameters, encoder parameters) from the safetensors headers, without loading any tensor."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    total = encoder = 0
+    for file in files:
+        with safe_open(folder / file, framework="pt") as weights:
+            for key in weights.keys():
+                count = math.prod(weights.get_slice(key).get_shape())
+                total += count
+                encoder += count if key.startswith("encoder.") else 0
+    return total, encoder
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f} M" if count >= 100_000 else f"{count:,}"
+
+
+def _evaluation(evaluation: dict, codebook_size: int) -> dict:
+    rfid = evaluation["rfid"]
+    utilization = f"{evaluation['codebook_utilization']:.1%} ({evaluation['used_codes']:,} of {codebook_size:,} codes)"
+    return {
+        **{name: evaluation[name] for name in ("step", "num_images", "dataset_split", "dataset_name", "image_size")},
+        "rows": [
+            ("PSNR (dB) ↑", f"{evaluation['psnr']:.2f}", f"{evaluation['bicubic_psnr']:.2f}"),
+            ("SSIM ↑", f"{evaluation['ssim']:.4f}", f"{evaluation['bicubic_ssim']:.4f}"),
+            ("rFID ↓", "not measured" if rfid is None else f"{rfid:.2f}", "—"),
+            (
+                "Bits per image",
+                f"{evaluation['bits_per_image']:,.0f}",
+                f"{evaluation['bicubic_bits_per_image']:,.0f}",
+            ),
+            ("Codebook utilisation", utilization, "—"),
+            ("Codebook perplexity", f"{evaluation['perplexity']:,.1f}", "—"),
+        ],
+    }
