@@ -1,5 +1,5 @@
-"""Training, evaluation and publishing of VQRAE tokenizers (needs the `train` extra: `pip install -e ".[train]"`).
+"""Training VQRAE tokenizers with accelerate on `datasets` images: data, losses, metrics, the loop and the CLI.
 
-Sub-modules are imported explicitly (e.g. `from vqrae.training.hub import push_to_hub`), so importing `vqrae`
+The submodules are imported on use (`from vqrae.training.metrics import evaluate_model`), so importing the model
 never pulls in the training dependencies.
 """
