@@ -1,0 +1,684 @@
+"""Turn an image dataset into a dataset of VQRAE tokens: `vqrae-tokenize` / `python -m vqrae.tokenize`.
+
+    vqrae-tokenize --model org/vqrae-cosmos --dataset_name org/images --split train --output_dir tokens/
+    vqrae-tokenize --model out/stage1 --train_dir photos/ --output_dir tokens/
+    accelerate launch -m vqrae.tokenize --model ... --output_dir tokens/     # several processes, one dataset
+
+The output is a `datasets` dataset in Parquet shards, one row per image, in the order of the source split:
+
+    index      int64                  position of the image in the source split
+    id         string                 the image's file (relative to `--train_dir`) or its name in the source
+    indices    Array2D(h, w) int32    the token grid
+    features   Array2D(h*w, D)        the continuous semantic features (only with `--save_features`)
+    ...                               any `--keep_columns` of the source (e.g. `label`)
+
+    tokens/data/train-00000.parquet, train-00001.parquet, ...     shard k holds source rows [k S, (k + 1) S)
+    tokens/tokenize_config.json                                   what the shards were made from (checked on resume)
+    tokens/tokenize_manifest.json, README.md                      written by the main process once every shard exists
+
+Load it with `datasets.load_dataset("parquet", data_dir="tokens/data", split="train")` (or
+`load_token_dataset("tokens")`), push it with `push_to_hub`, and turn rows back into images with
+`vqrae.token_dataset.decode_token_rows`.
+
+Resuming: each shard is written to a temporary file and renamed into place, so a shard file exists only when it is
+complete. A rerun with the same arguments skips the complete shards, so a killed job resumes with nothing lost and
+nothing duplicated. Under `accelerate launch`, process `r` of `n` takes the shards `k` with `k % n == r`: the shard
+boundaries depend only on `--shard_size`, so any number of processes (or a resume with a different number) makes
+the same dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import count, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "tokenize_config.json"
+MANIFEST_FILE = "tokenize_manifest.json"
+DATA_DIR = "data"
+SHARD_METADATA_KEY = b"vqrae_shard"
+# Arguments that decide the content of the shards: a resume must use the same values.
+CONTENT_ARGUMENTS = (
+    "model",
+    "revision",
+    "dataset_name",
+    "dataset_config_name",
+    "train_dir",
+    "split",
+    "image_column",
+    "keep_columns",
+    "max_images",
+    "crop",
+    "shard_size",
+    "save_features",
+    "features_dtype",
+    "mixed_precision",
+)
+FEATURES_DTYPES = ("float16", "float32")
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16")
+CROP_CHOICES = ("center", "none")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizeArguments:
+    """Arguments of `vqrae-tokenize` (see `--help`)."""
+
+    model: str
+    output_dir: str
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_dir: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    image_column: str | None = None
+    keep_columns: list[str] = field(default_factory=list)
+    max_images: int | None = None
+    crop: str = "center"
+    revision: str | None = None
+    shard_size: int = 1000
+    batch_size: int = 64
+    dataloader_num_workers: int = 0
+    save_features: bool = False
+    features_dtype: str = "float16"
+    mixed_precision: str = "auto"
+    overwrite_output_dir: bool = False
+
+    def __post_init__(self):
+        if (self.dataset_name is None) == (self.train_dir is None):
+            raise ValueError(
+                "Give exactly one source of images: `--dataset_name` (a Hub id or a local dataset folder) or "
+                f"`--train_dir` (a folder of images) (got dataset_name={self.dataset_name!r}, "
+                f"train_dir={self.train_dir!r})."
+            )
+        if self.train_dir is not None and not Path(self.train_dir).is_dir():
+            raise ValueError(f"`--train_dir` must be an existing folder of images (got {self.train_dir!r}).")
+        for name, minimum in (("shard_size", 1), ("batch_size", 1), ("dataloader_num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
+        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
+            raise ValueError(f"`--max_images` must be an integer >= 1 or unset (got {self.max_images!r}).")
+        if self.features_dtype not in FEATURES_DTYPES:
+            raise ValueError(f"`--features_dtype` must be one of {FEATURES_DTYPES} (got {self.features_dtype!r}).")
+        if self.crop not in CROP_CHOICES:
+            raise ValueError(f"`--crop` must be one of {CROP_CHOICES} (got {self.crop!r}).")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(
+                f"`--mixed_precision` must be one of {MIXED_PRECISION_CHOICES} (got {self.mixed_precision!r})."
+            )
+        reserved = {"index", "id", "indices", "features"}
+        if reserved & set(self.keep_columns):
+            raise ValueError(
+                f"`--keep_columns` may not name the output's own columns {sorted(reserved)} "
+                f"(got {self.keep_columns!r})."
+            )
+
+    @property
+    def output_split(self) -> str:
+        """The split name of the output: the source split without any slice (`train[:10%]` -> `train`)."""
+        name = re.split(r"[\[+]", self.split, maxsplit=1)[0].strip()
+        return re.sub(r"[^A-Za-z0-9_]", "_", name) or "train"
+
+    def content_config(self) -> dict:
+        config = {name: getattr(self, name) for name in CONTENT_ARGUMENTS}
+        if config["train_dir"] is not None:
+            config["train_dir"] = str(Path(config["train_dir"]).resolve())
+        return config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqrae-tokenize",
+        description="Encode every image of a dataset into VQRAE tokens, written as a resumable Parquet dataset.",
+    )
+    parser.add_argument("--model", required=True, help="A VQRAE model: a local folder or a Hub id.")
+    parser.add_argument("--revision", default=None, help="Revision of `--model` on the Hub.")
+    parser.add_argument("--output_dir", required=True, help="Where the token dataset is written.")
+    source = parser.add_argument_group("source images (one of --dataset_name / --train_dir)")
+    source.add_argument("--dataset_name", default=None, help="A `datasets` Hub id or local dataset folder.")
+    source.add_argument("--dataset_config_name", default=None)
+    source.add_argument("--train_dir", default=None, help="A folder of images (loaded as an `imagefolder`).")
+    source.add_argument("--split", default="train", help="Split to tokenize; slices such as `train[:1000]` work.")
+    source.add_argument("--streaming", action="store_true", help="Stream the source instead of downloading it.")
+    source.add_argument("--image_column", default=None, help="Default: the first Image column of the source.")
+    source.add_argument(
+        "--keep_columns", nargs="*", default=[], help="Source columns copied to the output (e.g. `label`)."
+    )
+    source.add_argument("--max_images", type=int, default=None, help="Tokenize only the first N images.")
+    source.add_argument(
+        "--crop",
+        default="center",
+        choices=CROP_CHOICES,
+        help="`center`: the largest centred square, resized to the model's resolution (as validation images are); "
+        "`none`: the whole image, resized (squeezed) by the image processor.",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--shard_size", type=int, default=1000, help="Images per Parquet shard (the resume unit).")
+    output.add_argument("--save_features", action="store_true", help="Also store the continuous features.")
+    output.add_argument("--features_dtype", default="float16", choices=FEATURES_DTYPES)
+    output.add_argument("--overwrite_output_dir", action="store_true", help="Delete earlier output first.")
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (per process).")
+    compute.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that decode images.")
+    compute.add_argument(
+        "--mixed_precision",
+        default="auto",
+        choices=MIXED_PRECISION_CHOICES,
+        help="`auto`: bf16 autocast on a GPU that supports it, float32 otherwise. FSQ indices are always float32.",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
+    return TokenizeArguments(**vars(build_parser().parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_source(args: TokenizeArguments):
+    """The source split, through the training data loader (`vqrae.training.data.load_image_dataset`: a Hub id, the
+    built-in photos, or an image folder; optionally streamed), with its image column *not* decoded, so the images
+    of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column)`."""
+    from .training.data import load_image_dataset
+
+    dataset, image_column = load_image_dataset(
+        "train" if args.train_dir is not None else args.split,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir,
+        image_column=args.image_column,
+        streaming=args.streaming,
+    )
+    missing = [name for name in args.keep_columns if name not in (dataset.column_names or [])]
+    if missing:
+        raise ValueError(
+            f"`--keep_columns` names {missing}, which the source lacks (columns: {dataset.column_names})."
+        )
+    dataset = dataset.select_columns([image_column, *args.keep_columns])
+    if args.max_images is not None:
+        dataset = (
+            dataset.take(args.max_images)
+            if args.streaming
+            else dataset.select(range(min(args.max_images, len(dataset))))
+        )
+    return dataset, image_column
+
+
+def image_identifier(value, index: int, root: Path | None) -> str:
+    """The file the image came from (relative to `root` when inside it), or its index when it has no name."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    if not path:
+        return str(index)
+    if root is not None:
+        try:
+            return Path(path).resolve().relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+@dataclass
+class ImagePreparation:
+    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.training.data.decode_image`), cut to its
+    largest centred square and resized to the model's resolution with the processor's resampling (`crop="center"`,
+    as validation images are prepared) or left whole for the processor to resize (`crop="none"`), then passed
+    through the model's image processor."""
+
+    processor: object
+    image_column: str
+    keep_columns: list[str]
+    crop: str
+    root: Path | None
+
+    def __call__(self, row: dict, index: int):
+        from .training.data import _UNREADABLE_ERRORS, _processor_size, _resample, center_crop_box, decode_image
+
+        value = row[self.image_column]
+        identifier = image_identifier(value, index, self.root)
+        kept = {name: row[name] for name in self.keep_columns}
+        try:
+            image = decode_image(value)
+        except _UNREADABLE_ERRORS as error:
+            logger.warning("Skipping unreadable image %s (index %d): %s", identifier, index, error)
+            return index, identifier, None, kept
+        if self.crop == "center":
+            side = _processor_size(self.processor, None)
+            box = center_crop_box(image.width, image.height)
+            image = image.resize((side, side), _resample(self.processor), box=box)
+        pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
+        return index, identifier, pixel_values, kept
+
+
+class ShardBatches(torch.utils.data.Dataset):
+    """The rows of one shard as a map-style dataset: item `i` is `(index, id, pixel_values or None, kept columns)`,
+    `pixel_values` None for an unreadable image (skipped, and named in the manifest)."""
+
+    def __init__(self, rows: list[dict], first_index: int, prepare: ImagePreparation):
+        self.rows, self.first_index, self.prepare = rows, first_index, prepare
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int):
+        return self.prepare(self.rows[position], self.first_index + position)
+
+
+def collate_rows(items):
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def shard_file(data_dir: Path, split: str, shard: int) -> Path:
+    return data_dir / f"{split}-{shard:05d}.parquet"
+
+
+def empty_shard_marker(path: Path) -> Path:
+    """Where a shard without rows (every image unreadable) is recorded instead: `datasets` cannot read a Parquet
+    file with no rows, and a hidden file is not picked up as data."""
+    return path.with_name(f".{path.name}.empty.json")
+
+
+def shard_is_complete(data_dir: Path, split: str, shard: int) -> bool:
+    path = shard_file(data_dir, split, shard)
+    return path.exists() or empty_shard_marker(path).exists()
+
+
+def owned_shards(num_shards: int, process_index: int, num_processes: int) -> list[int]:
+    """The shards process `process_index` of `num_processes` writes: a fixed round-robin over the global shard
+    numbers, so the output never depends on how many processes made it."""
+    return list(range(process_index, num_shards, num_processes))
+
+
+def output_features(args: TokenizeArguments, grid: tuple[int, int], feature_shape: tuple[int, int], source_features):
+    import datasets
+
+    columns = {
+        "index": datasets.Value("int64"),
+        "id": datasets.Value("string"),
+        "indices": datasets.Array2D(shape=grid, dtype="int32"),
+    }
+    for name in args.keep_columns:
+        if source_features is not None and name in source_features:
+            columns[name] = source_features[name]
+    if args.save_features:
+        columns["features"] = datasets.Array2D(shape=feature_shape, dtype=args.features_dtype)
+    return datasets.Features(columns)
+
+
+def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
+    """Write one shard atomically: a hidden temporary file, flushed to disk, then renamed into place.
+
+    A reader (or a resumed run) therefore sees either no file or a complete one. `shard_info` (first index,
+    number of source images, the skipped ones) travels in the Parquet metadata, for the manifest.
+    """
+    import datasets
+    import pyarrow.parquet as pq
+
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if not columns["index"]:
+        temporary.write_text(json.dumps(shard_info))
+        os.replace(temporary, empty_shard_marker(path))
+        return
+    table = datasets.Dataset.from_dict(columns, features=features).data.table
+    metadata = dict(table.schema.metadata or {})
+    metadata[SHARD_METADATA_KEY] = json.dumps(shard_info).encode()
+    table = table.replace_schema_metadata(metadata)
+    pq.write_table(table, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_shard_info(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    if empty_shard_marker(path).exists():
+        return {**json.loads(empty_shard_marker(path).read_text()), "num_rows": 0}
+    schema = pq.read_schema(path)
+    info = json.loads((schema.metadata or {}).get(SHARD_METADATA_KEY, b"{}"))
+    info["num_rows"] = pq.read_metadata(path).num_rows
+    return info
+
+
+def remove_stale_temporaries(data_dir: Path, split: str, shards: list[int]) -> None:
+    """Delete the temporary files a killed run left for these shards."""
+    names = {shard_file(data_dir, split, shard).name for shard in shards}
+    for temporary in data_dir.glob(".*.tmp-*"):
+        if temporary.name[1:].split(".tmp-")[0] in names:
+            temporary.unlink(missing_ok=True)
+
+
+def iter_shard_rows(dataset, streaming: bool, shard_size: int, wanted) -> Iterator[tuple[int, list[dict]]]:
+    """`(shard, rows)` in shard order, images not decoded. A map-style source yields the `wanted` shards only, read
+    by position; a streamed source is read once, front to back, and yields every shard (so the caller can count
+    the images and pass over the shards it does not want)."""
+    if not streaming:
+        for shard in sorted(wanted):
+            start = shard * shard_size
+            batch = dataset[start : min(start + shard_size, len(dataset))]
+            names = list(batch)
+            yield shard, [dict(zip(names, values)) for values in zip(*(batch[name] for name in names))]
+        return
+    iterator = iter(dataset)
+    for shard in count():
+        rows = list(islice(iterator, shard_size))
+        if not rows:
+            return
+        yield shard, rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_model_and_processor(name_or_path: str, revision: str | None = None, device: torch.device | str = "cpu"):
+    """A VQRAE model (AutoModel; a folder or a Hub id, offline from the Hub cache) in eval mode, and its own image
+    processor (AutoImageProcessor from the same place; the model's default one if the folder has none)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    import vqrae  # noqa: F401  (registers VQRAEConfig / VQRAEModel with the Auto classes)
+
+    model = AutoModel.from_pretrained(name_or_path, revision=revision).to(device).eval()
+    if not hasattr(model, "decode_from_indices"):
+        raise ValueError(f"`--model` {name_or_path!r} is a {type(model).__name__}, not a VQRAE model.")
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
+    except OSError:
+        logger.warning("%s has no preprocessor_config.json; using the model's default image processor.", name_or_path)
+        processor = model.get_image_processor()
+    return model, processor
+
+
+def autocast_context(mixed_precision: str, device: torch.device):
+    """bf16 autocast where the device supports it (a GPU with bf16), float32 elsewhere. The quantizer turns
+    autocast off for itself, so FSQ indices are computed in float32 either way."""
+    if mixed_precision == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        use_bf16 = mixed_precision == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def process_state():
+    """accelerate's view of the processes. Several CPU processes (`ACCELERATE_USE_CPU=1 accelerate launch
+    --multi_gpu ...`, or `torchrun` on a machine without a GPU) need `cpu=True` to join one gloo group; without it
+    each would believe it is alone and tokenize everything."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def prepare_output_dir(args: TokenizeArguments, state) -> Path:
+    """Create (or check, on resume) the output folder. Returns its `data/` folder."""
+    output_dir = Path(args.output_dir)
+    config_path = output_dir / CONFIG_FILE
+    if state.is_main_process:
+        if args.overwrite_output_dir and output_dir.exists():
+            shutil.rmtree(output_dir)
+        (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        if not config_path.exists():
+            temporary = config_path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
+            temporary.write_text(json.dumps(args.content_config(), indent=2) + "\n")
+            os.replace(temporary, config_path)
+    state.wait_for_everyone()
+    saved = json.loads(config_path.read_text())
+    current = args.content_config()
+    changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
+    if changed:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise ValueError(
+            f"{args.output_dir} holds shards made with other arguments ({details}); resume with the same arguments "
+            "or pass `--overwrite_output_dir` to start again."
+        )
+    return output_dir / DATA_DIR
+
+
+def token_grid(model, processor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`(h, w)` of the token grid and `(h * w, D)` of the features for images as `processor` prepares them."""
+    from PIL import Image
+
+    height, width = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[-2:]
+    patch = model.config.vision_config.patch_size
+    grid = (height // patch, width // patch)
+    return grid, (grid[0] * grid[1], model.config.vision_config.hidden_size)
+
+
+def encode_shard(model, batches: ShardBatches, args: TokenizeArguments, device, progress) -> tuple[dict, list[str]]:
+    """Encode one shard; returns its columns (rows in source order) and the ids of the images it skipped."""
+    columns = {"index": [], "id": [], "indices": [], **{name: [] for name in args.keep_columns}}
+    if args.save_features:
+        columns["features"] = []
+    skipped = []
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=args.batch_size, num_workers=args.dataloader_num_workers, collate_fn=collate_rows
+    )
+    features_dtype = np.dtype(args.features_dtype)
+    for items in loader:
+        readable = [item for item in items if item[2] is not None]
+        skipped.extend(item[1] for item in items if item[2] is None)
+        if readable:
+            pixel_values = torch.stack([item[2] for item in readable]).to(device)
+            with torch.inference_mode(), autocast_context(args.mixed_precision, device):
+                encoded = model.encode(pixel_values)
+            indices = encoded.indices.to(torch.int32).cpu().numpy()
+            features = (
+                encoded.last_hidden_state.float().cpu().numpy().astype(features_dtype) if args.save_features else None
+            )
+            for position, (index, identifier, _, kept) in enumerate(readable):
+                columns["index"].append(index)
+                columns["id"].append(identifier)
+                columns["indices"].append(indices[position])
+                for name in args.keep_columns:
+                    columns[name].append(kept[name])
+                if features is not None:
+                    columns["features"].append(features[position])
+        progress.update(len(items))
+    return columns, skipped
+
+
+def tokenize(args: TokenizeArguments) -> dict:
+    """Run the job in this process (one of several under `accelerate launch`). Returns a summary of this run:
+    `images` and `seconds` tokenized by all processes, `images_per_second`, and the manifest once complete."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = process_state()
+    data_dir = prepare_output_dir(args, state)
+    manifest_path = Path(args.output_dir) / MANIFEST_FILE
+    if manifest_path.exists():
+        logger.info("%s is complete (%s exists); nothing to do.", args.output_dir, MANIFEST_FILE)
+        return {
+            "images": 0,
+            "seconds": 0.0,
+            "images_per_second": 0.0,
+            "manifest": json.loads(manifest_path.read_text()),
+        }
+
+    model, processor = load_model_and_processor(args.model, args.revision, state.device)
+    grid, feature_shape = token_grid(model, processor)
+    dataset, image_column = load_source(args)
+    features = output_features(args, grid, feature_shape, dataset.features)
+    root = Path(args.train_dir).resolve() if args.train_dir is not None else None
+    prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, root)
+    split = args.output_split
+
+    if args.streaming:
+        num_images = None  # known once the stream ends; every process reads it to the end
+        candidates = None
+    else:
+        num_images = len(dataset)
+        candidates = owned_shards(math.ceil(num_images / args.shard_size), state.process_index, state.num_processes)
+    remaining = None if candidates is None else [s for s in candidates if not shard_is_complete(data_dir, split, s)]
+
+    started = time.perf_counter()
+    done = 0
+    with tqdm(
+        total=None
+        if remaining is None
+        else sum(min(args.shard_size, num_images - s * args.shard_size) for s in remaining),
+        unit="img",
+        desc=f"tokenize [{state.process_index}/{state.num_processes}]",
+        disable=not state.is_local_main_process,
+        dynamic_ncols=True,
+    ) as progress:
+        if args.streaming:
+            wanted = _StreamingShardSet(data_dir, split, state.process_index, state.num_processes)
+        else:
+            wanted = set(remaining)
+            remove_stale_temporaries(data_dir, split, remaining)
+        streamed_images = 0
+        for shard, rows in iter_shard_rows(dataset, args.streaming, args.shard_size, wanted):
+            first_index = shard * args.shard_size
+            streamed_images = first_index + len(rows)
+            if shard not in wanted:  # streaming: a shard that is complete or another process's
+                continue
+            if args.streaming:
+                remove_stale_temporaries(data_dir, split, [shard])
+            columns, skipped = encode_shard(
+                model, ShardBatches(rows, first_index, prepare), args, state.device, progress
+            )
+            shard_info = {"shard": shard, "first_index": first_index, "num_images": len(rows), "skipped": skipped}
+            write_shard(shard_file(data_dir, split, shard), columns, features, shard_info)
+            done += len(rows)
+        if args.streaming:
+            num_images = streamed_images
+
+    seconds = time.perf_counter() - started
+    counts = gather_object([(done, seconds, num_images)])
+    state.wait_for_everyone()
+    total_done = sum(count[0] for count in counts)
+    wall = max(count[1] for count in counts)
+    summary = {"images": total_done, "seconds": wall, "images_per_second": total_done / wall if wall > 0 else 0.0}
+    if state.is_main_process:
+        num_images = max(count[2] for count in counts)
+        summary["manifest"] = write_manifest(args, data_dir, split, num_images, grid, model, features)
+        logger.info(
+            "Tokenized %d images in %.1f s (%.1f images/s) over %d process(es); %d rows in %s.",
+            total_done,
+            wall,
+            summary["images_per_second"],
+            state.num_processes,
+            summary["manifest"]["num_rows"],
+            args.output_dir,
+        )
+    state.wait_for_everyone()
+    return summary
+
+
+class _StreamingShardSet:
+    """The shards this process still has to write, in a stream of unknown length: `k % num_processes ==
+    process_index` and no complete file yet."""
+
+    def __init__(self, data_dir: Path, split: str, process_index: int, num_processes: int):
+        self.data_dir, self.split = data_dir, split
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def __contains__(self, shard: int) -> bool:
+        owned = shard % self.num_processes == self.process_index
+        return owned and not shard_is_complete(self.data_dir, self.split, shard)
+
+
+def write_manifest(
+    args: TokenizeArguments, data_dir: Path, split: str, num_images: int, grid, model, features
+) -> dict:
+    """Check that every shard exists, then write `tokenize_manifest.json` and a dataset card (`README.md`)."""
+    num_shards = math.ceil(num_images / args.shard_size)
+    missing = [shard for shard in range(num_shards) if not shard_is_complete(data_dir, split, shard)]
+    if missing:
+        raise RuntimeError(f"Shards {missing} of {args.output_dir} are missing after every process finished.")
+    infos = [read_shard_info(shard_file(data_dir, split, shard)) for shard in range(num_shards)]
+    skipped = [identifier for info in infos for identifier in info.get("skipped", [])]
+    manifest = {
+        **args.content_config(),
+        "output_split": split,
+        "num_images": num_images,
+        "num_rows": sum(info["num_rows"] for info in infos),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "num_shards": num_shards,
+        "data_files": f"{DATA_DIR}/{split}-*.parquet",
+        "token_grid": list(grid),
+        "codebook_size": int(model.codebook_size),
+        "features": features.to_dict(),
+    }
+    output_dir = Path(args.output_dir)
+    _write_text_atomically(output_dir / "README.md", dataset_card(manifest))
+    _write_text_atomically(output_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def dataset_card(manifest: dict) -> str:
+    source = manifest["dataset_name"] or "a folder of images"
+    return (
+        "---\n"
+        "configs:\n"
+        "- config_name: default\n"
+        "  data_files:\n"
+        f"  - split: {manifest['output_split']}\n"
+        f"    path: {manifest['data_files']}\n"
+        "tags:\n- vqrae\n- image-tokens\n"
+        "---\n\n"
+        f"# VQRAE tokens of {source}\n\n"
+        f"Split `{manifest['split']}` of {source}, encoded by `{manifest['model']}` into "
+        f"{manifest['token_grid'][0]} x {manifest['token_grid'][1]} tokens per image from a codebook of "
+        f"{manifest['codebook_size']} codes: {manifest['num_rows']} rows ({manifest['num_skipped']} unreadable images "
+        "skipped).\n\n"
+        "```python\n"
+        "from vqrae.token_dataset import decode_token_rows, load_token_dataset\n"
+        "tokens = load_token_dataset(path)\n"
+        "images = decode_token_rows(model, tokens[:4])\n"
+        "```\n"
+    )
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    tokenize(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""vqrae-tokenize: the token dataset, resuming after SIGKILL, two processes, streaming, Hub ids; decoding rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vqrae.tokenize as tokenize_module
+from conftest import tiny_model
+from hub_cache import write_hub_cache
+from vqrae import to_pil_images
+from vqrae.token_dataset import decode_token_rows, load_token_dataset, token_rows_to_indices
+from vqrae.tokenize import MANIFEST_FILE, parse_args, tokenize
+
+NUM_READABLE = 23
+NUM_IMAGES = NUM_READABLE + 2  # one unreadable file inside a shard, one alone in the last shard
+SHARD_SIZE = 4  # -> 7 shards, the last of them without a readable image
+BROKEN = ["photo_05b_broken.png", "photo_99_broken.png"]  # source indices 6 and 24
+COMMON = ["--shard_size", str(SHARD_SIZE), "--batch_size", "3"]
+
+
+def main(argv: list[str]) -> dict:
+    return tokenize(parse_args(argv))
+
+
+def _run(tmp_dir: Path, model: str, images: Path, name: str, *extra: str) -> Path:
+    output = tmp_dir / name
+    main(["--model", model, "--train_dir", str(images), "--output_dir", str(output), *COMMON, *extra])
+    return output
+
+
+def _table(folder: Path) -> dict:
+    dataset = datasets.load_dataset("parquet", data_dir=str(folder / "data"), split="train")
+    return {
+        "index": dataset["index"],
+        "id": dataset["id"],
+        "indices": np.stack([np.asarray(grid) for grid in dataset.with_format("numpy")["indices"]]),
+    }
+
+
+def _assert_same_dataset(left: dict, right: dict) -> None:
+    assert left["index"] == right["index"]
+    assert left["id"] == right["id"]
+    np.testing.assert_array_equal(left["indices"], right["indices"])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenize")
+    model = tiny_model(seed=3)
+    model.save_pretrained(root / "model")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(NUM_READABLE):
+        height, width = 24 + 3 * (i % 7), 40 - 2 * (i % 5)  # various sizes and aspect ratios
+        mode = "L" if i % 6 == 5 else "RGB"  # some grayscale images, converted to RGB
+        array = rng.integers(0, 256, (height, width) if mode == "L" else (height, width, 3), dtype=np.uint8)
+        Image.fromarray(array, mode=mode).save(images / f"photo_{i:02d}.png")
+    for name in BROKEN:
+        (images / name).write_bytes(b"this is not a PNG file")
+    reference = _run(root, str(root / "model"), images, "reference")
+    return root, str(root / "model"), images, reference
+
+
+def test_rows_hold_the_tokens_of_each_image(setup):
+    root, model_dir, images, reference = setup
+    manifest = json.loads((reference / MANIFEST_FILE).read_text())
+    assert manifest["num_images"] == NUM_IMAGES and manifest["num_rows"] == NUM_READABLE
+    assert manifest["num_shards"] == 7 and manifest["skipped"] == BROKEN
+    # The last shard holds no readable image: a hidden marker records it (datasets cannot read an empty Parquet).
+    data_files = sorted(p.name for p in (reference / "data").iterdir())
+    assert data_files == [".train-00006.parquet.empty.json"] + [f"train-{k:05d}.parquet" for k in range(6)]
+
+    dataset = load_token_dataset(reference)
+    assert dataset.features["indices"] == datasets.Array2D(shape=(4, 4), dtype="int32")
+    assert dataset["id"] == [f"photo_{i:02d}.png" for i in range(NUM_READABLE)]
+    assert dataset["index"] == [i if i <= 5 else i + 1 for i in range(NUM_READABLE)]
+
+    # The tokens are the model's own: centre square, resized by the image processor's rules, encoded.
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    for row in (dataset[0], dataset[6], dataset[17]):
+        image = Image.open(images / row["id"]).convert("RGB")
+        side = min(image.size)
+        box = ((image.width - side) // 2, (image.height - side) // 2)
+        image = image.resize((32, 32), Image.Resampling.BICUBIC, box=(*box, box[0] + side, box[1] + side))
+        pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            expected = model.encode(pixel_values).indices[0]
+        np.testing.assert_array_equal(np.asarray(row["indices"]), expected.numpy())
+
+
+def test_sigkill_halfway_then_resume_equals_one_run(setup):
+    root, model_dir, images, reference = setup
+    output = root / "killed"
+    # The child dies by SIGKILL in the middle of writing its third shard, after the temporary file exists.
+    launcher = (
+        "import os, signal, sys\n"
+        "import vqrae.tokenize as job\n"
+        "real_write, written = job.write_shard, []\n"
+        "def write_then_die(path, *args):\n"
+        "    if len(written) == 2:\n"
+        "        path.with_name(f'.{path.name}.tmp-{os.getpid()}').write_bytes(b'PAR1 half a shard')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real_write(path, *args)\n"
+        "    written.append(path)\n"
+        "job.write_shard = write_then_die\n"
+        "job.main(sys.argv[1:])\n"
+    )
+    argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]
+    killed = subprocess.run([sys.executable, "-c", launcher, *argv], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    data = output / "data"
+    assert sorted(p.name for p in data.glob("*.parquet")) == ["train-00000.parquet", "train-00001.parquet"]
+    assert len(list(data.glob(".*.tmp-*"))) == 1
+    assert not (output / MANIFEST_FILE).exists()
+    with pytest.raises(ValueError, match="not a finished token dataset"):
+        load_token_dataset(output)
+
+    summary = main(argv)
+    assert summary["images"] == NUM_IMAGES - 2 * SHARD_SIZE  # the two complete shards were not redone
+    assert not list(data.glob(".*.tmp-*"))
+    resumed = _table(output)
+    assert len(set(resumed["id"])) == len(resumed["id"]) == NUM_READABLE
+    _assert_same_dataset(resumed, _table(reference))
+
+    assert main(argv)["images"] == 0  # complete: a third run does nothing
+
+
+def test_resume_with_other_arguments_is_refused(setup):
+    root, model_dir, images, reference = setup
+    argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(reference)]
+    with pytest.raises(ValueError, match="shard_size: 4 -> 5"):
+        main([*argv, "--shard_size", "5"])
+
+
+def test_two_processes_make_the_same_dataset(setup):
+    root, model_dir, images, reference = setup
+    output = root / "two_processes"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vqrae.tokenize",
+        "--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "over 2 process(es)" in result.stderr
+    _assert_same_dataset(_table(output), _table(reference))
+    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    assert manifest["num_rows"] == NUM_READABLE and manifest["skipped"] == BROKEN
+
+
+def test_streaming_source_makes_the_same_dataset(setup):
+    root, model_dir, images, reference = setup
+    _assert_same_dataset(_table(_run(root, model_dir, images, "streamed", "--streaming")), _table(reference))
+
+
+def test_model_from_a_hub_id_offline(setup):
+    root, model_dir, images, reference = setup
+    write_hub_cache(model_dir, "org/vqrae-tiny")  # into the session's HF_HUB_CACHE; HF_HUB_OFFLINE=1
+    output = _run(root, "org/vqrae-tiny", images, "from_hub", "--save_features", "--max_images", "6")
+    dataset = load_token_dataset(output)
+    assert len(dataset) == 6
+    np.testing.assert_array_equal(np.stack(dataset.with_format("numpy")["indices"]), _table(reference)["indices"][:6])
+    assert dataset.features["features"] == datasets.Array2D(shape=(16, 32), dtype="float16")
+
+
+def test_decoding_rows_gives_the_images_of_decode_from_indices(setup):
+    root, model_dir, images, reference = setup
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    dataset = load_token_dataset(reference)
+    batch = dataset[3:8]
+    with torch.inference_mode():
+        tokens = torch.as_tensor(np.stack([np.asarray(grid) for grid in batch["indices"]])).long()
+        expected = to_pil_images(model.decode_from_indices(tokens).reconstruction)
+    decoded = decode_token_rows(model, batch, batch_size=2)
+    assert len(decoded) == 5 and decoded[0].size == (32, 32) and decoded[0].mode == "RGB"
+    for got, want in zip(decoded, expected):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # A single row, a Dataset and a list of rows give the same images.
+    np.testing.assert_array_equal(np.asarray(decode_token_rows(model, dataset[3])[0]), np.asarray(expected[0]))
+    from_dataset = decode_token_rows(model, dataset.select(range(3, 5)))
+    from_list = decode_token_rows(model, [dataset[3], dataset[4]])
+    for got, want in zip(from_dataset + from_list, expected[:2] * 2):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_an_interrupted_shard_write_leaves_no_shard(setup, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def write_half_then_fail(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", write_half_then_fail)
+    features = datasets.Features({"index": datasets.Value("int64")})
+    target = tmp_path / "train-00000.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_module.write_shard(target, {"index": [0, 1]}, features, {"shard": 0})
+    assert not target.exists() and not tokenize_module.shard_is_complete(tmp_path, "train", 0)
+    assert [p.name for p in tmp_path.iterdir()] == [f".train-00000.parquet.tmp-{os.getpid()}"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ({"tokens": [[1, 2], [3, 4]]}, "must hold an `indices` column"),
+        (np.zeros((2, 2), dtype=np.float32), "integer token grids"),
+        ([1, 2, 3], "integer token grids"),
+    ],
+)
+def test_bad_token_rows_are_refused(rows, match):
+    with pytest.raises(ValueError, match=match):
+        token_rows_to_indices(rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ([], "exactly one source of images"),
+        (["--train_dir", "/nonexistent/folder"], "must be an existing folder"),
+        (["--dataset_name", "x", "--shard_size", "0"], "`--shard_size` must be an integer >= 1"),
+        (["--dataset_name", "x", "--batch_size", "0"], "`--batch_size` must be an integer >= 1"),
+        (["--dataset_name", "x", "--max_images", "0"], "`--max_images` must be an integer >= 1"),
+        (["--dataset_name", "x", "--keep_columns", "indices"], "may not name the output's own columns"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        main(["--model", "unused", "--output_dir", str(tmp_path / "out"), *extra])
