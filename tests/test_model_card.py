@@ -106,6 +106,14 @@ def test_rfid_not_measured_is_said_and_left_out_of_the_model_index(tmp_path):
     assert {result.metric_type for result in card.data.eval_results} == {"psnr", "ssim", "codebook_utilization"}
 
 
+def test_only_hub_datasets_go_into_the_metadata(tmp_path):
+    folder = make_run_folder(tmp_path / "run", dataset_name="builtin:photos")
+    (folder / "training_config.yaml").write_text("train_dir: data/train\nmax_steps: 10\n")
+    card = render_model_card(folder)
+    assert card.data.datasets is None
+    assert {result.dataset_name for result in card.data.eval_results} == {"builtin:photos"}
+
+
 def test_quantizer_table_fsq_with_post_quant_conv(run_folder):
     text = render_model_card(run_folder).text
     for row in (

@@ -41,7 +41,6 @@ PICTURES = {
     "training_curves.png": ("Training curves", "Training losses and validation metrics over the run."),
     "codebook_usage.png": ("Codebook usage", "How often each code is used on the validation images."),
 }
-TAGS = ("vqrae", "image-tokenizer", "siglip", "custom_code")
 
 _REAL = (int, float)
 # eval_results.json: field -> allowed types. `rfid` is measured only where Inception weights exist (else null).
@@ -128,7 +127,7 @@ def render_model_card(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license=license,
-        tags=[*TAGS[:2], "fsq" if config.use_fsq else "vq", *TAGS[2:]],
+        tags=["vqrae", "image-tokenizer", "fsq" if config.use_fsq else "vq", "siglip", "custom_code"],
         base_model=base_model,
         datasets=datasets or None,
         # The model-index is named after the model; without results, `model_name` would only clutter the metadata.
@@ -169,6 +168,7 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, *, l
 
 
 def check_repo_id(repo_id) -> None:
+    """`ValueError` unless `repo_id` is a valid Hub repository id."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
