@@ -365,6 +365,8 @@ class VQRAEModel(VQRAEPreTrainedModel):
                 f"`pixel_values` must have shape (batch_size, {channels}, height, width) "
                 f"(got shape {tuple(pixel_values.shape)})."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("`pixel_values` holds no images (batch size 0); pass at least one image.")
         if not pixel_values.dtype.is_floating_point:
             raise TypeError(
                 f"`pixel_values` must be floating point, normalised as the image processor does (got dtype "
@@ -384,6 +386,10 @@ class VQRAEModel(VQRAEPreTrainedModel):
             raise TypeError(f"`indices` must be a torch.Tensor of integers (got {type(indices).__name__}).")
         if indices.ndim != 3:
             raise ValueError(f"`indices` must have shape (batch_size, h, w) (got shape {tuple(indices.shape)}).")
+        if indices.numel() == 0:
+            raise ValueError(
+                f"`indices` is empty (shape {tuple(indices.shape)}); pass at least one image of at least one token."
+            )
         # dtype and range are checked by the quantizer's `indices_to_codes`.
 
     # -- encode ----------------------------------------------------------------------------------------------------
