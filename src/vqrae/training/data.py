@@ -117,9 +117,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+        # 16/32-bit grayscale: scale the format's range (not the image's own maximum, which would turn a uniform
+        # grey white) to 8 bits instead of clipping. Mode "I" holds 16-bit files in older Pillows.
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 255 else 255.0
+        top = float(array.max()) if array.size else 0.0
+        peak = 65535.0 if image.mode != "I" or 255 < top <= 65535 else max(top, 255.0)
         return Image.fromarray((array * (255.0 / peak)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
 
@@ -358,7 +360,10 @@ def load_image_dataset(
             dataset = datasets.load_dataset(
                 "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=cache_dir
             )
-        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as error:
+        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, ValueError) as error:
+            # A folder of only non-image files gives datasets' 'Instruction "train" corresponds to no data!'.
+            if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
+                raise
             raise ValueError(f"`{option.lstrip('-')}` {folder!r} holds no images ({error}).") from error
         source = folder
     elif dataset_name is None or dataset_name == BUILTIN_DATASET_NAME:
