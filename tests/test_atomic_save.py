@@ -1,0 +1,179 @@
+"""`VQRAEModel.save_pretrained` is atomic: a save killed at any moment leaves the old model or the new one.
+
+The kill test runs a real save loop in a forked process and SIGKILLs it at several moments; every snapshot of the
+folder taken after a kill must load (strictly: config and weights agree) and equal one of the two models exactly.
+With the staging folder removed from `save_pretrained` (saving in place), about a third of the kills leave a
+truncated config.json or config.json of one model beside the weights of the other, so ten kills catch it
+(checked: that mutant fails this test).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SEED_PRESETS, tiny_config_kwargs, tiny_model
+from vqrae import VQRAEModel
+
+MODEL_A = {"seed": 0, **SEED_PRESETS["standard_fsq"]}
+MODEL_B = {"seed": 1, **SEED_PRESETS["cosmos_fsq"]}
+
+# Runs in a fresh interpreter: saves model A, then for each delay forks a process that saves B, A, B, ... into the
+# same folder without end, SIGKILLs it after the delay and copies the folder as it was left to a snapshot.
+_KILL_LOOP = textwrap.dedent(
+    """
+    import json, os, shutil, signal, sys, time
+    import torch
+    torch.set_num_threads(1)  # no OpenMP pool in the parent, so forking is safe
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    from vqrae import VQRAEConfig, VQRAEModel
+
+    folder, snapshots, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    models = []
+    for seed, kwargs in spec["models"]:
+        torch.manual_seed(seed)
+        models.append(VQRAEModel(VQRAEConfig(**kwargs)))
+    models[0].save_pretrained(folder)
+    for trial, delay in enumerate(spec["delays"]):
+        pid = os.fork()
+        if pid == 0:
+            turn = 1
+            while True:
+                models[turn % 2].save_pretrained(folder)
+                turn += 1
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.copytree(folder, os.path.join(snapshots, f"trial-{trial}"), symlinks=True)
+    """
+)
+
+
+def _build(spec: dict) -> VQRAEModel:
+    spec = dict(spec)
+    return tiny_model(spec.pop("seed"), **spec).eval()
+
+
+def _equals(model: VQRAEModel, reference: VQRAEModel) -> bool:
+    for field in ("fsq_levels", "use_post_quant_conv"):
+        if getattr(model.config, field) != getattr(reference.config, field):
+            return False
+    state, expected = model.state_dict(), reference.state_dict()
+    return state.keys() == expected.keys() and all(torch.equal(state[key], expected[key]) for key in expected)
+
+
+def _staging_leftovers(folder: Path) -> list[str]:
+    return [entry.name for entry in folder.parent.iterdir() if entry.name.startswith(f".{folder.name}.vqrae-staging-")]
+
+
+def test_save_killed_at_any_moment_leaves_exactly_one_model(tmp_path):
+    folder, snapshots = tmp_path / "model", tmp_path / "snapshots"
+    snapshots.mkdir()
+    folder.mkdir()
+    (folder / "README.md").write_text("my own model card\n")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.txt").write_text("step 1\n")
+
+    rng = random.Random(1234)
+    delays = [rng.uniform(0.05, 0.5) for _ in range(10)]
+    spec = {
+        "models": [
+            [spec["seed"], tiny_config_kwargs(**{k: v for k, v in spec.items() if k != "seed"})]
+            for spec in (MODEL_A, MODEL_B)
+        ],
+        "delays": delays,
+    }
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run(
+        [sys.executable, "-c", _KILL_LOOP, str(folder), str(snapshots), json.dumps(spec)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
+
+    model_a, model_b = _build(MODEL_A), _build(MODEL_B)
+    matched = []
+    for trial in range(len(delays)):
+        snapshot = snapshots / f"trial-{trial}"
+        loaded = VQRAEModel.from_pretrained(snapshot)
+        is_a, is_b = _equals(loaded, model_a), _equals(loaded, model_b)
+        assert is_a != is_b, f"trial {trial} (killed after {delays[trial]:.2f} s) left a model equal to neither"
+        matched.append("A" if is_a else "B")
+        assert (snapshot / "README.md").read_text() == "my own model card\n"
+        assert (snapshot / "logs" / "events.txt").read_text() == "step 1\n"
+        assert sorted(p.name for p in snapshot.glob("*.safetensors")) == ["model.safetensors"]
+
+    # Kills may leave a hidden staging folder beside the model; the next save clears it away.
+    _build(MODEL_A).save_pretrained(folder)
+    assert _staging_leftovers(folder) == []
+    assert _equals(VQRAEModel.from_pretrained(folder), model_a)
+
+
+def test_save_into_new_folder_creates_it_and_leaves_nothing_beside_it(tmp_path):
+    folder = tmp_path / "nested" / "model"
+    model = _build(MODEL_B)
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "configuration_vqrae.py",
+        "model.safetensors",
+        "modeling_vqrae.py",
+        "preprocessor_config.json",
+        "quantizers.py",
+    ]
+    assert [p.name for p in folder.parent.iterdir()] == ["model"]
+    assert _equals(VQRAEModel.from_pretrained(folder), model)
+
+
+def test_save_over_a_model_keeps_other_files_and_drops_stale_weight_shards(tmp_path):
+    folder = tmp_path / "model"
+    _build(MODEL_A).save_pretrained(folder)
+    (folder / "README.md").write_text("card\n")
+    (folder / "checkpoints" / "step-10").mkdir(parents=True)
+    (folder / "checkpoints" / "step-10" / "state.bin").write_bytes(b"\x00" * 16)
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
+    (folder / "model.safetensors.index.json").write_text("{}")
+    os.chmod(folder, 0o750)
+
+    model_b = _build(MODEL_B)
+    model_b.save_pretrained(folder)
+
+    assert (folder / "README.md").read_text() == "card\n"
+    assert (folder / "checkpoints" / "step-10" / "state.bin").read_bytes() == b"\x00" * 16
+    assert not (folder / "model-00002-of-00002.safetensors").exists()
+    assert not (folder / "model.safetensors.index.json").exists()
+    assert os.stat(folder).st_mode & 0o777 == 0o750
+    assert _staging_leftovers(folder) == []
+    assert _equals(VQRAEModel.from_pretrained(folder), model_b)
+
+
+def test_save_through_a_symlink_updates_the_real_folder(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    _build(MODEL_A).save_pretrained(real)
+    link.symlink_to(real, target_is_directory=True)
+    model_b = _build(MODEL_B)
+    model_b.save_pretrained(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert _equals(VQRAEModel.from_pretrained(real), model_b)
+
+
+def test_save_onto_a_file_is_refused_and_leaves_the_file(tmp_path):
+    path = tmp_path / "not-a-folder"
+    path.write_text("keep me")
+    _build(MODEL_A).save_pretrained(path)  # transformers logs an error and writes nothing
+    assert path.read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]
+
+
+@pytest.mark.parametrize("spec", [MODEL_A, MODEL_B], ids=["standard_fsq", "cosmos_fsq"])
+def test_models_of_the_kill_test_differ(spec):
+    # The kill test can only tell A from B (and catch a mix) if their configs and weights differ.
+    other = MODEL_B if spec is MODEL_A else MODEL_A
+    assert not _equals(_build(spec), _build(other))
