@@ -1,0 +1,198 @@
+"""Measure a VQRAE tokenizer's reconstructions on a dataset or a folder: `vqrae-evaluate` / `python -m vqrae.evaluate`.
+
+    vqrae-evaluate --model out/stage1 --output_dir eval/                           # the built-in validation photos
+    vqrae-evaluate --model org/vqrae-cosmos --validation_dir photos/ --output_dir eval/
+    vqrae-evaluate --model out/stage1 --dataset_name org/images --split validation --output_dir eval/
+    accelerate launch -m vqrae.evaluate ...                                         # several processes, same figures
+
+The images are prepared and measured exactly as the training loop's evaluation does, by the same code
+(`vqrae.training.data.load_validation_images`, `vqrae.training.metrics.evaluate_model`): fixed centre crops at the
+model's resolution, PSNR and SSIM through the tokens, codebook utilisation and perplexity, the bicubic baseline of
+the same token grid, and rFID where torch-fidelity's Inception weights exist locally. So, on the same validation
+images, it reproduces a training run's `eval_results.json`.
+
+It writes to `--output_dir`:
+
+    eval_results.json     the flat results object the model card reads (`vqrae.training.model_card`)
+    reconstructions.png   the first `--num_examples` images (top row) above their reconstructions (bottom row)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+EVAL_RESULTS_FILE = "eval_results.json"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+
+
+@dataclass
+class EvaluateArguments:
+    """Arguments of `vqrae-evaluate` (see `--help`)."""
+
+    model: str
+    output_dir: str
+    revision: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_revision: str | None = None
+    validation_dir: str | None = None
+    split: str = "validation"
+    image_column: str | None = None
+    streaming: bool = False
+    max_eval_samples: int | None = 256
+    batch_size: int = 32
+    num_examples: int = 8
+    step: int = 0
+    compute_rfid: bool = True
+    inception_weights: str | None = None
+
+    def __post_init__(self):
+        if self.dataset_name is not None and self.validation_dir is not None:
+            raise ValueError(
+                "Give at most one source of images: `--dataset_name` or `--validation_dir` "
+                f"(got dataset_name={self.dataset_name!r}, validation_dir={self.validation_dir!r})."
+            )
+        for name, minimum in (("batch_size", 1), ("num_examples", 0), ("step", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
+        samples = self.max_eval_samples
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+            raise ValueError(f"`--max_eval_samples` must be an integer >= 1 or unset (got {samples!r}).")
+
+    @property
+    def dataset_label(self) -> str:
+        """What `eval_results.json` names as the dataset."""
+        from .training.data import BUILTIN_DATASET_NAME
+
+        if self.validation_dir is not None:
+            return self.validation_dir
+        return self.dataset_name or BUILTIN_DATASET_NAME
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqrae-evaluate",
+        description="Reconstruction quality of a VQRAE model: PSNR, SSIM, codebook use, bicubic baseline, rFID.",
+    )
+    parser.add_argument("--model", required=True, help="A VQRAE model: a local folder or a Hub id.")
+    parser.add_argument("--revision", default=None, help="Revision of `--model` on the Hub.")
+    parser.add_argument("--output_dir", required=True, help="Where eval_results.json and the picture are written.")
+    source = parser.add_argument_group("images (default: the built-in validation photos)")
+    source.add_argument("--dataset_name", default=None, help="A `datasets` Hub id or local dataset folder.")
+    source.add_argument("--dataset_config_name", default=None)
+    source.add_argument("--dataset_revision", default=None)
+    source.add_argument("--validation_dir", default=None, help="A folder of images (loaded as an `imagefolder`).")
+    source.add_argument("--split", default="validation", help="Split of `--dataset_name` to evaluate on.")
+    source.add_argument("--image_column", default=None, help="Default: the dataset's only Image column.")
+    source.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
+    source.add_argument(
+        "--max_eval_samples", type=int, default=256, help="Evaluate the first N images (the training default)."
+    )
+    compute = parser.add_argument_group("evaluation")
+    compute.add_argument("--batch_size", type=int, default=32, help="Images per forward pass (per process).")
+    compute.add_argument("--num_examples", type=int, default=8, help="Images shown in reconstructions.png.")
+    compute.add_argument("--step", type=int, default=0, help="The training step recorded in eval_results.json.")
+    compute.add_argument(
+        "--no_rfid", dest="compute_rfid", action="store_false", help="Skip rFID even where Inception weights exist."
+    )
+    compute.add_argument("--inception_weights", default=None, help="A local torch-fidelity Inception weights file.")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
+    return EvaluateArguments(**vars(build_parser().parse_args(argv)))
+
+
+def reconstruction_grid(originals: list[Image.Image], reconstructions: list[Image.Image], gap: int = 2) -> Image.Image:
+    """One picture: `originals` side by side in the top row, their `reconstructions` below, on white."""
+    if len(originals) != len(reconstructions) or not originals:
+        raise ValueError(
+            "`originals` and `reconstructions` must be non-empty lists of the same length "
+            f"(got {len(originals)} and {len(reconstructions)})."
+        )
+    width, height = originals[0].size
+    grid = Image.new("RGB", (len(originals) * (width + gap) - gap, 2 * height + gap), "white")
+    for column, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
+        grid.paste(original.convert("RGB"), (column * (width + gap), 0))
+        grid.paste(reconstruction.convert("RGB"), (column * (width + gap), height + gap))
+    return grid
+
+
+def evaluate(args: EvaluateArguments) -> dict:
+    """Evaluate `args.model` (in this process; one of several under `accelerate launch`) and write the results on
+    the main process. Returns the `eval_results.json` object."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from .tokenize import load_model_and_processor
+    from .training.data import _processor_size, load_image_dataset, load_validation_images
+    from .training.metrics import evaluate_model, save_eval_results
+
+    accelerator = Accelerator()
+    model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
+    dataset, image_column = load_image_dataset(
+        args.split,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        validation_dir=args.validation_dir,
+        image_column=args.image_column,
+        streaming=args.streaming,
+        revision=args.dataset_revision,
+    )
+    validation = load_validation_images(
+        dataset,
+        image_column,
+        _processor_size(processor, None),
+        dataset_name=args.dataset_label,
+        dataset_split=args.split,
+        max_samples=args.max_eval_samples,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
+    unreadable = sum(gather_object([validation.num_unreadable]))
+    if unreadable:
+        logger.warning("%d unreadable image(s) were skipped.", unreadable)
+    result = evaluate_model(
+        model,
+        validation,
+        image_processor=processor,
+        batch_size=args.batch_size,
+        step=args.step,
+        accelerator=accelerator,
+        num_examples=args.num_examples,
+        compute_rfid=args.compute_rfid,
+        inception_weights=args.inception_weights,
+    )
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_eval_results(result.metrics, str(output_dir / EVAL_RESULTS_FILE))
+        if result.originals:
+            reconstruction_grid(result.originals, result.reconstructions).save(output_dir / RECONSTRUCTIONS_FILE)
+    accelerator.wait_for_everyone()
+    return result.metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from accelerate import PartialState
+
+    metrics = evaluate(parse_args(argv))
+    if PartialState().is_main_process:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
