@@ -24,7 +24,8 @@ Resuming: each shard is written to a temporary file and renamed into place, so a
 complete. A rerun with the same arguments skips the complete shards, so a killed job resumes with nothing lost and
 nothing duplicated. Under `accelerate launch`, process `r` of `n` takes the shards `k` with `k % n == r`: the shard
 boundaries depend only on `--shard_size`, so any number of processes (or a resume with a different number) makes
-the same dataset.
+the same dataset. With `--streaming`, every process reads the whole stream in order and decodes only the images
+of its own shards.
 """
 
 from __future__ import annotations
@@ -326,8 +327,10 @@ def output_features(args: TokenizeArguments, grid: tuple[int, int], feature_shap
         "indices": datasets.Array2D(shape=grid, dtype="int32"),
     }
     for name in args.keep_columns:
-        if source_features is not None and name in source_features:
-            columns[name] = source_features[name]
+        if source_features is None or name not in source_features:
+            # Every shard must have the same schema, so the type cannot be guessed from one shard's values.
+            raise ValueError(f"The source does not declare the type of `--keep_columns` column {name!r}.")
+        columns[name] = source_features[name]
     if args.save_features:
         columns["features"] = datasets.Array2D(shape=feature_shape, dtype=args.features_dtype)
     return datasets.Features(columns)
@@ -546,13 +549,14 @@ def tokenize(args: TokenizeArguments) -> dict:
         num_images = len(dataset)
         candidates = owned_shards(math.ceil(num_images / args.shard_size), state.process_index, state.num_processes)
     remaining = None if candidates is None else [s for s in candidates if not shard_is_complete(data_dir, split, s)]
+    to_do = (
+        None if remaining is None else sum(min(args.shard_size, num_images - s * args.shard_size) for s in remaining)
+    )
 
     started = time.perf_counter()
     done = 0
     with tqdm(
-        total=None
-        if remaining is None
-        else sum(min(args.shard_size, num_images - s * args.shard_size) for s in remaining),
+        total=to_do,
         unit="img",
         desc=f"tokenize [{state.process_index}/{state.num_processes}]",
         disable=not state.is_local_main_process,
