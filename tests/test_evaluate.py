@@ -9,10 +9,8 @@ from PIL import Image
 
 from conftest import tiny_model
 from vqrae import to_pil_images
-from vqrae.evaluate import EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE, evaluate, parse_args
+from vqrae.evaluate import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE, evaluate, parse_args
 from vqrae.training.model_card import read_eval_results
-
-GAP = 2  # pixels between the tiles of reconstructions.png
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +28,25 @@ def setup(tmp_path_factory):
     return root, model.eval(), photos
 
 
-def test_results_and_picture_from_a_folder(setup):
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each evaluation (and training run) builds its own Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_results_and_pictures_from_a_folder(setup):
     root, model, photos = setup
     output = root / "eval"
-    metrics = evaluate(
+    result = evaluate(
         parse_args(
             ["--model", str(root / "model"), "--validation_dir", str(photos), "--output_dir", str(output)]
             + ["--batch_size", "2", "--num_examples", "3", "--step", "7"]
         )
     )
+    metrics = result.metrics
     assert read_eval_results(output) == metrics  # the model card machinery accepts the file as written
     assert json.loads((output / EVAL_RESULTS_FILE).read_text()) == metrics
     assert metrics["num_images"] == 5 and metrics["image_size"] == 32 and metrics["step"] == 7
@@ -46,19 +54,49 @@ def test_results_and_picture_from_a_folder(setup):
     assert metrics["bits_per_image"] == pytest.approx(16 * np.log2(64000))
     assert 0 < metrics["used_codes"] <= 5 * 16 and metrics["rfid"] is None
     assert 1.0 <= metrics["perplexity"] <= metrics["used_codes"]
+    for name in (RECONSTRUCTIONS_FILE, CODEBOOK_USAGE_FILE):
+        assert Image.open(output / name).format == "PNG"
 
-    # Top row: the centre-cropped photos; bottom row: their reconstructions through the tokens.
-    picture = np.asarray(Image.open(output / RECONSTRUCTIONS_FILE))
-    assert picture.shape == (2 * 32 + GAP, 3 * 32 + 2 * GAP, 3)
+    # The pictured originals are the centre squares of the photos at the model's resolution (the broken file is
+    # skipped); the reconstructions are those of their tokens.
+    assert len(result.originals) == len(result.reconstructions) == 3
     original = Image.open(photos / "p1.png").convert("RGB")
     side = min(original.size)
     left, top = (original.width - side) // 2, (original.height - side) // 2
     original = original.resize((32, 32), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
-    np.testing.assert_array_equal(picture[:32, 34:66], np.asarray(original))
+    np.testing.assert_array_equal(np.asarray(result.originals[1]), np.asarray(original))
     pixel_values = model.get_image_processor()(images=[original], return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         reconstruction = model.decode_from_indices(model.encode(pixel_values).indices).reconstruction
-    np.testing.assert_array_equal(picture[34:, 34:66], np.asarray(to_pil_images(reconstruction)[0]))
+    np.testing.assert_array_equal(np.asarray(result.reconstructions[1]), np.asarray(to_pil_images(reconstruction)[0]))
+
+
+def test_reproduces_the_eval_results_of_a_training_run(tmp_path):
+    """vqrae-train a few steps on the tiny preset (built-in photos), then vqrae-evaluate its output folder on the
+    same held-out photos: the same figures, to the last digit."""
+    from conftest import TINY_VISION
+    from vqrae.training.args import parse_args as parse_train_args
+    from vqrae.training.trainer import train
+
+    run = tmp_path / "run"
+    sizes = [item for key, value in TINY_VISION.items() for item in (f"--{key}", str(value))]
+    train(
+        *parse_train_args(
+            ["--config", "tiny_cpu", *sizes, "--decoder_intermediate_size", "37", "--output_dir", str(run)]
+            + ["--max_steps", "3", "--per_device_train_batch_size", "4", "--warmup_steps", "1"]
+            + ["--eval_steps", "100", "--save_steps", "100", "--max_eval_samples", "12", "--disable_tqdm"]
+        )
+    )
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trained = json.loads((run / EVAL_RESULTS_FILE).read_text())
+    assert trained["step"] == 3 and trained["num_images"] == 12
+
+    output = tmp_path / "eval"
+    argv = ["--model", str(run), "--output_dir", str(output), "--max_eval_samples", "12", "--step", "3"]
+    assert evaluate(parse_args([*argv, "--batch_size", "5"])).metrics == trained
+    assert json.loads((output / EVAL_RESULTS_FILE).read_text()) == trained
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,9 @@ images, it reproduces a training run's `eval_results.json`.
 It writes to `--output_dir`:
 
     eval_results.json     the flat results object the model card reads (`vqrae.training.model_card`)
-    reconstructions.png   the first `--num_examples` images (top row) above their reconstructions (bottom row)
+    reconstructions.png   the first `--num_examples` images (top row) above their reconstructions, and the bicubic
+                          baseline of the same token grid (bottom row): the training run's picture
+    codebook_usage.png    how often each code is used on these images
 """
 
 from __future__ import annotations
@@ -27,12 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 logger = logging.getLogger(__name__)
 
 EVAL_RESULTS_FILE = "eval_results.json"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
+CODEBOOK_USAGE_FILE = "codebook_usage.png"
 
 
 @dataclass
@@ -114,29 +115,16 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     return EvaluateArguments(**vars(build_parser().parse_args(argv)))
 
 
-def reconstruction_grid(originals: list[Image.Image], reconstructions: list[Image.Image], gap: int = 2) -> Image.Image:
-    """One picture: `originals` side by side in the top row, their `reconstructions` below, on white."""
-    if len(originals) != len(reconstructions) or not originals:
-        raise ValueError(
-            "`originals` and `reconstructions` must be non-empty lists of the same length "
-            f"(got {len(originals)} and {len(reconstructions)})."
-        )
-    width, height = originals[0].size
-    grid = Image.new("RGB", (len(originals) * (width + gap) - gap, 2 * height + gap), "white")
-    for column, (original, reconstruction) in enumerate(zip(originals, reconstructions)):
-        grid.paste(original.convert("RGB"), (column * (width + gap), 0))
-        grid.paste(reconstruction.convert("RGB"), (column * (width + gap), height + gap))
-    return grid
-
-
-def evaluate(args: EvaluateArguments) -> dict:
-    """Evaluate `args.model` (in this process; one of several under `accelerate launch`) and write the results on
-    the main process. Returns the `eval_results.json` object."""
+def evaluate(args: EvaluateArguments):
+    """Evaluate `args.model` (in this process; one of several under `accelerate launch`) and write the results and
+    pictures on the main process. Returns the `vqrae.training.metrics.EvaluationResult` (its `metrics` are the
+    `eval_results.json` object)."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
     from .tokenize import load_model_and_processor
-    from .training.data import _processor_size, load_image_dataset, load_validation_images
+    from .training import plots
+    from .training.data import load_image_dataset, load_validation_images
     from .training.metrics import evaluate_model, save_eval_results
 
     accelerator = Accelerator()
@@ -150,15 +138,17 @@ def evaluate(args: EvaluateArguments) -> dict:
         streaming=args.streaming,
         revision=args.dataset_revision,
     )
+    # The same call as the training loop's, so the same images come out.
     validation = load_validation_images(
         dataset,
         image_column,
-        _processor_size(processor, None),
+        model.config.vision_config.image_size,
         dataset_name=args.dataset_label,
         dataset_split=args.split,
         max_samples=args.max_eval_samples,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
+        resample=int(processor.resample),
     )
     unreadable = sum(gather_object([validation.num_unreadable]))
     if unreadable:
@@ -178,19 +168,25 @@ def evaluate(args: EvaluateArguments) -> dict:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         save_eval_results(result.metrics, str(output_dir / EVAL_RESULTS_FILE))
-        if result.originals:
-            reconstruction_grid(result.originals, result.reconstructions).save(output_dir / RECONSTRUCTIONS_FILE)
+        plots.plot_reconstructions(
+            str(output_dir / RECONSTRUCTIONS_FILE),
+            result.originals,
+            result.reconstructions,
+            result.bicubic,
+            result.metrics,
+        )
+        plots.plot_codebook_usage(str(output_dir / CODEBOOK_USAGE_FILE), result.code_counts, result.metrics)
     accelerator.wait_for_everyone()
-    return result.metrics
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from accelerate import PartialState
 
-    metrics = evaluate(parse_args(argv))
+    result = evaluate(parse_args(argv))
     if PartialState().is_main_process:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(result.metrics, indent=2))
     return 0
 
 
