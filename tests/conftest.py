@@ -73,6 +73,48 @@ socket.socket.connect_ex = _guarded_connect_ex
 socket.create_connection = _guarded_create_connection
 socket.getaddrinfo = _guarded_getaddrinfo
 
+# Processes that tests start (CLIs, `accelerate launch`, the kill tests) get the same block from a sitecustomize.py
+# on PYTHONPATH, installed when their interpreter starts. The machine's own host name counts as local there, since
+# torchrun resolves it to set up its rendezvous.
+_SUBPROCESS_GUARD = """
+import socket
+
+_LOCAL_PREFIXES = ("127.", "::1", "localhost")
+_HOST_NAME = socket.gethostname()
+
+
+class NetworkBlockedError(RuntimeError):
+    pass
+
+
+def _is_local(address):
+    if isinstance(address, (str, bytes)):  # AF_UNIX path
+        return True
+    host = str(address[0]) if address else ""
+    return host in ("", _HOST_NAME) or host.startswith(_LOCAL_PREFIXES)
+
+
+def _guard(real, action, target_of):
+    def guarded(*args, **kwargs):
+        target = target_of(*args, **kwargs)
+        if target is not None and not _is_local(target):
+            raise NetworkBlockedError(f"Tests may not reach the network (tried to {action} {target!r}).")
+        return real(*args, **kwargs)
+
+    return guarded
+
+
+socket.socket.connect = _guard(socket.socket.connect, "connect to", lambda self, address, *a, **k: address)
+socket.socket.connect_ex = _guard(socket.socket.connect_ex, "connect to", lambda self, address, *a, **k: address)
+socket.create_connection = _guard(socket.create_connection, "connect to", lambda address, *a, **k: address)
+socket.getaddrinfo = _guard(socket.getaddrinfo, "resolve", lambda host, *a, **k: None if host is None else (host,))
+"""
+_GUARD_DIR = os.path.join(_SESSION_DIR, "network_guard")
+os.makedirs(_GUARD_DIR, exist_ok=True)
+with open(os.path.join(_GUARD_DIR, "sitecustomize.py"), "w") as _guard_file:
+    _guard_file.write(_SUBPROCESS_GUARD)
+os.environ["PYTHONPATH"] = os.pathsep.join(path for path in (_GUARD_DIR, os.environ.get("PYTHONPATH")) if path)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny configurations (hidden 32, 2 layers, 4 heads, odd intermediate size 37 to expose shape bugs)

@@ -334,6 +334,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
             **config_kwargs: fields of [`VQRAEConfig`] (`use_fsq`, `fsq_levels`, `use_post_quant_conv`, ...).
         """
         encoder_kwargs = dict(encoder_kwargs or {})
+        encoder_kwargs.setdefault("use_safetensors", True)  # never unpickle a `pytorch_model.bin`
         if "vision_config" in config_kwargs:
             raise ValueError("`vision_config` comes from the pretrained encoder; do not pass it to from_encoder_pretrained.")
         hub_kwargs = {
@@ -519,8 +520,10 @@ class VQRAEModel(VQRAEPreTrainedModel):
         Weights that do not match the configuration (a tensor missing from the checkpoint, an unexpected one, or
         one of another shape) raise a `ValueError` instead of being randomly initialised or dropped with a logged
         warning; pass `ignore_mismatched_sizes=True` to re-initialise tensors of another shape instead. A truncated
-        or corrupted `model.safetensors` raises an `OSError` that says so.
+        or corrupted `model.safetensors` raises an `OSError` that says so. Weights are read from safetensors only:
+        a pickled `pytorch_model.bin` is never opened unless `use_safetensors=False` is passed.
         """
+        kwargs.setdefault("use_safetensors", True)
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         try:
