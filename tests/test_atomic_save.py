@@ -177,3 +177,18 @@ def test_models_of_the_kill_test_differ(spec):
     # The kill test can only tell A from B (and catch a mix) if their configs and weights differ.
     other = MODEL_B if spec is MODEL_A else MODEL_A
     assert not _equals(_build(spec), _build(other))
+
+
+def test_save_over_a_model_without_an_atomic_exchange(tmp_path, monkeypatch):
+    # Where renameat2(RENAME_EXCHANGE) is missing (not Linux, or a filesystem without it), two renames do the swap.
+    import vqrae.modeling_vqrae as modeling
+
+    monkeypatch.setattr(modeling, "_exchange", lambda first, second: False)
+    folder = tmp_path / "model"
+    _build(MODEL_A).save_pretrained(folder)
+    (folder / "README.md").write_text("card\n")
+    model_b = _build(MODEL_B)
+    model_b.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "card\n"
+    assert _staging_leftovers(folder) == []
+    assert _equals(VQRAEModel.from_pretrained(folder), model_b)
