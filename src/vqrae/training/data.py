@@ -372,14 +372,21 @@ def load_image_dataset(
             dataset = dataset.to_iterable_dataset(num_shards=1)
         source = BUILTIN_DATASET_NAME
     else:
-        dataset = datasets.load_dataset(
-            dataset_name,
-            dataset_config_name,
-            split=split,
-            streaming=streaming,
-            cache_dir=cache_dir,
-            revision=revision,
-        )
+        try:
+            dataset = datasets.load_dataset(
+                dataset_name,
+                dataset_config_name,
+                split=split,
+                streaming=streaming,
+                cache_dir=cache_dir,
+                revision=revision,
+            )
+        except ValueError as error:
+            if "split" not in str(error).lower():
+                raise
+            raise ValueError(
+                f"{dataset_name!r} has no split {split!r} ({error}); choose one with --train_split/--validation_split."
+            ) from error
         source = dataset_name
 
     column = resolve_image_column(dataset, image_column)
@@ -404,21 +411,12 @@ def _train_crop(image: Image.Image, image_size: int, rng: np.random.Generator, s
     return crop
 
 
-class TrainingBatches(torch.utils.data.Dataset):
-    """Training batches of one process, from a map-style dataset; item `k` is the `k`-th micro-batch.
-
-    The global stream is an endless sequence of positions `0, 1, 2, ...`; position `p` is example
-    `perm_e[p mod n]` of epoch `e = p // n` (`perm_e` a permutation seeded by `(seed, e)`), cropped and flipped
-    with a generator seeded by `(seed, p)`. Micro-batch `k` of process `r` (of `W`) holds the positions
-    `k * B * W + r * B + [0, B)`, so all processes together see exactly the global batch a single process with
-    batch `B * W` would see. An unreadable image is replaced by the next one of the permutation (and counted).
-
-    Use it with `torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, end))`.
-    """
+class _TrainingCrops:
+    """What both training streams share: the crop settings, the image processor and the count of unreadable
+    images."""
 
     def __init__(
         self,
-        dataset,
         image_column: str,
         image_processor,
         *,
@@ -429,11 +427,7 @@ class TrainingBatches(torch.utils.data.Dataset):
         num_processes: int = 1,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         random_flip: bool = True,
-        cache_images: bool | None = None,
     ):
-        if len(dataset) == 0:
-            raise ValueError("The training dataset is empty: there are no images to train on.")
-        self.dataset = dataset
         self.image_column = image_column
         self.image_processor = image_processor
         self.image_size = _processor_size(image_processor, image_size)
@@ -445,6 +439,32 @@ class TrainingBatches(torch.utils.data.Dataset):
         self.crop_scale = tuple(crop_scale)
         self.random_flip = random_flip
         self.counter = ImageDecodeCounter()
+
+    def crop(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """A random resized crop of `image`, `image_size` square, randomly flipped."""
+        return _train_crop(image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample)
+
+    def pixel_values(self, crops: list[Image.Image]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": _pixel_values(self.image_processor, crops)}
+
+
+class TrainingBatches(_TrainingCrops, torch.utils.data.Dataset):
+    """Training batches of one process, from a map-style dataset; item `k` is the `k`-th micro-batch.
+
+    The global stream is an endless sequence of positions `0, 1, 2, ...`; position `p` is example
+    `perm_e[p mod n]` of epoch `e = p // n` (`perm_e` a permutation seeded by `(seed, e)`), cropped and flipped
+    with a generator seeded by `(seed, p)`. Micro-batch `k` of process `r` (of `W`) holds the positions
+    `k * B * W + r * B + [0, B)`, so all processes together see exactly the global batch a single process with
+    batch `B * W` would see. An unreadable image is replaced by the next one of the permutation (and counted).
+
+    Use it with `torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, end))`.
+    """
+
+    def __init__(self, dataset, image_column: str, image_processor, *, cache_images: bool | None = None, **crops):
+        if len(dataset) == 0:
+            raise ValueError("The training dataset is empty: there are no images to train on.")
+        super().__init__(image_column, image_processor, **crops)
+        self.dataset = dataset
         # Small datasets (the built-in photos) are decoded once and kept: decoding is most of the data cost.
         self.cache_images = len(dataset) <= 256 if cache_images is None else cache_images
         self._cache: dict[int, Image.Image | None] = {}
@@ -478,8 +498,7 @@ class TrainingBatches(torch.utils.data.Dataset):
         for attempt in range(n):
             image = self._image(permutation[(offset + attempt) % n])
             if image is not None:
-                rng = np.random.default_rng((self.seed, position))
-                return _train_crop(image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample)
+                return self.crop(image, np.random.default_rng((self.seed, position)))
         raise ValueError(f"None of the {n} training images can be read ({self.counter.examples[:3]}).")
 
     def positions(self, micro_batch: int) -> range:
@@ -487,11 +506,10 @@ class TrainingBatches(torch.utils.data.Dataset):
         return range(start, start + self.batch_size)
 
     def __getitem__(self, micro_batch: int) -> dict[str, torch.Tensor]:
-        crops = [self.example(position) for position in self.positions(micro_batch)]
-        return {"pixel_values": _pixel_values(self.image_processor, crops)}
+        return self.pixel_values([self.example(position) for position in self.positions(micro_batch)])
 
 
-class StreamingTrainingBatches(torch.utils.data.IterableDataset):
+class StreamingTrainingBatches(_TrainingCrops, torch.utils.data.IterableDataset):
     """Training batches of one process from a streamed (`IterableDataset`) source.
 
     Each process reads its own shard (`datasets.distributed.split_dataset_by_node`), shuffled with a buffer and
@@ -499,35 +517,14 @@ class StreamingTrainingBatches(torch.utils.data.IterableDataset):
     `(seed, process, example number)`. Unreadable images are skipped and counted.
     """
 
-    def __init__(
-        self,
-        dataset,
-        image_column: str,
-        image_processor,
-        *,
-        batch_size: int,
-        seed: int,
-        image_size: int | None = None,
-        process_index: int = 0,
-        num_processes: int = 1,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        random_flip: bool = True,
-        shuffle_buffer_size: int = 1000,
-    ):
+    def __init__(self, dataset, image_column: str, image_processor, *, shuffle_buffer_size: int = 1000, **crops):
         from datasets.distributed import split_dataset_by_node
 
-        shard = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-        self.dataset = shard.shuffle(seed=seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else shard
-        self.image_column = image_column
-        self.image_processor = image_processor
-        self.image_size = _processor_size(image_processor, image_size)
-        self.resample = _resample(image_processor)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.crop_scale = tuple(crop_scale)
-        self.random_flip = random_flip
-        self.counter = ImageDecodeCounter()
+        super().__init__(image_column, image_processor, **crops)
+        shard = split_dataset_by_node(dataset, rank=self.process_index, world_size=self.num_processes)
+        self.dataset = (
+            shard.shuffle(seed=self.seed, buffer_size=shuffle_buffer_size) if shuffle_buffer_size > 1 else shard
+        )
         self.start_example = 0
         self.examples_read = 0
 
@@ -553,10 +550,9 @@ class StreamingTrainingBatches(torch.utils.data.IterableDataset):
             image = _try_decode(value, self.counter)
             if image is None:
                 continue
-            rng = np.random.default_rng((self.seed, self.process_index, position))
-            crops.append(_train_crop(image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample))
+            crops.append(self.crop(image, np.random.default_rng((self.seed, self.process_index, position))))
             if len(crops) == self.batch_size:
-                yield {"pixel_values": _pixel_values(self.image_processor, crops)}
+                yield self.pixel_values(crops)
                 crops = []
 
 

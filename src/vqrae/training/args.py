@@ -1,0 +1,466 @@
+"""Options of `vqrae-train`, as dataclasses for `transformers.HfArgumentParser`.
+
+Options come from a YAML file (`--config`, a path or the name of a preset in `configs/`) overridden by the
+command line. Names follow `transformers.TrainingArguments` where one exists. The defaults are the built-in CPU
+run (`configs/tiny_cpu.yaml` spells them out): `vqrae-train` with no arguments trains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "QUANTIZER_PRESETS",
+    "VISION_PRESETS",
+    "VQRAETrainingArguments",
+    "load_config_file",
+    "options_to_dict",
+    "parse_args",
+    "preset_config_dir",
+]
+
+# Quantizers of the seed's three configurations (DESIGN.md), by name.
+QUANTIZER_PRESETS = {
+    "cosmos_fsq": {
+        "use_fsq": True,
+        "fsq_levels": [8, 8, 8, 5, 5, 5],
+        "use_post_quant_conv": True,
+        "post_quant_conv_kernel_size": 1,
+    },
+    "standard_fsq": {"use_fsq": True, "fsq_levels": [8, 8, 8], "use_post_quant_conv": False},
+    "vq": {"use_fsq": False, "num_embeddings": 16384, "use_post_quant_conv": False},
+}
+
+# SigLIP vision configs for a randomly initialised encoder, by name. `tiny` is the built-in CPU default.
+VISION_PRESETS = {
+    "tiny": {
+        "image_size": 64,
+        "patch_size": 8,
+        "hidden_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+    },
+    "small": {
+        "image_size": 224,
+        "patch_size": 16,
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
+    "base": {
+        "image_size": 256,
+        "patch_size": 16,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+}
+
+VISION_SIZE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+MODEL_CONFIG_FIELDS = (
+    "fsq_levels",
+    "num_embeddings",
+    "codebook_dim",
+    "commitment_cost",
+    "use_simvq",
+    "use_post_quant_conv",
+    "post_quant_conv_kernel_size",
+    "normalize_codes",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_intermediate_size",
+)
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "all")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+def _error(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"`{name}` must be {allowed} (got {value!r}).")
+
+
+def _check_positive_int(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(name, value, "a positive integer" + (" or None" if optional else ""))
+
+
+def _check_non_negative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise _error(name, value, "a finite number >= 0")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a pretrained SigLIP encoder, a VQRAE folder, or a randomly initialised encoder."""
+
+    encoder_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A pretrained SigLIP (or fixed-resolution SigLIP2) vision encoder: Hub id or folder."},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Start from a saved VQRAE folder (e.g. the output of stage 1), weights and config."},
+    )
+    vision_config: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A randomly initialised encoder: a named size ({', '.join(VISION_PRESETS)}) or a JSON file of "
+            "SigLIP vision config fields. Default: tiny."
+        },
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Overrides the vision config's image_size."})
+    patch_size: int | None = field(default=None, metadata={"help": "Overrides the vision config's patch_size."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Overrides the vision config's hidden_size."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "Overrides num_hidden_layers."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Overrides num_attention_heads."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "Overrides intermediate_size."})
+    quantizer: str | None = field(
+        default=None,
+        metadata={"help": f"Quantizer preset: {', '.join(QUANTIZER_PRESETS)} (default cosmos_fsq for a new model)."},
+    )
+    fsq_levels: list[int] | None = field(default=None, metadata={"help": "FSQ levels, e.g. 8 8 8 5 5 5."})
+    num_embeddings: int | None = field(default=None, metadata={"help": "VQ codebook size."})
+    codebook_dim: int | None = field(default=None, metadata={"help": "VQ code width (default: encoder width)."})
+    commitment_cost: float | None = field(default=None, metadata={"help": "VQ commitment loss weight."})
+    use_simvq: bool | None = field(default=None, metadata={"help": "SimVQ codebook for VQ."})
+    use_post_quant_conv: bool | None = field(default=None, metadata={"help": "Conv2d on the codes before decoding."})
+    post_quant_conv_kernel_size: int | None = field(default=None, metadata={"help": "Its (odd) kernel size."})
+    normalize_codes: bool | None = field(default=None, metadata={"help": "LayerNorm the codes before the decoder."})
+    decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (default: encoder's)."})
+    decoder_num_hidden_layers: int | None = field(
+        default=None, metadata={"help": "Decoder depth (default: encoder's)."}
+    )
+    decoder_num_attention_heads: int | None = field(default=None, metadata={"help": "Decoder heads."})
+    decoder_intermediate_size: int | None = field(default=None, metadata={"help": "Decoder MLP width."})
+
+    def __post_init__(self):
+        if self.encoder_name_or_path is not None and self.init_from is not None:
+            raise ValueError(
+                "Pass either `encoder_name_or_path` (a pretrained SigLIP encoder) or `init_from` (a VQRAE folder), "
+                f"not both (got {self.encoder_name_or_path!r} and {self.init_from!r})."
+            )
+        if self.quantizer is not None and self.quantizer not in QUANTIZER_PRESETS:
+            raise _error("quantizer", self.quantizer, f"one of {sorted(QUANTIZER_PRESETS)}")
+        if self.vision_config is not None:
+            if self.encoder_name_or_path is not None or self.init_from is not None:
+                raise ValueError(
+                    "`vision_config` describes a randomly initialised encoder; it cannot be combined with "
+                    "`encoder_name_or_path` or `init_from`, whose config is fixed."
+                )
+            if self.vision_config not in VISION_PRESETS and not os.path.isfile(self.vision_config):
+                raise _error(
+                    "vision_config", self.vision_config, f"one of {sorted(VISION_PRESETS)} or a JSON file of fields"
+                )
+        for name in VISION_SIZE_FIELDS:
+            _check_positive_int(name, getattr(self, name), optional=True)
+            if getattr(self, name) is not None and (self.encoder_name_or_path or self.init_from):
+                raise ValueError(
+                    f"`{name}` sets the size of a randomly initialised encoder; it cannot be combined with "
+                    "`encoder_name_or_path` or `init_from`, whose encoder is fixed."
+                )
+
+    def vision_config_dict(self) -> dict:
+        """The SigLIP vision config fields of a randomly initialised encoder (named size + overrides)."""
+        name = self.vision_config or "tiny"
+        if name in VISION_PRESETS:
+            fields = dict(VISION_PRESETS[name])
+        else:
+            with open(name, encoding="utf-8") as handle:
+                fields = json.load(handle)
+            if not isinstance(fields, dict):
+                raise _error("vision_config", name, "a JSON file holding an object of SigLIP vision config fields")
+        for key in VISION_SIZE_FIELDS:
+            if getattr(self, key) is not None:
+                fields[key] = getattr(self, key)
+        return fields
+
+    def config_kwargs(self, default_quantizer: str | None = "cosmos_fsq") -> dict:
+        """VQRAEConfig fields for the quantizer and the decoder: the quantizer preset (`quantizer`, else
+        `default_quantizer`), then every field given explicitly."""
+        preset = self.quantizer or default_quantizer
+        kwargs = dict(QUANTIZER_PRESETS[preset]) if preset is not None else {}
+        for name in MODEL_CONFIG_FIELDS:
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and how they are cut."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub dataset id; default (or 'builtin:photos'): the built-in photos of scikit-image/-learn."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder of training images (imagefolder)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A local folder of validation images."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset; each process reads its own shard."})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many images."})
+    min_crop_scale: float = field(
+        default=0.08, metadata={"help": "Smallest share of an image's area a random training crop covers."}
+    )
+    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flips of training crops."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (map-style data only)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and models."})
+
+    def __post_init__(self):
+        if self.train_dir is None and self.validation_dir is not None:
+            raise ValueError("`validation_dir` needs `train_dir` (local folders are used for both splits).")
+        if self.train_dir is not None and self.dataset_name is not None:
+            raise ValueError(
+                f"Pass either `dataset_name` or `train_dir`, not both (got {self.dataset_name!r} and "
+                f"{self.train_dir!r})."
+            )
+        _check_positive_int("shuffle_buffer_size", self.shuffle_buffer_size)
+        _check_positive_int("max_eval_samples", self.max_eval_samples, optional=True)
+        scale = self.min_crop_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise _error("min_crop_scale", scale, "a number in (0, 1]")
+        if isinstance(self.dataloader_num_workers, bool) or self.dataloader_num_workers < 0:
+            raise _error("dataloader_num_workers", self.dataloader_num_workers, "an integer >= 0")
+
+
+@dataclass
+class VQRAETrainingArguments:
+    """How to train: stage, losses, optimisation, checkpoints, evaluation, logging and publishing."""
+
+    output_dir: str = field(default="outputs/vqrae-tiny-cpu", metadata={"help": "Where the model and run files go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh in an output_dir that holds an earlier run."}
+    )
+    stage: int | None = field(
+        default=None,
+        metadata={
+            "help": "1: encoder frozen; 2: encoder trained with self-distillation towards its starting copy. "
+            "Default: 1 with a pretrained encoder or --init_from; a random encoder is trained jointly (no stage)."
+        },
+    )
+    max_steps: int = field(default=1200, metadata={"help": "Optimiser steps to train for."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers.get_scheduler name."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (accelerate autocast)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the initialisation and of the data stream."})
+    l1_weight: float = field(default=1.0, metadata={"help": "Weight of the L1 pixel loss."})
+    mse_weight: float = field(default=0.0, metadata={"help": "Weight of the MSE pixel loss."})
+    ssim_weight: float = field(default=0.0, metadata={"help": "Weight of the 1 - SSIM loss (torchmetrics)."})
+    quantizer_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the quantizer's own loss."})
+    distillation_weight: float = field(
+        default=1.0, metadata={"help": "Stage 2: weight of ||f(x) - f_teacher(x)||^2 on the encoder features."}
+    )
+    perceptual_weight: float = field(default=0.0, metadata={"help": "Weight of the LPIPS loss (needs local weights)."})
+    lpips_weights: str | None = field(
+        default=None, metadata={"help": "Folder holding vgg16-397923af.pth and LPIPS's vgg.pth (v0.1)."}
+    )
+    gan_weight: float = field(default=0.0, metadata={"help": "Weight of the patch-GAN loss (0: no GAN)."})
+    gan_start_step: int = field(default=0, metadata={"help": "Step from which the GAN loss is used."})
+    discriminator_learning_rate: float | None = field(
+        default=None, metadata={"help": "Discriminator learning rate (default: learning_rate)."}
+    )
+    discriminator_channels: int = field(default=64, metadata={"help": "Width of the first discriminator layer."})
+    discriminator_layers: int = field(default=3, metadata={"help": "Strided layers of the discriminator."})
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Keep an EMA of the weights with this decay; it is evaluated and saved."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the losses every this many steps."})
+    eval_steps: int = field(default=400, metadata={"help": "Evaluate every this many steps (and at the end)."})
+    save_steps: int = field(
+        default=200, metadata={"help": "Save a checkpoint every this many steps (and at the end)."}
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint folder."},
+    )
+    report_to: str = field(default="none", metadata={"help": f"Tracker: {', '.join(REPORT_TO)}."})
+    num_reconstructions: int = field(default=8, metadata={"help": "Validation images shown in reconstructions.png."})
+    inception_weights: str | None = field(
+        default=None, metadata={"help": "torch-fidelity Inception weights for rFID (default: torch hub cache)."}
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Publish the output folder at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository id 'org/name' to publish to."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Branch to publish to."})
+
+    def __post_init__(self):
+        if self.stage not in (None, 1, 2):
+            raise _error("stage", self.stage, "1 (encoder frozen), 2 (encoder trained with self-distillation) or None")
+        for name in (
+            "max_steps",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "discriminator_channels",
+            "discriminator_layers",
+        ):
+            _check_positive_int(name, getattr(self, name))
+        _check_positive_int("save_total_limit", self.save_total_limit, optional=True)
+        if isinstance(self.num_reconstructions, bool) or self.num_reconstructions < 0:
+            raise _error("num_reconstructions", self.num_reconstructions, "an integer >= 0")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise _error("warmup_steps", self.warmup_steps, "an integer >= 0")
+        if (
+            isinstance(self.gan_start_step, bool)
+            or not isinstance(self.gan_start_step, int)
+            or self.gan_start_step < 0
+        ):
+            raise _error("gan_start_step", self.gan_start_step, "an integer >= 0")
+        for name in (
+            "learning_rate",
+            "weight_decay",
+            "adam_epsilon",
+            "max_grad_norm",
+            "l1_weight",
+            "mse_weight",
+            "ssim_weight",
+            "quantizer_loss_weight",
+            "distillation_weight",
+            "perceptual_weight",
+            "gan_weight",
+        ):
+            _check_non_negative(name, getattr(self, name))
+        if not self.learning_rate > 0:
+            raise _error("learning_rate", self.learning_rate, "a number > 0")
+        if self.l1_weight + self.mse_weight + self.ssim_weight + self.perceptual_weight == 0:
+            raise ValueError(
+                "At least one reconstruction loss needs a positive weight (`l1_weight`, `mse_weight`, `ssim_weight` "
+                "or `perceptual_weight`; all are 0)."
+            )
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise _error(name, value, "a number in [0, 1)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise _error("ema_decay", self.ema_decay, "a number in (0, 1) or None")
+        if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
+            raise _error("discriminator_learning_rate", self.discriminator_learning_rate, "a number > 0 or None")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise _error("mixed_precision", self.mixed_precision, f"one of {list(MIXED_PRECISION)}")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise _error("lr_scheduler_type", self.lr_scheduler_type, f"one of {list(SCHEDULERS)}")
+        if self.report_to not in REPORT_TO:
+            raise _error("report_to", self.report_to, f"one of {list(REPORT_TO)}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id`, the repository to publish to ('org/name').")
+
+
+ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, VQRAETrainingArguments)
+
+
+def preset_config_dir() -> Path | None:
+    """The repository's `configs/` folder (next to `src/`), when vqrae runs from a source checkout."""
+    candidate = Path(__file__).resolve().parents[3] / "configs"
+    return candidate if candidate.is_dir() else None
+
+
+def _resolve_config_path(config: str) -> Path:
+    path = Path(config)
+    if path.is_file():
+        return path
+    folder = preset_config_dir()
+    presets = sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+    if folder is not None and config in presets:
+        return folder / f"{config}.yaml"
+    raise ValueError(
+        f"`config` must be a YAML file or the name of a preset in configs/ (got {config!r}; presets: {presets})."
+    )
+
+
+def load_config_file(config: str) -> dict:
+    """The options of a YAML config file (a path, or a preset name such as `cosmos_fsq`), checked against the
+    known option names."""
+    import yaml
+
+    path = _resolve_config_path(config)
+    with open(path, encoding="utf-8") as handle:
+        options = yaml.safe_load(handle) or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
+    known = {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"The config file {str(path)!r} has unknown options {unknown}.")
+    return options
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `[--config FILE_OR_PRESET] [--option value ...]` into the three argument dataclasses."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=None)
+    known, remaining = config_parser.parse_known_args(argv)
+
+    parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, prog="vqrae-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", default=None, help="A YAML file of options (or a preset name: cosmos_fsq, vq, ...)."
+    )
+    if known.config is not None:
+        parser.set_defaults(**load_config_file(known.config))
+    model_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(args=remaining)
+    return model_args, data_args, training_args
+
+
+def options_to_dict(model_args, data_args, training_args) -> dict:
+    """All options as one flat mapping (what `training_config.yaml` holds)."""
+    options = {}
+    for args in (model_args, data_args, training_args):
+        options.update(dataclasses.asdict(args))
+    return options

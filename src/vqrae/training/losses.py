@@ -1,0 +1,200 @@
+"""Training losses of a VQRAE tokenizer: pixel losses, SSIM, LPIPS, self-distillation and a patch-GAN.
+
+All image losses compare images in [0, 1] (the normalised pixels mapped back with the image processor's mean and
+std), in float32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LPIPS",
+    "VQRAEPatchDiscriminator",
+    "adaptive_gan_weight",
+    "discriminator_hinge_loss",
+    "generator_hinge_loss",
+    "reconstruction_losses",
+]
+
+
+def reconstruction_losses(
+    reconstruction: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    l1_weight: float = 1.0,
+    mse_weight: float = 0.0,
+    ssim_weight: float = 0.0,
+    perceptual_weight: float = 0.0,
+    perceptual: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """The weighted pixel losses between two image batches in [0, 1] (`(B, 3, H, W)`); terms with weight 0 are
+    not computed. Returns `{name: unweighted value}` and `"reconstruction"`, their weighted sum."""
+    reconstruction, target = reconstruction.float(), target.float()
+    terms, total = {}, reconstruction.new_zeros(())
+    if l1_weight > 0:
+        terms["l1"] = F.l1_loss(reconstruction, target)
+        total = total + l1_weight * terms["l1"]
+    if mse_weight > 0:
+        terms["mse"] = F.mse_loss(reconstruction, target)
+        total = total + mse_weight * terms["mse"]
+    if ssim_weight > 0:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        terms["ssim"] = 1 - structural_similarity_index_measure(reconstruction, target, data_range=1.0)
+        total = total + ssim_weight * terms["ssim"]
+    if perceptual_weight > 0:
+        if perceptual is None:
+            raise ValueError("`perceptual_weight` > 0 needs the `perceptual` (LPIPS) module.")
+        terms["lpips"] = perceptual(reconstruction, target).mean()
+        total = total + perceptual_weight * terms["lpips"]
+    terms["reconstruction"] = total
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LPIPS (VGG16), from local weights only
+# ---------------------------------------------------------------------------------------------------------------
+
+VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16
+LPIPS_WEIGHTS_FILE = "vgg.pth"  # the LPIPS v0.1 linear heads for VGG (richzhang/PerceptualSimilarity)
+# VGG16 `features` layers: channel widths, "M" for max-pooling. LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+_VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+_LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices in torchvision's vgg16().features of the ReLUs LPIPS reads
+
+
+def _find_lpips_weights(folder: str | None) -> tuple[str, str]:
+    candidates = [folder] if folder else [os.path.join(torch.hub.get_dir(), "checkpoints")]
+    try:  # the `lpips` package ships its linear heads inside the package
+        import lpips
+
+        candidates.append(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1"))
+    except ImportError:
+        pass
+    vgg = next(
+        (
+            os.path.join(c, VGG16_WEIGHTS_FILE)
+            for c in candidates
+            if c and os.path.isfile(os.path.join(c, VGG16_WEIGHTS_FILE))
+        ),
+        None,
+    )
+    heads = next(
+        (
+            os.path.join(c, LPIPS_WEIGHTS_FILE)
+            for c in candidates
+            if c and os.path.isfile(os.path.join(c, LPIPS_WEIGHTS_FILE))
+        ),
+        None,
+    )
+    if vgg is None or heads is None:
+        missing = [name for name, found in ((VGG16_WEIGHTS_FILE, vgg), (LPIPS_WEIGHTS_FILE, heads)) if found is None]
+        raise ValueError(
+            f"The perceptual loss (LPIPS) needs its weights locally, and {missing} were not found in {candidates}. "
+            "Nothing is downloaded during training: put torchvision's VGG16 weights "
+            f"({VGG16_WEIGHTS_FILE}) and the LPIPS v0.1 VGG heads ({LPIPS_WEIGHTS_FILE}) in one folder and pass "
+            "--lpips_weights FOLDER, or set --perceptual_weight 0."
+        )
+    return vgg, heads
+
+
+class LPIPS(nn.Module):
+    """LPIPS with a VGG16 backbone (Zhang et al., 2018), built in plain torch and loaded from local files.
+
+    Args:
+        weights_folder: a folder with `vgg16-397923af.pth` (torchvision's ImageNet VGG16) and `vgg.pth` (the LPIPS
+            v0.1 linear heads); default: the torch hub cache and the `lpips` package, if installed.
+    Inputs are images in [0, 1]; the output is the per-image distance `(B,)`.
+    """
+
+    def __init__(self, weights_folder: str | None = None):
+        super().__init__()
+        vgg_path, heads_path = _find_lpips_weights(weights_folder)
+        layers, channels = [], 3
+        for item in _VGG16_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, item, 3, padding=1), nn.ReLU(inplace=False)]
+                channels = item
+        self.features = nn.Sequential(*layers)
+        widths = (64, 128, 256, 512, 512)
+        self.heads = nn.ModuleList([nn.Conv2d(width, 1, 1, bias=False) for width in widths])
+        vgg_state = torch.load(vgg_path, map_location="cpu", weights_only=True)
+        features = {k[len("features.") :]: v for k, v in vgg_state.items() if k.startswith("features.")}
+        self.features.load_state_dict(features)
+        heads_state = torch.load(heads_path, map_location="cpu", weights_only=True)
+        for i, head in enumerate(self.heads):
+            head.weight.data.copy_(heads_state[f"lin{i}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        hidden, taps = (images * 2 - 1 - self.shift) / self.scale, []
+        for index, layer in enumerate(self.features):
+            hidden = layer(hidden)
+            if index in _LPIPS_TAPS:
+                taps.append(hidden / (hidden.norm(dim=1, keepdim=True) + 1e-10))
+        return taps
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        distance = images.new_zeros(images.shape[0])
+        for a, b, head in zip(self._taps(images.float()), self._taps(target.float()), self.heads):
+            distance = distance + head((a - b) ** 2).mean(dim=(1, 2, 3))
+        return distance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patch-GAN
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VQRAEPatchDiscriminator(nn.Module):
+    """A PatchGAN discriminator (Isola et al., 2017, as used by taming-transformers): strided 4x4 convolutions
+    with GroupNorm and LeakyReLU, one logit per overlapping patch. Inputs are images in [0, 1]."""
+
+    def __init__(self, channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, num_layers + 1):
+            next_width = channels * min(2**i, 8)
+            stride = 2 if i < num_layers else 1
+            layers += [
+                nn.Conv2d(width, next_width, 4, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(min(32, next_width // 4), next_width),
+                nn.LeakyReLU(0.2),
+            ]
+            width = next_width
+        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.layers = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images * 2 - 1)
+
+
+def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.mean()
+
+
+def adaptive_gan_weight(
+    reconstruction_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, maximum: float = 1e4
+) -> torch.Tensor:
+    """taming-transformers' balance: `||d rec / d last|| / (||d gan / d last|| + 1e-4)`, clamped and detached, so
+    the GAN gradient at the decoder's last layer has the size of the reconstruction gradient."""
+    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, maximum).detach()

@@ -1,0 +1,211 @@
+"""The training loop: presets, stages, the output folder, bad options. Tiny models, a few steps, built-in photos."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY_VISION, tiny_model
+from vqrae.training.args import parse_args, preset_config_dir
+from vqrae.training.trainer import latest_checkpoint, train
+
+# A tiny model (conftest's TINY_VISION) on 32-px crops of the built-in photos, evaluated on 8 validation images.
+TINY_SIZE_ARGS = [
+    *(item for key, value in TINY_VISION.items() for item in (f"--{key}", str(value))),
+    "--decoder_intermediate_size", "37",
+]  # fmt: skip
+TINY_RUN_ARGS = [
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "8",
+    "--max_eval_samples", "8",
+    "--num_reconstructions", "4",
+    "--warmup_steps", "1",
+    "--logging_steps", "1",
+    "--dataloader_num_workers", "0",
+    "--disable_tqdm",
+]  # fmt: skip
+RUN_FILES = (
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "modeling_vqrae.py",
+    "eval_results.json",
+    "metrics.jsonl",
+    "reconstructions.png",
+    "training_curves.png",
+    "codebook_usage.png",
+    "training_config.yaml",
+    "README.md",
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each run builds its own Accelerator (mixed precision differs between presets)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run(output_dir, *extra, config=None, max_steps=2, sizes=True):
+    """Train in this process; `sizes=False` leaves the model size to --init_from."""
+    argv = ([] if config is None else ["--config", config]) + (TINY_SIZE_ARGS if sizes else [])
+    argv += [*TINY_RUN_ARGS, "--output_dir", str(output_dir)]
+    argv += ["--max_steps", str(max_steps), "--eval_steps", "100", "--save_steps", "100", *extra]
+    return train(*parse_args(argv))
+
+
+def records(output_dir, kind="train"):
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["type"] == kind]
+
+
+def encoder_weights(folder):
+    return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith("encoder.")}
+
+
+@pytest.mark.parametrize("preset", ["cosmos_fsq", "standard_fsq", "vq", "tiny_cpu"])
+def test_each_preset_trains(preset, tmp_path):
+    metrics = run(tmp_path / preset, config=preset, max_steps=2)
+    assert metrics["step"] == 2 and metrics["num_images"] == 8 and metrics["image_size"] == 32
+    assert 0 < metrics["psnr"] < 60 and metrics["rfid"] is None
+    config = json.loads((tmp_path / preset / "config.json").read_text())
+    expected_fsq = yaml.safe_load((preset_config_dir() / f"{preset}.yaml").read_text()).get("quantizer") != "vq"
+    assert config["use_fsq"] is expected_fsq
+    assert [r["step"] for r in records(tmp_path / preset)] == [1, 2]
+
+
+def test_output_folder_loads_and_its_results_match_a_fresh_evaluation(tmp_path):
+    from transformers import AutoModel
+
+    from vqrae.training.data import load_image_dataset, load_validation_images
+    from vqrae.training.metrics import evaluate_model
+
+    output = tmp_path / "out"
+    run(output, "--report_to", "tensorboard", "--ema_decay", "0.9", "--eval_steps", "2", max_steps=3)
+    for name in RUN_FILES:
+        assert (output / name).is_file(), name
+    assert list((output / "runs").rglob("events.out.tfevents.*")), "tensorboard wrote no events"
+    assert [r["step"] for r in records(output, "eval")] == [2, 3]
+
+    model = AutoModel.from_pretrained(output)
+    assert type(model).__name__ == "VQRAEModel"
+    saved = json.loads((output / "eval_results.json").read_text())
+    dataset, column = load_image_dataset("validation")
+    images = load_validation_images(dataset, column, 32, dataset_name="builtin:photos", dataset_split="validation",
+                                    max_samples=8)  # fmt: skip
+    assert evaluate_model(model, images, step=3).metrics == saved
+
+    # training_config.yaml gives back every option of the run.
+    again = parse_args(["--config", str(output / "training_config.yaml")])
+    assert again[2].ema_decay == 0.9 and again[2].max_steps == 3 and again[0].hidden_size == 32
+    assert again[2].resume_from_checkpoint is None
+
+
+def test_stage1_keeps_the_encoder_bit_identical(tmp_path):
+    start = tmp_path / "start"
+    tiny_model(seed=3).save_pretrained(start)
+    output = tmp_path / "stage1"
+    run(output, "--init_from", str(start), "--stage", "1", max_steps=2, sizes=False)
+    before, after = encoder_weights(start), encoder_weights(output)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    decoder_before = load_file(str(start / "model.safetensors"))["decoder.out_proj.weight"]
+    assert not torch.equal(decoder_before, load_file(str(output / "model.safetensors"))["decoder.out_proj.weight"])
+
+
+def test_stage2_trains_the_encoder_with_distillation(tmp_path):
+    start = tmp_path / "start"
+    tiny_model(seed=4).save_pretrained(start)
+    output = tmp_path / "stage2"
+    run(output, "--init_from", str(start), "--stage", "2", "--learning_rate", "1e-2", max_steps=3, sizes=False)
+    before, after = encoder_weights(start), encoder_weights(output)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    distillation = [r["distillation"] for r in records(output)]
+    assert distillation[0] == 0.0 and distillation[-1] > 0  # the student leaves its teacher after the first step
+    assert set(load_file(str(output / "model.safetensors"))) == set(load_file(str(start / "model.safetensors")))
+
+
+def test_gan_and_ema_run(tmp_path):
+    output = tmp_path / "gan"
+    run(output, "--gan_weight", "0.5", "--gan_start_step", "1", "--ema_decay", "0.5", max_steps=2)
+    logged = records(output)
+    assert "generator" not in logged[0] and logged[1]["discriminator"] > 0 and logged[1]["gan_weight"] >= 0
+
+
+def test_defaults_are_the_tiny_cpu_preset():
+    assert parse_args([]) == parse_args(["--config", "tiny_cpu"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--config", "no_such_preset"], r"`config` must be a YAML file or the name of a preset .*'cosmos_fsq'"),
+        (["--quantizer", "lfq"], r"`quantizer` must be one of \['cosmos_fsq', 'standard_fsq', 'vq'\]"),
+        (["--vision_config", "huge"], r"`vision_config` must be one of"),
+        (["--stage", "3"], r"`stage` must be 1"),
+        (["--push_to_hub"], r"`push_to_hub` needs `hub_model_id`"),
+        (["--learning_rate", "-1"], r"`learning_rate` must be a finite number >= 0"),
+        (["--l1_weight", "0"], r"At least one reconstruction loss"),
+    ],
+)
+def test_bad_options_are_refused_when_parsed(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+
+
+def test_bad_runs_fail_early_with_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="`image_column` 'pixels' is not a column"):
+        run(tmp_path / "a", "--image_column", "pixels")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no images|is empty"):
+        run(tmp_path / "b", "--train_dir", str(empty), "--validation_dir", str(empty))
+    with pytest.raises(ValueError, match="Stage 2 .* needs a start model: pass --init_from"):
+        run(tmp_path / "c", "--stage", "2")
+    with pytest.raises(ValueError, match="perceptual loss \\(LPIPS\\) needs its weights locally"):
+        run(tmp_path / "d", "--perceptual_weight", "0.1", "--lpips_weights", str(tmp_path))
+    with pytest.raises(ValueError, match="must be 'latest' or a complete checkpoint folder"):
+        run(tmp_path / "e", "--resume_from_checkpoint", str(tmp_path))
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(tmp_path / "f")
+
+
+def test_latest_checkpoint_ignores_incomplete_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-2").mkdir(parents=True)
+    (root / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (root / ".incomplete-checkpoint-4").mkdir()  # a kill during the save of step 4
+    (root / "checkpoint-6").mkdir()  # no trainer_state.json: not complete
+    assert latest_checkpoint(str(tmp_path)) == str(root / "checkpoint-2")
+
+
+def test_lpips_loads_local_weights_and_measures_a_distance(tmp_path):
+    from torch import nn
+
+    from vqrae.training.losses import LPIPS, LPIPS_WEIGHTS_FILE, VGG16_WEIGHTS_FILE
+
+    torch.manual_seed(0)
+    layers, channels = [], 3
+    for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if width == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+            channels = width
+    vgg = {f"features.{key}": value for key, value in nn.Sequential(*layers).state_dict().items()}
+    torch.save(vgg, tmp_path / VGG16_WEIGHTS_FILE)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, width, 1, 1) for i, width in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp_path / LPIPS_WEIGHTS_FILE)
+
+    lpips = LPIPS(str(tmp_path))
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    assert torch.equal(lpips(images, images.detach()), torch.zeros(2))
+    distance = lpips(images, torch.rand(2, 3, 32, 32))
+    assert distance.shape == (2,) and (distance > 0).all()
+    distance.sum().backward()
+    assert images.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())

@@ -1,0 +1,108 @@
+"""Training in real processes: SIGKILL and resume, and two CPU processes under `accelerate launch`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training import TINY_RUN_ARGS, TINY_SIZE_ARGS, records, run
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+RESUME_ARGS = ["--max_steps", "6", "--save_steps", "1", "--save_total_limit", "2"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_sigkill_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    run(reference, *RESUME_ARGS[2:], max_steps=6)
+
+    killed = tmp_path / "killed"
+    argv = [sys.executable, str(TRAIN_SCRIPT), *TINY_SIZE_ARGS, *TINY_RUN_ARGS, *RESUME_ARGS, "--eval_steps", "100"]
+    process = subprocess.Popen([*argv, "--output_dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = killed / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:
+        # Kill as soon as the save of step 3 (or later) is under way: most often in the middle of writing it.
+        while time.monotonic() < deadline and process.poll() is None:
+            names = [p.name for p in checkpoints.iterdir()] if checkpoints.is_dir() else []
+            if any(name.endswith(("-3", "-4", "-5")) for name in names):
+                break
+            time.sleep(0.002)
+        assert process.poll() is None, f"the run ended before it could be killed: {process.stderr.read().decode()}"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists()
+
+    run(killed, *RESUME_ARGS[2:], "--resume_from_checkpoint", "latest", max_steps=6)
+    assert_same_weights(weights(reference), weights(killed))
+    assert [r["step"] for r in records(killed)] == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-5", "checkpoint-6"]
+    reference_eval = json.loads((reference / "eval_results.json").read_text())
+    assert json.loads((killed / "eval_results.json").read_text()) == reference_eval
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    single = tmp_path / "single"
+    run(single, "--per_device_train_batch_size", "4", max_steps=3)
+
+    two = tmp_path / "two"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+    ]  # fmt: skip
+    argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--per_device_train_batch_size", "2", "--max_steps", "3"]
+    argv += ["--eval_steps", "100", "--save_steps", "100", "--output_dir", str(two)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, str(TRAIN_SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # One output folder, written once; the same figures as one process with the same global batch.
+    assert [r["step"] for r in records(two)] == [1, 2, 3]
+    assert len(records(two, "eval")) == 1
+    one, both = (
+        json.loads((single / "eval_results.json").read_text()),
+        json.loads((two / "eval_results.json").read_text()),
+    )
+    assert both["num_images"] == one["num_images"] == 8
+    for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
+        assert both[key] == pytest.approx(one[key], abs=2e-3), key
+    a, b = weights(single), weights(two)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
+    losses_one, losses_two = [r["loss"] for r in records(single)], [r["loss"] for r in records(two)]
+    assert losses_two == pytest.approx(losses_one, rel=1e-4)
