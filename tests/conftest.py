@@ -130,8 +130,12 @@ TINY_VISION = {
 }
 
 SEED_PRESETS = {
-    "cosmos_fsq": {"use_fsq": True, "fsq_levels": [8, 8, 8, 5, 5, 5], "use_post_quant_conv": True,
-                   "post_quant_conv_kernel_size": 1},
+    "cosmos_fsq": {
+        "use_fsq": True,
+        "fsq_levels": [8, 8, 8, 5, 5, 5],
+        "use_post_quant_conv": True,
+        "post_quant_conv_kernel_size": 1,
+    },
     "standard_fsq": {"use_fsq": True, "fsq_levels": [8, 8, 8], "use_post_quant_conv": False},
     "vq": {"use_fsq": False, "num_embeddings": 16384},
 }

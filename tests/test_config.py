@@ -34,6 +34,11 @@ def test_seed_configurations_round_trip(name, tmp_path):
     assert type(reloaded.vision_config).__name__ == "SiglipVisionConfig"
 
 
+def test_transformers_keyword_arguments_still_pass():
+    config = tiny_config(output_hidden_states=True, num_labels=3)
+    assert config.output_hidden_states is True and config.num_labels == 3
+
+
 def test_pooling_head_is_always_off():
     config = VQRAEConfig(vision_config=dict(TINY_VISION, vision_use_head=True))
     assert config.vision_config.vision_use_head is False
@@ -61,19 +66,31 @@ def test_old_config_json_without_new_fields_loads(tmp_path):
         ({"post_quant_conv_kernel_size": -3}, ValueError, r"`post_quant_conv_kernel_size`.*got -3"),
         ({"num_embeddings": 1}, ValueError, r"`num_embeddings` must be an integer >= 2 \(got 1\)"),
         ({"codebook_dim": 0}, ValueError, r"`codebook_dim` must be an integer >= 1 or None"),
-        ({"commitment_cost": -0.1}, ValueError, r"`commitment_cost` must be a number >= 0"),
+        ({"commitment_cost": -0.1}, ValueError, r"`commitment_cost` must be a finite number >= 0"),
         ({"use_fsq": "yes"}, TypeError, r"`use_fsq` must be a bool"),
         ({"use_post_quant_conv": 1}, TypeError, r"`use_post_quant_conv` must be a bool"),
-        ({"decoder_hidden_size": 30, "decoder_num_attention_heads": 4}, ValueError,
-         r"`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` \(got 30 and 4\)"),
+        (
+            {"decoder_hidden_size": 30, "decoder_num_attention_heads": 4},
+            ValueError,
+            r"`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` \(got 30 and 4\)",
+        ),
         ({"decoder_num_hidden_layers": 0}, ValueError, r"`decoder_num_hidden_layers` must be an integer >= 1"),
         ({"decoder_hidden_act": "swishy"}, ValueError, r"`decoder_hidden_act` must be one of"),
-        ({"initializer_range": 0}, ValueError, r"`initializer_range` must be a number > 0"),
+        ({"initializer_range": 0}, ValueError, r"`initializer_range` must be a finite number > 0"),
         ({"encoder_name_or_path": 3}, TypeError, r"`encoder_name_or_path` must be a string"),
-        ({"vision_config": dict(TINY_VISION, image_size=30)}, ValueError,
-         r"`vision_config.image_size` must be a multiple of `vision_config.patch_size`"),
+        (
+            {"vision_config": dict(TINY_VISION, image_size=30)},
+            ValueError,
+            r"`vision_config.image_size` must be a multiple of `vision_config.patch_size`",
+        ),
         ({"vision_config": {"model_type": "clip_vision_model"}}, ValueError, r"must be a SigLIP vision config"),
         ({"vision_config": 5}, TypeError, r"`vision_config` must be a dict"),
+        ({"vision_config": dict(TINY_VISION, hidden_size="wide")}, TypeError, r"(?s)`vision_config`.*'hidden_size'"),
+        ({"vision_config": dict(TINY_VISION, num_channels=0)}, ValueError, r"`vision_config.num_channels`.*got 0"),
+        ({"commitment_cost": float("inf")}, ValueError, r"`commitment_cost` must be a finite number"),
+        ({"initializer_range": float("nan")}, ValueError, r"`initializer_range` must be a finite number > 0"),
+        ({"fsq_level": [8, 8]}, TypeError, r"unknown field `fsq_level`; did you mean `fsq_levels`"),
+        ({"use_post_quant": True}, TypeError, r"unknown field `use_post_quant`; did you mean `use_post_quant_conv`"),
     ],
 )
 def test_invalid_fields_are_named(overrides, error, match):

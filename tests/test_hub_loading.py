@@ -9,10 +9,10 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModel, SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from conftest import SEED_PRESETS, TINY_VISION, tiny_model
 from hub_cache import write_hub_cache
-from transformers import AutoModel, SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 from vqrae import VQRAEModel
 
 
@@ -28,12 +28,16 @@ def test_remote_code_loads_without_vqrae(preset, tmp_path):
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_vqrae.VQRAEConfig",
-                                  "AutoModel": "modeling_vqrae.VQRAEModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vqrae.VQRAEConfig",
+        "AutoModel": "modeling_vqrae.VQRAEModel",
+    }
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         out = model(x)
-    save_file({"x": x, "reconstruction": out.reconstruction, "indices": out.indices}, tmp_path / "expected.safetensors")
+    save_file(
+        {"x": x, "reconstruction": out.reconstruction, "indices": out.indices}, tmp_path / "expected.safetensors"
+    )
     script = textwrap.dedent(
         f"""
         import sys
@@ -53,8 +57,14 @@ def test_remote_code_loads_without_vqrae(preset, tmp_path):
         print("REMOTE-CODE-OK", type(model).__module__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_subprocess_env(),
-                            cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-CODE-OK" in result.stdout
 
@@ -71,8 +81,14 @@ def test_automodel_from_hub_cache_offline(tmp_path):
 
 
 def _tiny_siglip_text():
-    return {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 16}
+    return {
+        "vocab_size": 99,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 16,
+    }
 
 
 @pytest.mark.parametrize("checkpoint", ["full", "vision_only"])
@@ -85,8 +101,9 @@ def test_from_encoder_pretrained_through_the_hub_cache(checkpoint, tmp_path):
     siglip.save_pretrained(tmp_path / "siglip")
     repo_id = f"google/siglip-tiny-test-{checkpoint}".replace("-full", "")
     write_hub_cache(tmp_path / "siglip", repo_id)
-    model = VQRAEModel.from_encoder_pretrained(repo_id, use_fsq=True, fsq_levels=[8, 8, 8, 5, 5, 5],
-                                               use_post_quant_conv=True, decoder_intermediate_size=37)
+    model = VQRAEModel.from_encoder_pretrained(
+        repo_id, use_fsq=True, fsq_levels=[8, 8, 8, 5, 5, 5], use_post_quant_conv=True, decoder_intermediate_size=37
+    )
     assert model.config.encoder_name_or_path == repo_id
     assert model.config.vision_config.vision_use_head is False
     assert model.post_quant_conv is not None and model.codebook_size == 64000
@@ -95,7 +112,7 @@ def test_from_encoder_pretrained_through_the_hub_cache(checkpoint, tmp_path):
     encoder_state = model.encoder.state_dict()
     compared = 0
     for key, tensor in reference.items():
-        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = key[len(prefix) :] if key.startswith(prefix) else key
         if name in encoder_state:
             assert torch.equal(encoder_state[name], tensor), name
             compared += 1

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from conftest import SEED_PRESETS, tiny_model
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from vqrae import VQRAE, VQRAEConfig, VQRAEDecoderOutput, VQRAEEncoderOutput, VQRAEModel, VQRAEModelOutput
 
 PRESETS = sorted(SEED_PRESETS)
@@ -75,8 +75,14 @@ def test_save_and_load_round_trip(preset, tmp_path):
     model = tiny_model(**SEED_PRESETS[preset]).eval()
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_vqrae.py",
-            "modeling_vqrae.py", "quantizers.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "configuration_vqrae.py",
+        "modeling_vqrae.py",
+        "quantizers.py",
+    } <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert isinstance(reloaded, VQRAEModel) and not reloaded.training
@@ -119,8 +125,9 @@ def test_other_resolutions_follow_the_image():
         out = model(x)
         assert out.indices.shape == (1, 6, 3)
         assert out.reconstruction.shape == (1, 3, 48, 24)
-        torch.testing.assert_close(model.decode_from_indices(out.indices).reconstruction, out.reconstruction,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.decode_from_indices(out.indices).reconstruction, out.reconstruction, atol=1e-5, rtol=0
+        )
 
 
 def test_sdpa_and_eager_agree_and_checkpointing_matches():
@@ -168,8 +175,16 @@ def test_seed_example_runs_as_written():
 
 
 def test_config_kwargs_spelling_and_config_object_agree():
-    config = VQRAEConfig(vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
-                                        "num_attention_heads": 4, "image_size": 16, "patch_size": 8})
+    config = VQRAEConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 8,
+        }
+    )
     assert VQRAEModel(config).config.to_dict() == VQRAE(**config.to_dict()).config.to_dict()
 
 

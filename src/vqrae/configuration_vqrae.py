@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import math
+
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -121,8 +124,27 @@ class VQRAEConfig(PreTrainedConfig):
         if isinstance(self.vision_config, dict):
             self.vision_config = dict(self.vision_config)
             self.vision_config.setdefault("model_type", "siglip_vision_model")
-        super().__post_init__(**kwargs)
+        self._refuse_misspelt_fields(kwargs)
+        try:
+            super().__post_init__(**kwargs)
+        except Exception as error:
+            # SigLIP's strict dataclass raises huggingface_hub's StrictDataclassFieldValidationError (no TypeError).
+            if "StrictDataclass" not in type(error).__name__:
+                raise
+            raise TypeError(f"`vision_config` holds a field of the wrong type: {error}") from error
         self._validate_vqrae()
+
+    @classmethod
+    def _refuse_misspelt_fields(cls, kwargs: dict) -> None:
+        """Extra keyword arguments become plain attributes in transformers configs; one that is a near miss of a
+        VQRAE field (`fsq_level=`) is almost surely a typo that would otherwise be ignored silently."""
+        fields = [name for name in cls.__annotations__ if not name.startswith("_")]
+        for key in kwargs:
+            if key in fields:
+                continue
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+            if close:
+                raise TypeError(f"VQRAEConfig got an unknown field `{key}`; did you mean `{close[0]}`?")
 
     def _validate_vqrae(self) -> None:
         vision = self.vision_config
@@ -133,8 +155,12 @@ class VQRAEConfig(PreTrainedConfig):
             )
         if getattr(vision, "vision_use_head", False):
             # The attention-pooling head is never used by a tokenizer; under DDP an unused parameter is an error.
-            logger.info("Switching off the SigLIP attention-pooling head (`vision_use_head=False`): VQRAE never uses it.")
+            logger.info(
+                "Switching off the SigLIP attention-pooling head (`vision_use_head=False`): VQRAE never uses it."
+            )
             vision.vision_use_head = False
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
+            _check_int(f"vision_config.{name}", getattr(vision, name), 1)
         image_size, patch_size = vision.image_size, vision.patch_size
         if not _is_int(image_size) or not _is_int(patch_size) or patch_size < 1 or image_size % patch_size != 0:
             raise ValueError(
@@ -160,8 +186,8 @@ class VQRAEConfig(PreTrainedConfig):
         _check_int("num_embeddings", self.num_embeddings, 2)
         _check_int("codebook_dim", self.codebook_dim, 1, optional=True)
         cost = self.commitment_cost
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
-            raise ValueError(f"`commitment_cost` must be a number >= 0 (got {cost!r}).")
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < math.inf:
+            raise ValueError(f"`commitment_cost` must be a finite number >= 0 (got {cost!r}).")
         kernel = self.post_quant_conv_kernel_size
         if not _is_int(kernel) or kernel < 1 or kernel % 2 == 0:
             raise ValueError(
@@ -182,8 +208,8 @@ class VQRAEConfig(PreTrainedConfig):
                 f"`decoder_hidden_act` must be one of {sorted(ACT2FN)} (got {self.decoder_hidden_act!r})."
             )
         rng = self.initializer_range
-        if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not rng > 0:
-            raise ValueError(f"`initializer_range` must be a number > 0 (got {rng!r}).")
+        if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not 0 < rng < math.inf:
+            raise ValueError(f"`initializer_range` must be a finite number > 0 (got {rng!r}).")
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

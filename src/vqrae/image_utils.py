@@ -9,7 +9,9 @@ from PIL import Image
 __all__ = ["to_pil_images", "denormalize"]
 
 
-def denormalize(pixel_values: torch.Tensor, mean: float | list[float] = 0.5, std: float | list[float] = 0.5) -> torch.Tensor:
+def denormalize(
+    pixel_values: torch.Tensor, mean: float | list[float] = 0.5, std: float | list[float] = 0.5
+) -> torch.Tensor:
     """Undo the image processor's normalisation: `(B, C, H, W)` in the model's range -> `[0, 1]`, clamped."""
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).reshape(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).reshape(-1, 1, 1)

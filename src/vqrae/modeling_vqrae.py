@@ -204,7 +204,9 @@ class VQRAEDecoder(nn.Module):
         self.grid_size = vision.image_size // vision.patch_size
         self.in_proj = nn.Linear(vision.hidden_size, width)
         self.position_embedding = nn.Parameter(torch.empty(1, self.grid_size * self.grid_size, width))
-        self.layers = nn.ModuleList([VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers_resolved)])
+        self.layers = nn.ModuleList(
+            [VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers_resolved)]
+        )
         self.norm = nn.LayerNorm(width, eps=vision.layer_norm_eps)
         self.out_proj = nn.Linear(width, self.patch_size * self.patch_size * self.num_channels)
 
@@ -323,7 +325,9 @@ class VQRAEModel(VQRAEPreTrainedModel):
     # -- building from a pretrained SigLIP ------------------------------------------------------------------------
 
     @classmethod
-    def from_encoder_pretrained(cls, encoder_name_or_path: str, *, encoder_kwargs: dict | None = None, **config_kwargs):
+    def from_encoder_pretrained(
+        cls, encoder_name_or_path: str, *, encoder_kwargs: dict | None = None, **config_kwargs
+    ):
         """Build a VQRAE model around a pretrained SigLIP vision encoder; the rest is randomly initialised.
 
         Args:
@@ -336,7 +340,9 @@ class VQRAEModel(VQRAEPreTrainedModel):
         encoder_kwargs = dict(encoder_kwargs or {})
         encoder_kwargs.setdefault("use_safetensors", True)  # never unpickle a `pytorch_model.bin`
         if "vision_config" in config_kwargs:
-            raise ValueError("`vision_config` comes from the pretrained encoder; do not pass it to from_encoder_pretrained.")
+            raise ValueError(
+                "`vision_config` comes from the pretrained encoder; do not pass it to from_encoder_pretrained."
+            )
         hub_kwargs = {
             key: encoder_kwargs[key]
             for key in ("revision", "cache_dir", "local_files_only", "token", "trust_remote_code")
@@ -352,7 +358,9 @@ class VQRAEModel(VQRAEPreTrainedModel):
         vision_config = getattr(loaded_config, "vision_config", loaded_config)
         vision_config.vision_use_head = False
         config = VQRAEConfig(vision_config=vision_config, encoder_name_or_path=encoder_name_or_path, **config_kwargs)
-        encoder = SiglipVisionModel.from_pretrained(encoder_name_or_path, config=config.vision_config, **encoder_kwargs)
+        encoder = SiglipVisionModel.from_pretrained(
+            encoder_name_or_path, config=config.vision_config, **encoder_kwargs
+        )
         return cls(config, encoder=encoder)
 
     # -- input checks ----------------------------------------------------------------------------------------------
@@ -398,7 +406,9 @@ class VQRAEModel(VQRAEPreTrainedModel):
     def _encoder_is_frozen(self) -> bool:
         return not any(parameter.requires_grad for parameter in self.encoder.parameters())
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
+    ) -> torch.Tensor:
         """The continuous semantic features of the encoder, `(batch_size, h * w, hidden_size)`."""
         self._check_pixel_values(pixel_values)
         if interpolate_pos_encoding is None:
@@ -454,14 +464,18 @@ class VQRAEModel(VQRAEPreTrainedModel):
         output = VQRAEDecoderOutput(reconstruction=reconstruction)
         return output if self._use_return_dict(return_dict) else output.to_tuple()
 
-    def decode_from_indices(self, indices: torch.Tensor, return_dict: bool | None = None) -> VQRAEDecoderOutput | tuple:
+    def decode_from_indices(
+        self, indices: torch.Tensor, return_dict: bool | None = None
+    ) -> VQRAEDecoderOutput | tuple:
         """Token indices `(B, h, w)` to images `(B, C, h * p, w * p)`."""
         return self.decode(self.indices_to_codes(indices), return_dict=return_dict)
 
     # -- both ------------------------------------------------------------------------------------------------------
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> VQRAEModelOutput | tuple:
-        """Encode and decode: returns the reconstruction, the tokens, the codes, the features and the quantizer loss."""
+    def forward(
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs
+    ) -> VQRAEModelOutput | tuple:
+        """Encode and decode: the reconstruction, the tokens, the codes, the features and the quantizer loss."""
         if kwargs:
             raise TypeError(f"VQRAEModel.forward() got unexpected keyword arguments: {sorted(kwargs)}.")
         encoded = self.encode(pixel_values, return_dict=True)
