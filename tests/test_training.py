@@ -209,3 +209,17 @@ def test_lpips_loads_local_weights_and_measures_a_distance(tmp_path):
     assert distance.shape == (2,) and (distance > 0).all()
     distance.sum().backward()
     assert images.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())
+
+
+def test_random_states_round_trip_through_json():
+    import random
+
+    import numpy as np
+
+    from vqrae.training.trainer import _rng_state, _set_rng_state
+
+    state = json.loads(json.dumps(_rng_state()))
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    _set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from test_training import TINY_RUN_ARGS, TINY_SIZE_ARGS, records, run
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
-RESUME_ARGS = ["--max_steps", "6", "--save_steps", "1", "--save_total_limit", "2"]
+# EMA and a GAN from step 3: their states (EMA weights, discriminator, its optimiser) must survive the kill too.
+RESUME_ARGS = ["--max_steps", "6", "--save_steps", "1", "--save_total_limit", "2", "--ema_decay", "0.8"]
+RESUME_ARGS += ["--gan_weight", "0.1", "--gan_start_step", "3"]
 
 
 @pytest.fixture(autouse=True)

@@ -23,13 +23,16 @@ import copy
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from .args import DataArguments, ModelArguments, VQRAETrainingArguments, options_to_dict
 from .data import (
@@ -55,6 +58,7 @@ __all__ = ["CHECKPOINTS_DIR", "ExponentialMovingAverage", "build_model", "latest
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
+EMA_WEIGHTS_FILE = "ema_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 TRAINING_CONFIG_FILE = "training_config.yaml"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -130,7 +134,7 @@ def resolve_stage(stage: int | None, model_args: ModelArguments) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# EMA and run state (checkpointed through accelerator.register_for_checkpointing)
+# EMA and random states
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -152,25 +156,28 @@ class ExponentialMovingAverage:
             if shadow.dtype.is_floating_point:
                 shadow.lerp_(source[name].to(shadow.dtype), 1 - decay)
 
-    def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "decay": self.decay, "model": self.model.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.num_updates = state["num_updates"]
-        self.model.load_state_dict(state["model"])
+def _rng_state() -> dict:
+    """This process's Python, NumPy and torch (CPU and CUDA) random states, as JSON-able lists."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [generator.tolist() for generator in torch.cuda.get_rng_state_all()]
+    return state
 
 
-class _RunState:
-    """The step counter, checkpointed with the rest."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,12 +210,16 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _save_checkpoint(accelerator, output_dir: str, step: int, data_state: dict, total_limit: int | None) -> str:
-    """`accelerator.save_state` into a hidden folder, renamed `checkpoint-{step}` once complete.
+def _save_checkpoint(
+    accelerator, output_dir: str, step: int, *, scheduler, ema, data_state: dict, total_limit: int | None
+) -> str:
+    """Save everything a resume needs into a hidden folder, renamed `checkpoint-{step}` once complete.
 
-    accelerate's automatic checkpoint naming (`ProjectConfiguration(automatic_checkpoint_naming=True)`, whose
-    `iteration` must be set after `load_state`) writes straight into the final folder, so a kill during a save
-    would leave a checkpoint that looks complete; the folders are therefore named here, by step.
+    accelerate's `save_state` writes the models and optimisers (safetensors and `torch.save` of tensors); the rest
+    is written here without pickles: the scheduler, the step and each process's random states and data position as
+    JSON, the EMA weights as safetensors. accelerate's automatic checkpoint naming (whose `iteration` must be set
+    after `load_state`) writes straight into the final folder, so a kill during a save would leave a checkpoint that
+    looks complete; the folders are therefore named here, by step, and `trainer_state.json` is written last.
     """
     root = os.path.join(output_dir, CHECKPOINTS_DIR)
     final = os.path.join(root, f"checkpoint-{step}")
@@ -219,12 +230,16 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, data_state: dict, 
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary, safe_serialization=True)
-    with open(os.path.join(temporary, f"data_state_{accelerator.process_index}.json"), "w") as handle:
-        json.dump(data_state, handle)
+    with open(os.path.join(temporary, f"process_{accelerator.process_index}.json"), "w") as handle:
+        json.dump({"rng": _rng_state(), "data": data_state}, handle)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict()}
+        if ema is not None:
+            save_file(ema.model.state_dict(), os.path.join(temporary, EMA_WEIGHTS_FILE))
+            state["ema_num_updates"] = ema.num_updates
         with open(os.path.join(temporary, TRAINER_STATE_FILE), "w") as handle:
-            json.dump({"step": step, "num_processes": accelerator.num_processes}, handle)
+            json.dump(state, handle)
         if os.path.exists(final):
             _remove_tree(final)
         os.replace(temporary, final)  # atomic: the checkpoint appears complete or not at all
@@ -233,6 +248,27 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, data_state: dict, 
                 _remove_tree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dict]:
+    """Restore a checkpoint written by `_save_checkpoint`; returns the step and this process's data position."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
+        state = json.load(handle)
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if "ema_num_updates" not in state:
+            raise ValueError(f"The checkpoint {path!r} holds no EMA weights, but `ema_decay` is set.")
+        ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE), device=str(accelerator.device)))
+        ema.num_updates = state["ema_num_updates"]
+    process_file = os.path.join(path, f"process_{accelerator.process_index}.json")
+    data_state = {}
+    if os.path.isfile(process_file):
+        with open(process_file) as handle:
+            process_state = json.load(handle)
+        _set_rng_state(process_state["rng"])
+        data_state = process_state["data"]
+    return int(state["step"]), data_state
 
 
 def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -446,22 +482,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = ExponentialMovingAverage(unwrapped, args.ema_decay) if args.ema_decay is not None else None
-    run_state = _RunState()
-    # The scheduler is stepped once per optimiser step whatever the number of processes, so it is not prepared.
-    accelerator.register_for_checkpointing(scheduler, run_state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # The scheduler is stepped once per optimiser step whatever the number of processes, so it is not prepared;
+    # it is checkpointed with the EMA by `_save_checkpoint`.
+    global_step = 0
 
     metrics_path = os.path.join(args.output_dir, METRICS_FILE)
     if resume_path is not None:
-        accelerator.load_state(resume_path)
-        data_state_path = os.path.join(resume_path, f"data_state_{accelerator.process_index}.json")
-        if data_args.streaming and os.path.isfile(data_state_path):
-            with open(data_state_path) as handle:
-                batches.start_example = json.load(handle)["examples_read"]
-        logger.info("Resumed from %s at step %d.", resume_path, run_state.step)
+        global_step, data_state = _load_checkpoint(accelerator, resume_path, scheduler=scheduler, ema=ema)
+        if data_args.streaming and data_state.get("examples_read") is not None:
+            batches.start_example = data_state["examples_read"]
+        logger.info("Resumed from %s at step %d.", resume_path, global_step)
     if accelerator.is_main_process:
-        _truncate_metrics(metrics_path, run_state.step)
+        _truncate_metrics(metrics_path, global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_yaml(os.path.join(args.output_dir, TRAINING_CONFIG_FILE), options)
@@ -469,7 +501,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
         accelerator.init_trackers("vqrae", config=_tracker_config(options))
 
     accumulation = args.gradient_accumulation_steps
-    start_step = run_state.step
+    start_step = global_step
     if data_args.streaming:
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
     else:
@@ -504,6 +536,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
         write_record({"type": "eval", **result.metrics})
         accelerator.log({f"eval/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))}, step=step)
         return result
+
+    def save(step: int) -> None:
+        data_state = {"examples_read": getattr(batches, "examples_read", None), "step": step}
+        _save_checkpoint(
+            accelerator,
+            args.output_dir,
+            step,
+            scheduler=scheduler,
+            ema=ema,
+            data_state=data_state,
+            total_limit=args.save_total_limit,
+        )
 
     progress = tqdm(
         total=args.max_steps,
@@ -573,18 +617,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
             discriminator_optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(unwrapped)
-        run_state.step = step + 1
+        global_step = step + 1
         window_steps += 1
         progress.update(1)
 
-        if run_state.step % args.logging_steps == 0 or run_state.step == args.max_steps:
+        if global_step % args.logging_steps == 0 or global_step == args.max_steps:
             means = {name: total / window_steps for name, total in sums.items()}
             reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
             means = dict(zip(means, reduced.tolist()))
             elapsed = time.perf_counter() - window_start
             record = {
                 "type": "train",
-                "step": run_state.step,
+                "step": global_step,
                 **means,
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -596,25 +640,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
                 / elapsed,
             }
             write_record(record)
-            accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=run_state.step)
+            accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=global_step)
             progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
             sums, window_start, window_steps = {}, time.perf_counter(), 0
 
-        if run_state.step % args.eval_steps == 0 and run_state.step < args.max_steps:
-            metrics = evaluate(run_state.step).metrics
+        if global_step % args.eval_steps == 0 and global_step < args.max_steps:
+            metrics = evaluate(global_step).metrics
             progress.write(
-                f"step {run_state.step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
+                f"step {global_step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
                 f"(bicubic {metrics['bicubic_psnr']:.2f} dB, {metrics['bicubic_ssim']:.3f}), "
                 f"codebook use {metrics['codebook_utilization']:.1%}"
             )
-        if run_state.step % args.save_steps == 0 or run_state.step == args.max_steps:
-            data_state = {"examples_read": getattr(batches, "examples_read", None), "step": run_state.step}
-            _save_checkpoint(accelerator, args.output_dir, run_state.step, data_state, args.save_total_limit)
-            last_saved = run_state.step
+        if global_step % args.save_steps == 0 or global_step == args.max_steps:
+            save(global_step)
+            last_saved = global_step
     progress.close()
-    if last_saved != run_state.step:  # resumed from the final checkpoint, or max_steps lowered: keep one at the end
-        data_state = {"examples_read": getattr(batches, "examples_read", None), "step": run_state.step}
-        _save_checkpoint(accelerator, args.output_dir, run_state.step, data_state, args.save_total_limit)
+    if last_saved != global_step:  # resumed from the final checkpoint, or max_steps lowered: keep one at the end
+        save(global_step)
 
     counts = torch.tensor([batches.counter.unreadable, validation.num_unreadable], device=accelerator.device)
     unreadable_train, unreadable_validation = accelerator.reduce(counts, "sum").tolist()
@@ -625,7 +667,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
             batches.counter.examples[:3],
             unreadable_validation,
         )
-    result = evaluate(run_state.step)
+    result = evaluate(global_step)
     if accelerator.is_main_process:
         _write_outputs(args, ema.model if ema is not None else unwrapped, result, metrics_path)
     accelerator.wait_for_everyone()
