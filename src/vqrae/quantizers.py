@@ -406,9 +406,11 @@ class VQRAEVectorQuantizer(nn.Module):
         codebook_t = codebook.t()
         chunk = max(1, self.max_distance_elements // self.num_embeddings)
         indices = torch.empty(vectors.shape[0], dtype=torch.int64, device=vectors.device)
+        # One distance buffer for every chunk: a fresh 64 MiB matrix per chunk is page-faulted in again each time.
+        buffer = vectors.new_empty(min(chunk, vectors.shape[0]), codebook.shape[0])
         for start in range(0, vectors.shape[0], chunk):
             block = vectors[start : start + chunk]
-            distances = torch.addmm(codebook_sq, block, codebook_t, beta=1.0, alpha=-2.0)
+            distances = torch.addmm(codebook_sq, block, codebook_t, beta=1.0, alpha=-2.0, out=buffer[: block.shape[0]])
             indices[start : start + chunk] = distances.argmin(dim=1)
         return indices
 
