@@ -1,0 +1,167 @@
+"""Shared helpers of the benchmark scripts: the machine line, alternating timings, peak resident memory, and the
+section of bench/BENCHMARKS.md each script (re)writes.
+
+Timings: every compared callable runs once as a warm-up, then `repeats` rounds in which each runs once, in an order
+that rotates from round to round, so a slow spell of the machine hits every side alike; the figure is the median.
+Peak memory: the process's resident-set high-water mark (`VmHWM`), reset through `/proc/self/clear_refs` before the
+measured call, so both sides of a comparison are measured in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+BENCHMARKS_MD = BENCH_DIR / "BENCHMARKS.md"
+
+_HEADER = """# vqrae benchmarks
+
+Each section below is written by one script in `bench/` (rerunning a script replaces its own section). Every
+section names the machine and the exact command; timings are medians after a warm-up, and the two sides of every
+comparison run in the same process, alternating. A load average above the core count at the start means other
+work shared the CPU: such figures are marked noisy.
+"""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip() + ("+dirty src" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def machine_line(start_load: float | None = None) -> str:
+    """CPU model, cores, threads, torch version, accelerator, commit, and how busy the machine was."""
+    cores = os.cpu_count()
+    load = load_average() if start_load is None else start_load
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU lent to this run (CPU only)"
+    noisy = f" -- NOISY: load average {load:.1f} on {cores} cores at the start" if load > 0.5 * cores else ""
+    return (
+        f"{cpu_model()}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, {gpu}, vqrae {git_commit()}, load average {load:.1f}{noisy}"
+    )
+
+
+def command_line() -> str:
+    """The command that ran this script, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(BENCH_DIR.parent)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable: `warmup` untimed rounds, then `repeats` rounds of one call each, in a
+    rotating order."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(time_once(fns[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _vm_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def peak_rss_mib(fn: Callable[[], object]) -> tuple[float, float]:
+    """Run `fn` once; returns (peak resident MiB of the process during the call, rise of that peak over the
+    resident size just before the call). Linux only (the high-water mark is reset through /proc/self/clear_refs)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap memory back first, so the rise counts the call's own memory, not recycled pages
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan"), float("nan")
+    before = _vm_kib("VmRSS")
+    result = fn()
+    peak = _vm_kib("VmHWM")
+    del result
+    return peak / 1024, (peak - before) / 1024
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(key: str, title: str, body: str, start_load: float, path: Path = BENCHMARKS_MD) -> str:
+    """Print the section and put it in BENCHMARKS.md, replacing this script's previous section (marked by
+    `key`) in place, or appending it when there is none."""
+    section = (
+        f"<!-- {key}:start -->\n## {title}\n\n"
+        f"Machine: {machine_line(start_load)}\n\n"
+        f"Command: `{command_line()}`\n\n{body.strip()}\n<!-- {key}:end -->\n"
+    )
+    print(section)
+    text = path.read_text() if path.exists() else _HEADER
+    pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->\n", re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    return section
+
+
+def fmt_rate(value: float) -> str:
+    """A rate in a compact form: 1.23M, 45.6k, 789."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
