@@ -1,0 +1,157 @@
+"""Training throughput and memory of the tiny CPU preset: joint vs stage 1 vs stage 2, one vs two CPU processes.
+
+    python bench/bench_training.py                  # 6 runs x 2 rounds of 40 steps (~5 min on 2 cores)
+    python bench/bench_training.py --steps 20 --rounds 1 --no-write
+
+Each run is `vqrae-train --config tiny_cpu` (the built-in default: random tiny encoder, 64-px crops of the
+built-in photos, batch 32, FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv) for `--steps` optimiser steps:
+
+- joint: the randomly initialised encoder trained with the rest (what `vqrae-train` does with no arguments);
+- stage 1: `--init_from` a saved tiny model, `--stage 1`: encoder frozen (run without a graph);
+- stage 2: `--init_from` the same model, `--stage 2`: encoder trained, plus the frozen teacher copy for
+  self-distillation;
+
+each in one process (`python -m vqrae.training.cli`, torch's default threads) and in two CPU processes
+(`accelerate launch --multi_gpu --num_processes 2` with `ACCELERATE_USE_CPU=1`, one thread each, 16 images per
+process so the global batch stays 32). images/s is the median of the trainer's own `images_per_second` windows in
+metrics.jsonl after the first (warm-up) window; peak memory is sampled every 0.1 s over the whole process tree
+(the launcher and both workers). Runs alternate: the second round goes in reverse order; the table gives the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import load_average, markdown_table, run_and_sample_memory, write_section
+
+from vqrae import VQRAEConfig, VQRAEModel
+from vqrae.training.args import QUANTIZER_PRESETS, VISION_PRESETS
+
+MODES = ("joint", "stage 1", "stage 2")
+
+
+def save_start_model(folder: Path) -> str:
+    """A randomly initialised tiny model (as `vqrae-train` builds it) for `--init_from`."""
+    torch.manual_seed(0)
+    vision = dict(VISION_PRESETS["tiny"], vision_use_head=False)
+    VQRAEModel(VQRAEConfig(vision_config=vision, **QUANTIZER_PRESETS["cosmos_fsq"])).save_pretrained(folder)
+    return str(folder)
+
+
+def command(mode: str, processes: int, output_dir: Path, start_model: str, steps: int, batch_size: int):
+    options = [
+        "--config", "tiny_cpu", "--output_dir", str(output_dir), "--overwrite_output_dir", "true",
+        "--max_steps", str(steps), "--logging_steps", str(max(1, steps // 4)), "--eval_steps", str(10 * steps),
+        "--save_steps", str(10 * steps), "--max_eval_samples", "8", "--num_reconstructions", "0",
+        "--disable_tqdm", "true", "--per_device_train_batch_size", str(batch_size // processes),
+    ]  # fmt: skip
+    if mode != "joint":
+        options += ["--init_from", start_model, "--stage", mode[-1]]
+    env = dict(os.environ)
+    if processes == 1:
+        return [sys.executable, "-m", "vqrae.training.cli", *options], env
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vqrae.training.cli",
+    ]  # fmt: skip
+    return launcher + options, env
+
+
+def images_per_second(metrics_path: Path) -> float:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rates = [r["images_per_second"] for r in records if r.get("type") == "train"]
+    if not rates:
+        raise RuntimeError(f"No training records in {metrics_path}.")
+    return statistics.median(rates[1:] or rates)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all runs, every other one reversed")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    start_load = load_average()
+
+    runs = [(mode, processes) for mode in MODES for processes in (1, 2)]
+    results: dict[tuple, list] = {run: [] for run in runs}
+    with tempfile.TemporaryDirectory(prefix="vqrae-bench-training-") as tmp:
+        start_model = save_start_model(Path(tmp) / "start")
+        for round_index in range(args.rounds):
+            for mode, processes in runs if round_index % 2 == 0 else runs[::-1]:
+                output_dir = Path(tmp) / f"{mode.replace(' ', '')}-{processes}"
+                cmd, env = command(mode, processes, output_dir, start_model, args.steps, args.batch_size)
+                log = open(Path(tmp) / "log.txt", "w")  # noqa: SIM115
+                code, wall, peak_sum, peak_single = run_and_sample_memory(cmd, env=env, stdout=log, stderr=log)
+                log.close()
+                if code != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{(Path(tmp) / 'log.txt').read_text()[-3000:]}")
+                rate = images_per_second(output_dir / "metrics.jsonl")
+                results[(mode, processes)].append((rate, peak_sum, peak_single, wall))
+                print(mode, processes, f"{rate:.1f} images/s, peak {peak_sum:.0f} MiB, {wall:.1f} s", flush=True)
+
+    def mean(run, column):
+        return statistics.mean(sample[column] for sample in results[run])
+
+    rows = []
+    for mode, processes in runs:
+        rate = mean((mode, processes), 0)
+        rows.append(
+            [
+                mode,
+                processes,
+                f"{args.batch_size // processes} x {processes}",
+                f"{rate:.1f}",
+                " / ".join(f"{sample[0]:.1f}" for sample in results[(mode, processes)]),
+                f"{rate / mean((mode, 1), 0):.2f}x",
+                f"{mean((mode, processes), 1):.0f}",
+                f"{mean((mode, processes), 2):.0f}",
+                f"{mean((mode, processes), 3):.1f}",
+            ]
+        )
+    header = [
+        "mode",
+        "processes",
+        "batch",
+        "images/s (mean)",
+        "images/s per round",
+        "vs 1 process",
+        "peak RSS MiB (all processes)",
+        "peak RSS MiB (largest process)",
+        "wall s (incl. start-up, eval)",
+    ]
+    joint, stage1, stage2 = (mean((mode, 1), 0) for mode in MODES)
+    speedups = [mean((mode, 2), 0) / mean((mode, 1), 0) for mode in MODES]
+    memory = [mean((mode, 2), 1) / mean((mode, 1), 1) for mode in MODES]
+    verdict = (
+        f"- One process: stage 1 (encoder frozen) trains at {stage1:.0f} images/s, {stage1 / joint:.2f}x the "
+        f"joint run's {joint:.0f}; stage 2 (encoder trained, plus the teacher's forward pass) at {stage2:.0f} "
+        f"images/s, {stage2 / joint:.2f}x joint.\n"
+        f"- Two CPU processes on this {os.cpu_count()}-core machine: {min(speedups):.2f}x to {max(speedups):.2f}x "
+        f"the one-process throughput, with {min(memory):.2f}x to {max(memory):.2f}x the memory (each process "
+        "holds the model, optimiser and data). "
+        + (
+            "Two processes beat one here: one process's threads do not keep both cores busy."
+            if min(speedups) > 1.1
+            else "On these cores one process's threads already use the machine: two processes buy no speed."
+        )
+        + "\n"
+    )
+    body = markdown_table(header, rows) + "\n\n" + verdict
+    if args.no_write:
+        print(body)
+    else:
+        write_section("bench_training", "5. Training throughput and memory (tiny preset)", body, start_load)
+
+
+if __name__ == "__main__":
+    main()
