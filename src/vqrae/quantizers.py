@@ -402,7 +402,10 @@ class VQRAEVectorQuantizer(nn.Module):
         codebook = (self.codebook if codebook is None else codebook).float()
         vectors = vectors.float()
         # argmin ||x - e||^2 = argmin (||e||^2 - 2 x.e): the ||x||^2 term is the same for every code.
-        codebook_sq = codebook.pow(2).sum(dim=1)
+        # Row blocks of at most `max_distance_elements` numbers: `codebook.pow(2)` at once would be a temporary as
+        # large as the codebook (96 MiB for 16384 x 1536), more than one chunk's distance matrix.
+        rows = max(1, self.max_distance_elements // codebook.shape[1])
+        codebook_sq = torch.cat([block.pow(2).sum(dim=1) for block in codebook.split(rows)])
         codebook_t = codebook.t()
         chunk = max(1, self.max_distance_elements // self.num_embeddings)
         indices = torch.empty(vectors.shape[0], dtype=torch.int64, device=vectors.device)
