@@ -24,13 +24,15 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS_MD = BENCH_DIR / "BENCHMARKS.md"
+# The order of the sections in BENCHMARKS.md, whichever script runs first.
+SECTION_ORDER = ["bench_fsq", "bench_breakdown", "bench_e2e", "bench_vq_search", "bench_training", "bench_quality"]
 
 _HEADER = """# vqrae benchmarks
 
 Each section below is written by one script in `bench/` (rerunning a script replaces its own section). Every
 section names the machine and the exact command; timings are medians after a warm-up, and the two sides of every
-comparison run in the same process, alternating. A load average above the core count at the start means other
-work shared the CPU: such figures are marked noisy.
+comparison run in the same process, alternating. A load average above half the core count at the start means
+other work shared the CPU: such figures are marked NOISY.
 """
 
 
@@ -153,8 +155,14 @@ def write_section(key: str, title: str, body: str, start_load: float, path: Path
     pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->\n", re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
+    else:  # before the first section that comes later in SECTION_ORDER, else at the end
+        later = SECTION_ORDER[SECTION_ORDER.index(key) + 1 :] if key in SECTION_ORDER else []
+        positions = [text.find(f"<!-- {other}:start -->") for other in later]
+        positions = [position for position in positions if position >= 0]
+        if positions:
+            text = text[: min(positions)] + section + "\n" + text[min(positions) :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
     return section
 
@@ -165,3 +173,37 @@ def fmt_rate(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.3g}"
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        pids.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    except OSError:
+        return 0
+    return int(match.group(1)) if match else 0
+
+
+def run_and_sample_memory(command: list[str], env: dict | None = None, interval: float = 0.1, **popen_kwargs):
+    """Run `command` to completion, sampling the resident memory of its whole process tree every `interval`
+    seconds. Returns (return code, wall seconds, peak MiB of the tree's sum, peak MiB of its largest process)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, **popen_kwargs)
+    peak_sum = peak_single = 0
+    while process.poll() is None:
+        sizes = [_rss_kib(pid) for pid in _process_tree(process.pid)]
+        peak_sum, peak_single = max(peak_sum, sum(sizes)), max(peak_single, max(sizes, default=0))
+        time.sleep(interval)
+    return process.returncode, time.perf_counter() - start, peak_sum / 1024, peak_single / 1024

@@ -137,9 +137,11 @@ def verdict(rows: list[dict]) -> str:
         lines.append("- Goal missed on: " + "; ".join(missed) + ".")
         lines.append(
             "- Why: at dim 768/1152 both quantizers spend nearly all their time in the same two `nn.Linear` GEMMs "
-            "(project_in reads `tokens x dim`, project_out writes it, K = 6 being a poor shape for BLAS); we keep "
-            "their bits identical to vector-quantize-pytorch's so the indices match, and the GEMM column shows the "
-            "best ratio that leaves. The grid arithmetic itself (dim 6 rows) is where our changes show."
+            "(project_in reads `tokens x dim`, project_out writes it, K = 6 being a poor shape for BLAS; in the "
+            "profile below `aten::copy_` is addmm writing the bias into its fresh output, i.e. the first touch of "
+            "its pages); we keep their bits identical to vector-quantize-pytorch's so the indices match, and the "
+            "GEMM column shows the best ratio that leaves. The grid arithmetic itself (dim 6 rows) is where our "
+            "changes show."
         )
     return "\n".join(lines)
 

@@ -122,13 +122,6 @@ def training_clock(records: list[dict]) -> list[tuple[int, float]]:
     return clock
 
 
-def seconds_at(clock: list[tuple[int, float]], step: int) -> float:
-    for (step0, time0), (step1, time1) in zip(clock, clock[1:]):
-        if step0 <= step <= step1:
-            return time0 + (time1 - time0) * (step - step0) / max(1, step1 - step0)
-    return clock[-1][1]
-
-
 def calibrate(variant: str, tmp: Path, steps: int) -> float:
     output_dir = tmp / f"calibrate-{variant}"
     options = ["--max_steps", str(steps), "--logging_steps", str(steps // 2), "--eval_steps", str(10 * steps),
@@ -149,7 +142,9 @@ def spread_cell(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def plot_curves(runs: dict, path: Path) -> None:
+def plot_curves(runs: dict, rates: dict, path: Path) -> None:
+    """Training L1 and validation PSNR against training time at each variant's calibrated speed (step / steps per
+    second), so that a spell of other work on the machine does not bend the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,21 +155,20 @@ def plot_curves(runs: dict, path: Path) -> None:
     for color_index, variant in enumerate(VARIANTS):
         seeds = sorted(seed for (name, seed) in runs if name == variant)
         for seed_index, result in enumerate(runs[(variant, seed)] for seed in seeds):
-            clock = training_clock(result["records"])
             train = [r for r in result["records"] if r.get("type") == "train"]
             evals = [r for r in result["records"] if r.get("type") == "eval"]
             style = dict(color=f"C{color_index}", linestyle="-" if seed_index == 0 else "--", linewidth=1)
             label = f"{variant}: {VARIANTS[variant][0]}" if seed_index == 0 else None
-            loss_axis.plot(
-                [seconds_at(clock, r["step"]) for r in train], [r["l1"] for r in train], label=label, **style
-            )
-            psnr_axis.plot([seconds_at(clock, r["step"]) for r in evals], [r["psnr"] for r in evals], marker="o",
-                           markersize=3, **style)  # fmt: skip
+            seconds = [r["step"] / rates[variant] for r in train]
+            loss_axis.plot(seconds, [r["l1"] for r in train], label=label, **style)
+            seconds = [r["step"] / rates[variant] for r in evals]
+            psnr_axis.plot(seconds, [r["psnr"] for r in evals], marker="o", markersize=3, **style)
             bicubic = result["final"]["bicubic_psnr"]
     if bicubic is not None:
         psnr_axis.axhline(bicubic, color="grey", linestyle=":", label="bicubic thumbnail")
-    loss_axis.set(xlabel="training seconds", ylabel="training L1", yscale="log", title="training loss")
-    psnr_axis.set(xlabel="training seconds", ylabel="PSNR (dB)", title="held-out photos (solid/dashed: seeds)")
+    xlabel = "training seconds (step / calibrated steps per second)"
+    loss_axis.set(xlabel=xlabel, ylabel="training L1", yscale="log", title="training loss")
+    psnr_axis.set(xlabel=xlabel, ylabel="PSNR (dB)", title="held-out photos (solid/dashed: seeds)")
     loss_axis.legend(fontsize=7)
     psnr_axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
@@ -209,9 +203,10 @@ def verdict(summary: dict) -> str:
     for key in ("d", "d-simvq"):
         if key in summary:
             used = summary[key]["used_codes"]
+            collapsed = statistics.mean(used) < 0.01 * 16384
             lines.append(
-                f"- {VARIANTS[key][0]}: {statistics.mean(used):.0f} of 16384 codes in use on the held-out photos, "
-                f"{statistics.mean(summary[key]['psnr']):.2f} dB."
+                f"- {VARIANTS[key][0]}: {statistics.mean(used):.0f} of 16384 codes in use on the held-out photos"
+                f"{' (collapsed)' if collapsed else ''}, {statistics.mean(summary[key]['psnr']):.2f} dB."
             )
     if {"a", CONTINUOUS} <= summary.keys():
         delta, noise, _ = compare(CONTINUOUS, "a")
@@ -244,11 +239,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="vqrae-bench-quality-") as scratch:
         tmp = Path(args.keep or scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        steps = {}
+        steps, rates = {}, {}
         for variant in args.variants:
-            rate = calibrate(variant, tmp, args.calibration_steps)
-            steps[variant] = max(20, round(args.budget * rate))
-            print(f"calibration {variant}: {rate:.2f} steps/s -> {steps[variant]} steps", flush=True)
+            rates[variant] = calibrate(variant, tmp, args.calibration_steps)
+            steps[variant] = max(20, round(args.budget * rates[variant]))
+            print(f"calibration {variant}: {rates[variant]:.2f} steps/s -> {steps[variant]} steps", flush=True)
         runs = {}
         for seed_index, seed in enumerate(args.seeds):
             for variant in args.variants if seed_index % 2 == 0 else args.variants[::-1]:
@@ -291,18 +286,21 @@ def main(argv=None):
                 if continuous
                 else f"{finals[0]['bits_per_image']:.0f}",
                 steps[variant],
+                f"{rates[variant]:.2f}",
                 spread_cell([training_clock(r["records"])[-1][1] for r in results], 0),
             ]
         )
     first = runs[(args.variants[0], args.seeds[0])]["final"]
     rows.append([
         "bicubic thumbnail (same token grid)", f"{first['bicubic_psnr']:.2f}", f"{first['bicubic_ssim']:.3f}", "-",
-        "-", f"{first['bicubic_bits_per_image']:.0f}", "-", "-",
+        "-", f"{first['bicubic_bits_per_image']:.0f}", "-", "-", "-",
     ])  # fmt: skip
-    header = ["variant", "PSNR dB", "SSIM", "codebook use", "perplexity", "bits/image", "steps", "train s"]
+    header = ["variant", "PSNR dB", "SSIM", "codebook use", "perplexity", "bits/image", "steps",
+              "calibrated steps/s", "train s measured"]  # fmt: skip
     body = (
-        f"Budget {args.budget:.0f} training seconds per run, seeds {args.seeds}; cells are mean (min-max over "
-        f"seeds). {first['num_images']} held-out photos, {first['image_size']} px.\n\n"
+        f"Budget {args.budget:.0f} training seconds per run at each variant's calibrated speed (so every seed of a "
+        f"variant trains the same steps; the measured seconds show how busy the machine was), seeds {args.seeds}; "
+        f"cells are mean (min-max over seeds). {first['num_images']} held-out photos, {first['image_size']} px.\n\n"
         + markdown_table(header, rows)
         + "\n\n"
         + verdict(summary)
@@ -310,7 +308,7 @@ def main(argv=None):
     if args.no_write:
         print(body)
     else:
-        plot_curves(runs, CURVES_PNG)
+        plot_curves(runs, rates, CURVES_PNG)
         body += f"\n![training and validation curves]({CURVES_PNG.name})\n"
         write_section("bench_quality", "6. Quality at an equal wall-clock budget", body, start_load)
     return 0

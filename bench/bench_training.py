@@ -146,6 +146,16 @@ def main(argv=None):
         )
         + "\n"
     )
+    spread = max(
+        (max(sample[0] for sample in samples) - min(sample[0] for sample in samples))
+        / statistics.mean(sample[0] for sample in samples)
+        for samples in results.values()
+    )
+    if spread > 0.2:
+        verdict += (
+            f"- Caution: the rounds of one run differ by up to {100 * spread:.0f} % (other work on the machine), so "
+            "the comparisons above are within the noise; rerun on a quiet machine.\n"
+        )
     body = markdown_table(header, rows) + "\n\n" + verdict
     if args.no_write:
         print(body)

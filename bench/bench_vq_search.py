@@ -84,15 +84,18 @@ def main(argv=None):
         "same indices as vqrae",
     ]
     chunked, full = "vqrae chunked", "full matmul"
+
+    def versus(other: str) -> str:
+        change = 100 * (times[chunked] / times[other] - 1)
+        return f"{abs(change):.0f} % {'more' if change > 0 else 'less'} time than {other} ({times[other]:.2f} s)"
+
     verdict = (
         f"- {args.tokens} tokens against {args.num_embeddings} x {args.codebook_dim} codes: the chunked search "
-        f"takes {times[chunked]:.2f} s against {times[full]:.2f} s for the full matmul "
-        f"({times[full] / times[chunked]:.2f}x) and {times['torch.cdist']:.2f} s for torch.cdist "
-        f"({times['torch.cdist'] / times[chunked]:.2f}x), while its peak memory rises by {memory[chunked][1]:.0f} MiB "
-        f"against {memory[full][1]:.0f} MiB and {memory['torch.cdist'][1]:.0f} MiB: the same GEMM work, in "
-        f"{matrix_mib[full] / matrix_mib[chunked]:.0f}x less memory.\n"
+        f"({times[chunked]:.2f} s) takes {versus(full)} and {versus('torch.cdist')}, while its peak memory rises by "
+        f"{memory[chunked][1]:.0f} MiB against {memory[full][1]:.0f} and {memory['torch.cdist'][1]:.0f} MiB: the "
+        f"same GEMM work with a {matrix_mib[full] / matrix_mib[chunked]:.0f}x smaller distance matrix.\n"
         f"- Indices agree with the full matmul on {100 * agree[full]:.3f} % of tokens and with torch.cdist on "
-        f"{100 * agree['torch.cdist']:.3f} % (a different rounding of near-ties can pick another equally near code)."
+        f"{100 * agree['torch.cdist']:.3f} % (a different rounding of a near-tie can pick another, equally near code)."
     )
     body = markdown_table(header, rows) + "\n\n" + verdict + "\n"
     if args.no_write:
