@@ -223,3 +223,22 @@ def test_random_states_round_trip_through_json():
     _set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_unreadable_images_are_skipped_and_counted_through_a_worker(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split, count in (("train", 4), ("validation", 3)):
+        folder = tmp_path / split
+        folder.mkdir()
+        for i in range(count):
+            array = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(array).save(folder / f"{i}.png")
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    output = tmp_path / "out"
+    folders = ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "validation")]
+    metrics = run(output, *folders, "--dataloader_num_workers", "1", max_steps=3)
+    assert metrics["num_images"] == 3 and metrics["dataset_name"] == str(tmp_path / "validation")
+    (data,) = records(output, "data")
+    assert data["unreadable_train"] >= 1 and data["unreadable_validation"] == 1

@@ -45,10 +45,10 @@ VISION_PRESETS = {
     "tiny": {
         "image_size": 64,
         "patch_size": 8,
-        "hidden_size": 192,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 3,
-        "intermediate_size": 768,
+        "hidden_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
     },
     "small": {
         "image_size": 224,
@@ -67,6 +67,12 @@ VISION_PRESETS = {
         "intermediate_size": 3072,
     },
 }
+
+# VQRAEConfig fields that come with a named size (for a randomly initialised model only); explicit options win.
+# The tiny CPU model decodes with 3 blocks after a 1-block encoder (decoding is the harder half: it must turn 16 bits
+# per patch back into 192 pixel values) and mixes neighbouring codes with a 3x3 post_quant_conv, which gives the
+# decoder the context for smooth patch borders from the first step.
+SIZE_PRESET_MODEL_FIELDS = {"tiny": {"decoder_num_hidden_layers": 3, "post_quant_conv_kernel_size": 3}}
 
 VISION_SIZE_FIELDS = (
     "image_size",
@@ -206,11 +212,14 @@ class ModelArguments:
                 fields[key] = getattr(self, key)
         return fields
 
-    def config_kwargs(self, default_quantizer: str | None = "cosmos_fsq") -> dict:
+    def config_kwargs(self, default_quantizer: str | None = "cosmos_fsq", size_preset: bool = False) -> dict:
         """VQRAEConfig fields for the quantizer and the decoder: the quantizer preset (`quantizer`, else
-        `default_quantizer`), then every field given explicitly."""
+        `default_quantizer`), with `size_preset` the fields of the named size (`SIZE_PRESET_MODEL_FIELDS`), then
+        every field given explicitly."""
         preset = self.quantizer or default_quantizer
         kwargs = dict(QUANTIZER_PRESETS[preset]) if preset is not None else {}
+        if size_preset:
+            kwargs.update(SIZE_PRESET_MODEL_FIELDS.get(self.vision_config or "tiny", {}))
         for name in MODEL_CONFIG_FIELDS:
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
@@ -243,7 +252,9 @@ class DataArguments:
         default=0.08, metadata={"help": "Smallest share of an image's area a random training crop covers."}
     )
     random_flip: bool = field(default=True, metadata={"help": "Random horizontal flips of training crops."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (map-style data only)."})
+    dataloader_num_workers: int = field(
+        default=1, metadata={"help": "DataLoader worker processes preparing batches (map-style data only)."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and models."})
 
     def __post_init__(self):
@@ -278,18 +289,18 @@ class VQRAETrainingArguments:
             "Default: 1 with a pretrained encoder or --init_from; a random encoder is trained jointly (no stage)."
         },
     )
-    max_steps: int = field(default=1200, metadata={"help": "Optimiser steps to train for."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per process."})
+    max_steps: int = field(default=3000, metadata={"help": "Optimiser steps to train for."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers.get_scheduler name."})
-    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up steps."})
+    warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps."})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (accelerate autocast)."})
     seed: int = field(default=42, metadata={"help": "Seed of the initialisation and of the data stream."})
     l1_weight: float = field(default=1.0, metadata={"help": "Weight of the L1 pixel loss."})
@@ -313,11 +324,18 @@ class VQRAETrainingArguments:
     ema_decay: float | None = field(
         default=None, metadata={"help": "Keep an EMA of the weights with this decay; it is evaluated and saved."}
     )
+    torch_num_threads: int | None = field(
+        default=1,
+        metadata={
+            "help": "CPU threads of torch in each process (None: torch's default, one per core). On a small machine, "
+            "one compute thread plus a data worker beats threads that spin-wait for a busy core."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     logging_steps: int = field(default=10, metadata={"help": "Log the losses every this many steps."})
-    eval_steps: int = field(default=400, metadata={"help": "Evaluate every this many steps (and at the end)."})
+    eval_steps: int = field(default=500, metadata={"help": "Evaluate every this many steps (and at the end)."})
     save_steps: int = field(
-        default=200, metadata={"help": "Save a checkpoint every this many steps (and at the end)."}
+        default=500, metadata={"help": "Save a checkpoint every this many steps (and at the end)."}
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: str | None = field(
@@ -351,6 +369,7 @@ class VQRAETrainingArguments:
         ):
             _check_positive_int(name, getattr(self, name))
         _check_positive_int("save_total_limit", self.save_total_limit, optional=True)
+        _check_positive_int("torch_num_threads", self.torch_num_threads, optional=True)
         if isinstance(self.num_reconstructions, bool) or self.num_reconstructions < 0:
             raise _error("num_reconstructions", self.num_reconstructions, "an integer >= 0")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

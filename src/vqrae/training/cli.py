@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if is_main else logging.WARNING,
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+    for noisy in ("accelerate", "httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .trainer import train
 

@@ -445,7 +445,14 @@ class _TrainingCrops:
         return _train_crop(image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample)
 
     def pixel_values(self, crops: list[Image.Image]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": _pixel_values(self.image_processor, crops)}
+        """The batch: `pixel_values`, and `num_unreadable`, the images this copy of the stream skipped so far, with
+        `worker`, the DataLoader worker it runs in (-1: the main process), so the count survives worker processes."""
+        worker = torch.utils.data.get_worker_info()
+        return {
+            "pixel_values": _pixel_values(self.image_processor, crops),
+            "num_unreadable": torch.tensor(self.counter.unreadable),
+            "worker": torch.tensor(-1 if worker is None else worker.id),
+        }
 
 
 class TrainingBatches(_TrainingCrops, torch.utils.data.Dataset):
@@ -571,6 +578,8 @@ class ValidationImages:
             processes gives the same figures.
         num_unreadable: images of this process's share that could not be read (skipped).
         dataset_name, dataset_split, image_size: where the images come from and their size.
+        total: how many examples of the split were read, over all processes (unreadable ones included); `None`
+            for a streamed split. Example pictures are spread over this range.
     """
 
     images: list[Image.Image]
@@ -579,6 +588,7 @@ class ValidationImages:
     dataset_name: str
     dataset_split: str
     image_size: int
+    total: int | None = None
 
 
 def load_validation_images(
@@ -597,7 +607,7 @@ def load_validation_images(
     example, starting at `process_index`), each cut to its largest centred square and resized (bicubic) to
     `image_size`. Unreadable images are skipped and counted."""
     counter = ImageDecodeCounter()
-    images, indices = [], []
+    images, indices, total = [], [], None
     if hasattr(dataset, "__len__"):
         total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
         rows = ((i, dataset[i]) for i in range(process_index, total, num_processes))
@@ -618,4 +628,5 @@ def load_validation_images(
         dataset_name=dataset_name,
         dataset_split=dataset_split,
         image_size=image_size,
+        total=total,
     )

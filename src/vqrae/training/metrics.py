@@ -73,8 +73,9 @@ class EvaluationResult:
     Args:
         metrics: the flat `eval_results.json` object (keys `EVAL_RESULT_KEYS`).
         code_counts: how often each code was used over the validation tokens, `(codebook_size,)` int64.
-        originals, reconstructions, bicubic: the first `num_examples` validation images (by index), their
-            reconstructions and their bicubic baselines, as 8-bit RGB PIL images (main process only; else empty).
+        originals, reconstructions, bicubic: `num_examples` validation images spread evenly over the split (the
+            first ones when its size is unknown), their reconstructions and their bicubic baselines, as 8-bit RGB
+            PIL images (main process only; else empty).
     """
 
     metrics: dict
@@ -174,6 +175,10 @@ def evaluate_model(
             os.path.join(torch.hub.get_dir(), "checkpoints"),
         )
 
+    if validation.total is not None and validation.total > num_examples:
+        wanted = {i * validation.total // num_examples for i in range(num_examples)}
+    else:
+        wanted = set(range(num_examples))
     records = []  # (index, psnr, ssim, bicubic_psnr, bicubic_ssim, token indices)
     examples = {}  # index -> (original, reconstruction, bicubic)
     grid = None
@@ -210,7 +215,7 @@ def evaluate_model(
                         tokens[i].cpu().numpy(),
                     )
                 )
-                if index < num_examples:
+                if index in wanted:
                     examples[index] = (original8[i], reconstruction8[i], bicubic8[i])
         rfid = None
         if fid is not None:

@@ -106,16 +106,15 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
             )
             raise ValueError(f"Options contradict the model of `init_from` {model_args.init_from!r} ({details}).")
         return model
-    config_kwargs = model_args.config_kwargs()
     if model_args.encoder_name_or_path is not None:
         return VQRAEModel.from_encoder_pretrained(
             model_args.encoder_name_or_path,
             encoder_kwargs={"dtype": torch.float32, "cache_dir": cache_dir},
-            **config_kwargs,
+            **model_args.config_kwargs(),
         )
     vision = model_args.vision_config_dict()
     vision.setdefault("vision_use_head", False)
-    return VQRAEModel(VQRAEConfig(vision_config=vision, **config_kwargs))
+    return VQRAEModel(VQRAEConfig(vision_config=vision, **model_args.config_kwargs(size_preset=True)))
 
 
 def resolve_stage(stage: int | None, model_args: ModelArguments) -> str:
@@ -376,6 +375,16 @@ def _datasets(data_args: DataArguments):
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
     """Train a VQRAE tokenizer and write its output folder. Returns the final evaluation (`eval_results.json`)."""
+    threads = torch.get_num_threads()
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
+    try:
+        return _train(model_args, data_args, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -417,7 +426,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
         stage,
         model_args.init_from
         or model_args.encoder_name_or_path
-        or f"random {model_args.vision_config or 'tiny'} encoder",
+        or f"random {model_args.vision_config or 'tiny'} model",
         trainable / 1e6,
         sum(p.numel() for p in model.parameters()) / 1e6,
         image_size,
@@ -557,12 +566,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
         dynamic_ncols=True,
     )
     sums: dict[str, float] = {}
+    unreadable_by_worker: dict[int, int] = {}
     window_start, window_steps = time.perf_counter(), 0
     last_saved = start_step if resume_path is not None else None
     for step in range(start_step, args.max_steps):
         gan_active = discriminator is not None and step >= args.gan_start_step
         for micro in range(accumulation):
-            pixel_values = next(batch_iterator)["pixel_values"].to(accelerator.device)
+            batch = next(batch_iterator)
+            unreadable_by_worker[int(batch["worker"])] = int(batch["num_unreadable"])
+            pixel_values = batch["pixel_values"].to(accelerator.device)
             sync_context = contextlib.ExitStack()
             if micro < accumulation - 1:
                 sync_context.enter_context(accelerator.no_sync(model))
@@ -658,13 +670,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrain
     if last_saved != global_step:  # resumed from the final checkpoint, or max_steps lowered: keep one at the end
         save(global_step)
 
-    counts = torch.tensor([batches.counter.unreadable, validation.num_unreadable], device=accelerator.device)
+    unreadable_train = sum(unreadable_by_worker.values())
+    counts = torch.tensor([unreadable_train, validation.num_unreadable], device=accelerator.device)
     unreadable_train, unreadable_validation = accelerator.reduce(counts, "sum").tolist()
+    write_record(
+        {
+            "type": "data",
+            "step": global_step,
+            "unreadable_train": unreadable_train,
+            "unreadable_validation": unreadable_validation,
+        }  # fmt: skip
+    )
     if unreadable_train or unreadable_validation:
         logger.warning(
-            "Skipped unreadable images: %d in training (e.g. %s), %d in validation.",
+            "Skipped unreadable images: %d while training (each replaced by the next image), %d in validation.",
             unreadable_train,
-            batches.counter.examples[:3],
             unreadable_validation,
         )
     result = evaluate(global_step)
