@@ -152,17 +152,12 @@ def write_section(key: str, title: str, body: str, start_load: float, path: Path
     )
     print(section)
     text = path.read_text() if path.exists() else _HEADER
-    pattern = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->\n", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:  # before the first section that comes later in SECTION_ORDER, else at the end
-        later = SECTION_ORDER[SECTION_ORDER.index(key) + 1 :] if key in SECTION_ORDER else []
-        positions = [text.find(f"<!-- {other}:start -->") for other in later]
-        positions = [position for position in positions if position >= 0]
-        if positions:
-            text = text[: min(positions)] + section + "\n" + text[min(positions) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
+    pattern = re.compile(r"<!-- (\w+):start -->.*?<!-- \1:end -->\n", re.DOTALL)
+    sections = {match.group(1): match.group(0) for match in pattern.finditer(text)}
+    header = text[: min((text.find(f"<!-- {name}:start -->") for name in sections), default=len(text))]
+    sections[key] = section
+    order = sorted(sections, key=lambda name: SECTION_ORDER.index(name) if name in SECTION_ORDER else len(sections))
+    text = header.rstrip("\n") + "\n\n" + "\n".join(sections[name] for name in order)
     path.write_text(text)
     return section
 
@@ -188,22 +183,32 @@ def _process_tree(pid: int) -> list[int]:
     return pids
 
 
-def _rss_kib(pid: int) -> int:
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(resident KiB, proportional KiB) of a process. The proportional set size splits pages shared between
+    processes (a forked data worker shares most of its parent's) among them, so a sum over processes counts each
+    page once; it falls back to the resident size where smaps_rollup is missing."""
     try:
-        match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+        rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+        rss_kib = int(rss.group(1)) if rss else 0
     except OSError:
-        return 0
-    return int(match.group(1)) if match else 0
+        return 0, 0
+    try:
+        pss = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.MULTILINE)
+        return rss_kib, int(pss.group(1)) if pss else rss_kib
+    except OSError:
+        return rss_kib, rss_kib
 
 
 def run_and_sample_memory(command: list[str], env: dict | None = None, interval: float = 0.1, **popen_kwargs):
-    """Run `command` to completion, sampling the resident memory of its whole process tree every `interval`
-    seconds. Returns (return code, wall seconds, peak MiB of the tree's sum, peak MiB of its largest process)."""
+    """Run `command` to completion, sampling the memory of its whole process tree every `interval` seconds.
+    Returns (return code, wall seconds, peak MiB of the tree's proportional sum, peak resident MiB of its largest
+    process)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, **popen_kwargs)
     peak_sum = peak_single = 0
     while process.poll() is None:
-        sizes = [_rss_kib(pid) for pid in _process_tree(process.pid)]
-        peak_sum, peak_single = max(peak_sum, sum(sizes)), max(peak_single, max(sizes, default=0))
+        sizes = [_memory_kib(pid) for pid in _process_tree(process.pid)]
+        peak_sum = max(peak_sum, sum(pss for _, pss in sizes))
+        peak_single = max(peak_single, max((rss for rss, _ in sizes), default=0))
         time.sleep(interval)
     return process.returncode, time.perf_counter() - start, peak_sum / 1024, peak_single / 1024

@@ -3,9 +3,10 @@
     python bench/bench_e2e.py                       # tiny and base, batch 1 and 32 (~10 min on 2 quiet cores)
     python bench/bench_e2e.py --configs tiny --batch-sizes 1 32 --no-write
 
-Randomly initialised models of `vqrae-train`'s `tiny` (64 px, patch 8, width 192, 4 layers: the built-in CPU
-preset) and `base` (SigLIP-B/16 at 256 px, width 768, 12 layers) sizes with the Cosmos-Tokenizer quantizer
-(FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv), float32, under `torch.inference_mode()`. "encode" is
+Randomly initialised models exactly as `vqrae-train --vision_config SIZE` builds them (`build_model`): `tiny`, the
+built-in CPU preset (64 px, patch 8, width 128, 1 encoder block, 3 decoder blocks, 3x3 post_quant_conv) and `base`
+(SigLIP-B/16 at 256 px, width 768, 12 + 12 layers, 1x1 post_quant_conv), both with FSQ [8, 8, 8, 5, 5, 5], float32,
+under `torch.inference_mode()`. "encode" is
 `model.encode(pixel_values).indices`; "decode" is `model.decode_from_indices(indices).reconstruction`. Two copies
 of each model with the same weights run side by side in the process, one with `attn_implementation="sdpa"` and one
 with `"eager"`, alternating. Peak memory is the rise of the process's resident-set high-water mark during one call
@@ -20,14 +21,15 @@ import copy
 import torch
 from _common import compare, load_average, markdown_table, peak_rss_mib, write_section
 
-from vqrae import VQRAEConfig, VQRAEModel
-from vqrae.training.args import QUANTIZER_PRESETS, VISION_PRESETS
+from vqrae import VQRAEModel
+from vqrae.training.args import VISION_PRESETS, ModelArguments
+from vqrae.training.trainer import build_model
 
 
 def build(size: str) -> dict[str, VQRAEModel]:
+    """The model `vqrae-train --vision_config SIZE` builds (randomly initialised), once per attention kind."""
     torch.manual_seed(0)
-    config = VQRAEConfig(vision_config=dict(VISION_PRESETS[size]), **QUANTIZER_PRESETS["cosmos_fsq"])
-    sdpa = VQRAEModel(config).eval()
+    sdpa = build_model(ModelArguments(vision_config=size)).eval()
     sdpa.set_attn_implementation("sdpa")
     eager = copy.deepcopy(sdpa)
     eager.set_attn_implementation("eager")

@@ -4,18 +4,20 @@
     python bench/bench_training.py --steps 20 --rounds 1 --no-write
 
 Each run is `vqrae-train --config tiny_cpu` (the built-in default: random tiny encoder, 64-px crops of the
-built-in photos, batch 32, FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv) for `--steps` optimiser steps:
+built-in photos, FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv, one torch thread and one data worker per process) for
+`--steps` optimiser steps:
 
 - joint: the randomly initialised encoder trained with the rest (what `vqrae-train` does with no arguments);
 - stage 1: `--init_from` a saved tiny model, `--stage 1`: encoder frozen (run without a graph);
 - stage 2: `--init_from` the same model, `--stage 2`: encoder trained, plus the frozen teacher copy for
   self-distillation;
 
-each in one process (`python -m vqrae.training.cli`, torch's default threads) and in two CPU processes
-(`accelerate launch --multi_gpu --num_processes 2` with `ACCELERATE_USE_CPU=1`, one thread each, 16 images per
-process so the global batch stays 32). images/s is the median of the trainer's own `images_per_second` windows in
+each in one process (`python -m vqrae.training.cli`) and in two CPU processes (`accelerate launch --multi_gpu
+--num_processes 2` with `ACCELERATE_USE_CPU=1`), with the preset's batch split over the processes so the global
+batch stays the same. images/s is the median of the trainer's own `images_per_second` windows in
 metrics.jsonl after the first (warm-up) window; peak memory is sampled every 0.1 s over the whole process tree
-(the launcher and both workers). Runs alternate: the second round goes in reverse order; the table gives the mean.
+(launcher, training processes, data workers), summing proportional set sizes so pages a forked data worker shares
+with its parent count once. Runs alternate: the second round goes in reverse order; the table gives the mean.
 """
 
 from __future__ import annotations
@@ -31,17 +33,16 @@ from pathlib import Path
 import torch
 from _common import load_average, markdown_table, run_and_sample_memory, write_section
 
-from vqrae import VQRAEConfig, VQRAEModel
-from vqrae.training.args import QUANTIZER_PRESETS, VISION_PRESETS
+from vqrae.training.args import ModelArguments, load_config_file
+from vqrae.training.trainer import build_model
 
 MODES = ("joint", "stage 1", "stage 2")
 
 
 def save_start_model(folder: Path) -> str:
-    """A randomly initialised tiny model (as `vqrae-train` builds it) for `--init_from`."""
+    """The randomly initialised tiny model `vqrae-train` builds, saved for `--init_from`."""
     torch.manual_seed(0)
-    vision = dict(VISION_PRESETS["tiny"], vision_use_head=False)
-    VQRAEModel(VQRAEConfig(vision_config=vision, **QUANTIZER_PRESETS["cosmos_fsq"])).save_pretrained(folder)
+    build_model(ModelArguments()).save_pretrained(folder)
     return str(folder)
 
 
@@ -77,9 +78,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all runs, every other one reversed")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split over the processes)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="global batch, split over the processes (default: the preset's)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = load_config_file("tiny_cpu")["per_device_train_batch_size"]
     start_load = load_average()
 
     runs = [(mode, processes) for mode in MODES for processes in (1, 2)]
@@ -125,8 +130,8 @@ def main(argv=None):
         "images/s (mean)",
         "images/s per round",
         "vs 1 process",
-        "peak RSS MiB (all processes)",
-        "peak RSS MiB (largest process)",
+        "peak MiB, all processes (PSS sum)",
+        "peak RSS MiB, largest process",
         "wall s (incl. start-up, eval)",
     ]
     joint, stage1, stage2 = (mean((mode, 1), 0) for mode in MODES)
