@@ -117,8 +117,8 @@ def plot_codebook_usage(path: str, code_counts: torch.Tensor, metrics: dict) -> 
     axis.set_xlabel("code rank")
     axis.set_ylabel("uses on the validation images")
     axis.set_title(
-        f"{metrics['used_codes']} of {len(counts)} codes used ({100 * metrics['codebook_utilization']:.2f}%), "
-        f"perplexity {metrics['perplexity']:.0f}",
+        f"{int(counts.sum())} validation tokens use {metrics['used_codes']} of {len(counts)} codes "
+        f"({100 * metrics['codebook_utilization']:.2f}%), perplexity {metrics['perplexity']:.0f}",
         fontsize=9,
     )
     figure.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.9)
