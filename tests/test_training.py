@@ -242,3 +242,21 @@ def test_unreadable_images_are_skipped_and_counted_through_a_worker(tmp_path):
     assert metrics["num_images"] == 3 and metrics["dataset_name"] == str(tmp_path / "validation")
     (data,) = records(output, "data")
     assert data["unreadable_train"] >= 1 and data["unreadable_validation"] == 1
+
+
+def test_streaming_and_gradient_accumulation_train(tmp_path):
+    metrics = run(tmp_path / "stream", "--streaming", "--gradient_accumulation_steps", "2", max_steps=2)
+    assert metrics["step"] == 2 and metrics["num_images"] == 8
+    assert [r["step"] for r in records(tmp_path / "stream")] == [1, 2]
+
+
+def test_push_to_hub_publishes_the_output_folder_at_the_end(tmp_path, monkeypatch):
+    import vqrae.training.hub
+
+    calls = []
+    monkeypatch.setattr(vqrae.training.hub, "push_to_hub", lambda folder, **kwargs: calls.append((folder, kwargs)))
+    output = tmp_path / "pushed"
+    hub_args = ["--push_to_hub", "--hub_model_id", "org/tiny", "--hub_private_repo", "--hub_revision", "v1"]
+    run(output, *hub_args, max_steps=1)
+    assert calls == [(str(output), {"repo_id": "org/tiny", "private": True, "revision": "v1"})]
+    assert "org/tiny" in (output / "README.md").read_text()  # the card names the repository
