@@ -25,7 +25,15 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS_MD = BENCH_DIR / "BENCHMARKS.md"
 # The order of the sections in BENCHMARKS.md, whichever script runs first.
-SECTION_ORDER = ["bench_fsq", "bench_breakdown", "bench_e2e", "bench_vq_search", "bench_training", "bench_quality"]
+SECTION_ORDER = [
+    "bench_fsq",
+    "bench_breakdown",
+    "bench_e2e",
+    "bench_vq_search",
+    "bench_training",
+    "bench_quality",
+    "bench_tokenize",
+]
 
 _HEADER = """# vqrae benchmarks
 

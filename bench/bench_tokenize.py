@@ -4,12 +4,12 @@
     python bench/bench_tokenize.py --configs base --num_images 128 --batch_size 32
 
 For each configuration, a randomly initialised VQRAE model (the training presets: `tiny` = the built-in CPU
-encoder, 64 px, patch 8, width 192, 4 layers; `base` = SigLIP-B/16 at 256 px, width 768, 12 layers; FSQ
+encoder; `base` = SigLIP-B/16 at 256 px, width 768, 12 layers; the table names each one's size; FSQ
 [8, 8, 8, 5, 5, 5] + post_quant_conv) is saved to a temporary folder and `vqrae.tokenize.tokenize` runs on a
 folder of generated 320 x 240 JPEG photos-like images, exactly as the CLI would (decode, centre crop, image
 processor, encode under inference_mode, Parquet shards). "end to end" is images / wall time of the tokenizing
 loop (model and dataset loading excluded); "encoder only" times `model.encode` on ready `pixel_values`, to show
-how much of the time the data preparation takes. Prints a Markdown table.
+how much of the time the data preparation takes. Prints a Markdown table and writes it into bench/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import load_average, write_section
 from PIL import Image
 
 from vqrae import VQRAEConfig, VQRAEModel
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--shard_size", type=int, default=256)
     args = parser.parse_args()
+    start_load = load_average()
     defaults = {"tiny": 512, "small": 128, "base": 64}
     counts = args.num_images or [defaults[name] for name in args.configs]
     if len(counts) == 1:
@@ -92,9 +94,19 @@ def main() -> None:
                 f"{vision['num_hidden_layers']} layers | {grid}x{grid} | {summary['images']} | "
                 f"{summary['images_per_second']:.1f} | {encode_rate:.1f} |"
             )
-    print("| config | encoder | tokens | images | end to end (images/s) | encoder only (images/s) |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    table = "\n".join(
+        [
+            "| config | encoder | tokens | images | end to end (images/s) | encoder only (images/s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        + rows
+    )
+    body = (
+        f"Batch {args.batch_size}, generated 320 x 240 JPEGs, random weights, FSQ [8, 8, 8, 5, 5, 5] + "
+        f"post_quant_conv, float32 CPU.\n\n{table}\n\n- End to end includes decoding, cropping and preprocessing the "
+        'images and writing the Parquet shards; the gap to "encoder only" is the data preparation.'
+    )
+    write_section("bench_tokenize", "7. Tokenizing throughput (vqrae-tokenize)", body, start_load)
 
 
 if __name__ == "__main__":
