@@ -46,7 +46,8 @@ def test_first_dimension_is_least_significant():
 
 @pytest.mark.parametrize("levels", [LEVELS, [8, 8, 8], [2, 3, 4], [7, 5, 5, 5, 5]])
 def test_indices_agree_with_vector_quantize_pytorch(levels):
-    vqp = pytest.importorskip("vector_quantize_pytorch")
+    import vector_quantize_pytorch as vqp  # a test dependency: missing, it must fail, not skip
+
     torch.manual_seed(0)
     oracle = vqp.FSQ(levels=levels, dim=len(levels), preserve_symmetry=True)
     ours = VQRAEFSQuantizer(levels, dim=len(levels))
@@ -79,14 +80,43 @@ def test_fsq_is_float32_under_bf16_autocast():
     z = torch.randn(4096, 48)
     reference = fsq(z).indices
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fsq(z.to(torch.bfloat16))
+        out = fsq(z)
+        # What the quantizer would compute if autocast reached its projection: bf16 matmul, other indices.
+        bf16_projection = fsq.project_in(z)
     assert out.quantized.dtype == torch.float32
-    # bf16 input is rounded, so compare against float32 on the same bf16-rounded values.
-    assert torch.equal(out.indices, fsq(z.to(torch.bfloat16).float()).indices)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(fsq(z).indices, reference)
+    assert torch.equal(out.indices, reference)
+    assert bf16_projection.dtype == torch.bfloat16
+    assert not torch.equal(fsq.quantize(bf16_projection.float())[1], reference)  # the comparison has power
     # Indices above 256 survive (bf16 could not represent them exactly).
     assert reference.max() > 256
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantizers_keep_float32_weights_when_cast(dtype):
+    torch.manual_seed(0)
+    for quantizer in (
+        VQRAEFSQuantizer(LEVELS, dim=48),
+        VQRAEVectorQuantizer(num_embeddings=300, dim=48, codebook_dim=8),
+        VQRAEVectorQuantizer(num_embeddings=300, dim=48, codebook_dim=8, use_simvq=True),
+    ):
+        before = {name: tensor.clone() for name, tensor in quantizer.state_dict().items()}
+        z = torch.randn(2048, 48).to(dtype)
+        reference = quantizer(z.float())
+        quantizer.to(dtype)
+        # Moved, not rounded: every float32 tensor is bit-identical after the cast.
+        for name, tensor in quantizer.state_dict().items():
+            assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name]), name
+        with torch.no_grad():
+            out = quantizer(z)
+            assert torch.equal(quantizer.indices_to_codes(out.indices), quantizer(z.float()).quantized)
+        assert out.quantized.dtype == torch.float32
+        assert torch.equal(out.indices, reference.indices)
+    # Without float32 weights the indices of a cast quantizer would differ (the test above has power).
+    fsq = VQRAEFSQuantizer(LEVELS, dim=48)
+    projection = torch.nn.Linear(48, 6).to(dtype)
+    projection.load_state_dict({k: v.to(dtype) for k, v in fsq.project_in.state_dict().items()})
+    z = torch.randn(2048, 48)
+    assert not torch.equal(fsq.quantize(projection(z.to(dtype)).float())[1], fsq(z.to(dtype)).indices)
 
 
 def test_fsq_does_not_materialise_codebook(monkeypatch):

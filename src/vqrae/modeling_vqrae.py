@@ -246,6 +246,9 @@ class VQRAEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["VQRAEDecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings"]
+    # FSQ indices above 256 do not exist in bf16, so the quantizer keeps float32 weights and tables in a model loaded
+    # with `dtype=torch.bfloat16` or `float16` (and, through `quantizers._Float32Module`, in one cast with `.to()`).
+    _keep_in_fp32_modules_strict = ["quantizer"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -424,7 +427,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
         """Quantize continuous features `(B, h * w, D)` into indices `(B, h, w)` and codes `(B, D, h, w)`."""
         height, width = grid_size
         output = self.quantizer(features)
-        quantized = output.quantized.to(features.dtype)
+        quantized = output.quantized.to(self._codes_dtype)
         quantized = quantized.transpose(1, 2).reshape(features.shape[0], -1, height, width)
         return VQRAEEncoderOutput(
             indices=output.indices.reshape(features.shape[0], height, width),
@@ -446,7 +449,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
         """Token indices `(B, h, w)` to codes `(B, D, h, w)` (codebook lookup and `project_out`)."""
         self._check_indices(indices)
         codes = self.quantizer.indices_to_codes(indices)
-        return codes.permute(0, 3, 1, 2).to(self.decoder.in_proj.weight.dtype)
+        return codes.permute(0, 3, 1, 2).to(self._codes_dtype)
 
     def decode(self, codes: torch.Tensor, return_dict: bool | None = None) -> VQRAEDecoderOutput | tuple:
         """Codes `(B, D, h, w)` -> `post_quant_conv` -> normalisation -> decoder -> images `(B, C, h p, w p)`."""
@@ -455,9 +458,9 @@ class VQRAEModel(VQRAEPreTrainedModel):
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"`codes` must have shape (batch_size, {hidden_size}, h, w) (got {shape}).")
         if self.post_quant_conv is not None:
-            codes = self.post_quant_conv(codes)
+            codes = self.post_quant_conv(codes.to(self.post_quant_conv.weight.dtype))
         batch_size, _, height, width = codes.shape
-        tokens = codes.flatten(2).transpose(1, 2)
+        tokens = codes.flatten(2).transpose(1, 2).to(self.decoder.in_proj.weight.dtype)
         if self.config.normalize_codes:
             tokens = F.layer_norm(tokens, (hidden_size,))
         reconstruction = self.decoder(tokens, height, width)
@@ -579,6 +582,13 @@ class VQRAEModel(VQRAEPreTrainedModel):
         return (model, loading_info) if output_loading_info else model
 
     # -- helpers ---------------------------------------------------------------------------------------------------
+
+    @property
+    def _codes_dtype(self) -> torch.dtype:
+        """The dtype of the layer that reads the codes (`post_quant_conv`, else the decoder): the quantizer computes
+        in float32 and hands its codes on in the dtype of what follows, whatever the encoder's dtype."""
+        first = self.post_quant_conv if self.post_quant_conv is not None else self.decoder.in_proj
+        return first.weight.dtype
 
     def _use_return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict

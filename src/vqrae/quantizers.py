@@ -47,6 +47,26 @@ def _float32_region(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+class _Float32Module(nn.Module):
+    """A module whose floating-point weights and buffers stay float32 whatever the rest of the model is cast to.
+
+    `model.to(torch.bfloat16)`, `.half()` and transformers' loading with `dtype=` move it between devices but keep
+    its dtype, without a round trip through the lower precision: a float32 tensor is moved as it is. (Loading with
+    `dtype=` is also covered by `VQRAEPreTrainedModel._keep_in_fp32_modules_strict`.)
+    """
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if not tensor.is_floating_point() or converted.dtype == torch.float32:
+                return converted
+            if tensor.dtype == torch.float32:  # a cast: move the float32 original instead of the rounded copy
+                return tensor.to(device=converted.device)
+            return converted.float()
+
+        return super()._apply(keep_float32, recurse)
+
+
 def _check_indices(indices: torch.Tensor, codebook_size: int) -> None:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"`indices` must be a torch.Tensor of integers (got {type(indices).__name__}).")
@@ -116,7 +136,7 @@ _TILE_ROWS = 256
 _MAX_GROUP_CODES = 1024
 
 
-class VQRAEFSQuantizer(nn.Module):
+class VQRAEFSQuantizer(_Float32Module):
     """Finite scalar quantization with an implicit codebook (Mentzer et al., 2023, "Finite Scalar Quantization:
     VQ-VAE Made Simple"), in the symmetric form used by NVIDIA Cosmos-Tokenizer.
 
@@ -231,7 +251,7 @@ class VQRAEFSQuantizer(nn.Module):
             sub_basis = torch.tensor([math.prod(self.levels[start:k]) for k in range(start, end)], device=device)
             sub_levels = torch.tensor(self.levels[start:end], device=device)
             level_indices = (torch.arange(size, device=device).unsqueeze(-1) // sub_basis) % sub_levels
-            table = torch.zeros(size, self.codebook_dim, device=device)
+            table = torch.zeros(size, self.codebook_dim, dtype=torch.float32, device=device)
             table[:, start:end] = (level_indices.float() - half_width[start:end]) / half_width[start:end]
             tables.append(table)
             next_divider = (
@@ -317,7 +337,7 @@ class VQRAEFSQuantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class VQRAEVectorQuantizer(nn.Module):
+class VQRAEVectorQuantizer(_Float32Module):
     """Vector quantization with a learned codebook (van den Oord et al., 2017, "Neural Discrete Representation
     Learning"): nearest code by L2 distance, codebook loss `||sg(z) - e||^2` plus commitment loss
     `commitment_cost * ||z - sg(e)||^2`, straight-through gradients to `z`.
