@@ -134,3 +134,59 @@ def test_from_encoder_pretrained_rejects_vision_config(tmp_path):
 def test_missing_encoder_repo_offline_is_a_clear_error():
     with pytest.raises(OSError, match="google/siglip-does-not-exist"):
         VQRAEModel.from_encoder_pretrained("google/siglip-does-not-exist")
+
+
+# A fixed-resolution SigLIP2 checkpoint's own preprocessor_config.json (google/siglip2-base-patch16-256, resized).
+SIGLIP2_PREPROCESSOR = {
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "SiglipImageProcessor",
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "SiglipProcessor",
+    "resample": 2,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 32, "width": 32},
+}
+
+
+def test_encoder_preprocessing_travels_with_the_model(tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    torch.manual_seed(0)
+    siglip = SiglipModel(SiglipConfig(text_config=_tiny_siglip_text(), vision_config=dict(TINY_VISION)))
+    siglip.save_pretrained(tmp_path / "siglip2")
+    (tmp_path / "siglip2" / "preprocessor_config.json").write_text(json.dumps(SIGLIP2_PREPROCESSOR))
+    write_hub_cache(tmp_path / "siglip2", "google/siglip2-tiny-test")
+    model = VQRAEModel.from_encoder_pretrained("google/siglip2-tiny-test", decoder_intermediate_size=37)
+    assert model.config.preprocessor_config["resample"] == 2
+    assert model.get_image_processor().resample == Image.Resampling.BILINEAR
+    model.save_pretrained(tmp_path / "vqrae")
+    saved = json.loads((tmp_path / "vqrae" / "preprocessor_config.json").read_text())
+    assert saved["resample"] == 2 and saved["size"] == {"height": 32, "width": 32}
+    assert AutoImageProcessor.from_pretrained(tmp_path / "vqrae").resample == Image.Resampling.BILINEAR
+    reloaded = AutoModel.from_pretrained(tmp_path / "vqrae")
+    assert reloaded.get_image_processor().resample == Image.Resampling.BILINEAR
+    # An encoder without preprocessor_config.json keeps SigLIP's bicubic default.
+    siglip.save_pretrained(tmp_path / "siglip")
+    plain = VQRAEModel.from_encoder_pretrained(str(tmp_path / "siglip"), decoder_intermediate_size=37)
+    assert plain.config.preprocessor_config is None
+    assert plain.get_image_processor().resample == Image.Resampling.BICUBIC
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"resample": 9}, r"preprocessor_config.resample` must be a PIL resampling filter"),
+        ({"image_std": [0.5, 0.0, 0.5]}, r"preprocessor_config.image_std` must be a list of 3 positive numbers"),
+        ({"image_processor_type": "Siglip2ImageProcessor"}, "NaFlex"),
+        ({"crop_size": 3}, r"unknown fields \['crop_size'\]"),
+    ],
+)
+def test_bad_preprocessor_config_is_refused(settings, match):
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match=match):
+        tiny_config(preprocessor_config=settings)

@@ -13,6 +13,17 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SUPPORTED_ENCODER_TYPES = ("siglip_vision_model",)
+# The image processors of fixed-resolution SigLIP and SigLIP2 checkpoints (one preprocessing, three backends).
+SUPPORTED_IMAGE_PROCESSORS = ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")
+# What `preprocessor_config` keeps of an encoder's preprocessor_config.json (the size is the encoder's image_size).
+PREPROCESSOR_FIELDS = (
+    "image_processor_type",
+    "resample",
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+    "do_convert_rgb",
+)
 
 
 def _is_int(value) -> bool:
@@ -76,6 +87,11 @@ class VQRAEConfig(PreTrainedConfig):
             Activation of the decoder MLPs (any name in `transformers.activations.ACT2FN`).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the decoder, quantizer and `post_quant_conv`.
+        preprocessor_config (`dict`, *optional*):
+            How images are prepared for the encoder, read from the encoder checkpoint's `preprocessor_config.json` by
+            [`VQRAEModel.from_encoder_pretrained`]: any of `resample` (a PIL filter number; SigLIP2 uses 2, bilinear),
+            `image_mean`, `image_std`, `rescale_factor`, `do_convert_rgb` and `image_processor_type`. Images are
+            always resized to `vision_config.image_size`. `None`: SigLIP's settings (bicubic, mean = std = 0.5).
 
     Example:
 
@@ -112,6 +128,7 @@ class VQRAEConfig(PreTrainedConfig):
     decoder_intermediate_size: int | None = None
     decoder_hidden_act: str = "gelu_pytorch_tanh"
     initializer_range: float = 0.02
+    preprocessor_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.fsq_levels is None:
@@ -210,6 +227,53 @@ class VQRAEConfig(PreTrainedConfig):
         rng = self.initializer_range
         if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not 0 < rng < math.inf:
             raise ValueError(f"`initializer_range` must be a finite number > 0 (got {rng!r}).")
+        self._validate_preprocessor_config()
+
+    def _validate_preprocessor_config(self) -> None:
+        settings = self.preprocessor_config
+        if settings is None:
+            return
+        if not isinstance(settings, dict):
+            raise TypeError(f"`preprocessor_config` must be a dict or None (got {type(settings).__name__}).")
+        unknown = sorted(set(settings) - set(PREPROCESSOR_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"`preprocessor_config` holds unknown fields {unknown}; allowed: {list(PREPROCESSOR_FIELDS)}."
+            )
+        kind = settings.get("image_processor_type")
+        if kind is not None and kind not in SUPPORTED_IMAGE_PROCESSORS:
+            raise ValueError(
+                f"`preprocessor_config.image_processor_type` must be one of {list(SUPPORTED_IMAGE_PROCESSORS)} (fixed "
+                f"resolution SigLIP/SigLIP2), got {kind!r}; variable-resolution (NaFlex) processors are not supported."
+            )
+        resample = settings.get("resample")
+        if resample is not None and (not _is_int(resample) or not 0 <= resample <= 5):
+            raise ValueError(
+                f"`preprocessor_config.resample` must be a PIL resampling filter, 0 to 5 (got {resample!r})."
+            )
+        channels = self.vision_config.num_channels
+        for name in ("image_mean", "image_std"):
+            values = settings.get(name)
+            if values is None:
+                continue
+            if (
+                not isinstance(values, (list, tuple))
+                or len(values) != channels
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values)
+                or (name == "image_std" and any(v <= 0 for v in values))
+            ):
+                allowed = "positive numbers" if name == "image_std" else "finite numbers"
+                raise ValueError(
+                    f"`preprocessor_config.{name}` must be a list of {channels} {allowed}, one per channel (got "
+                    f"{values!r})."
+                )
+            settings[name] = [float(v) for v in values]
+        factor = settings.get("rescale_factor")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
+            raise ValueError(f"`preprocessor_config.rescale_factor` must be a number > 0 (got {factor!r}).")
+        convert = settings.get("do_convert_rgb")
+        if convert is not None and not isinstance(convert, bool):
+            raise TypeError(f"`preprocessor_config.do_convert_rgb` must be a bool or None (got {convert!r}).")
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

@@ -33,7 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_vqrae import VQRAEConfig
+from .configuration_vqrae import PREPROCESSOR_FIELDS, VQRAEConfig
 from .quantizers import VQRAEFSQuantizer, VQRAEVectorQuantizer
 
 logger = logging.get_logger(__name__)
@@ -360,6 +360,10 @@ class VQRAEModel(VQRAEPreTrainedModel):
             ) from error
         vision_config = getattr(loaded_config, "vision_config", loaded_config)
         vision_config.vision_use_head = False
+        if "preprocessor_config" not in config_kwargs:
+            config_kwargs["preprocessor_config"] = _read_encoder_preprocessing(
+                encoder_name_or_path, vision_config.image_size, hub_kwargs
+            )
         config = VQRAEConfig(vision_config=vision_config, encoder_name_or_path=encoder_name_or_path, **config_kwargs)
         encoder = SiglipVisionModel.from_pretrained(
             encoder_name_or_path, config=config.vision_config, **encoder_kwargs
@@ -495,12 +499,15 @@ class VQRAEModel(VQRAEPreTrainedModel):
     # -- saving ----------------------------------------------------------------------------------------------------
 
     def get_image_processor(self):
-        """The image processor that prepares images exactly as the encoder expects (SigLIP: bicubic resize to the
-        encoder's resolution, rescale to [0, 1], normalise with mean = std = 0.5, so pixels lie in [-1, 1])."""
+        """The image processor that prepares images exactly as the encoder expects: resized to the encoder's
+        resolution with the encoder checkpoint's own settings (`config.preprocessor_config`; SigLIP2: bilinear),
+        else SigLIP's (bicubic resize, rescale to [0, 1], normalise with mean = std = 0.5: pixels in [-1, 1])."""
         from transformers import SiglipImageProcessorPil
 
+        settings = dict(self.config.preprocessor_config or {})
+        settings.pop("image_processor_type", None)
         size = self.config.vision_config.image_size
-        return SiglipImageProcessorPil(size={"height": size, "width": size})
+        return SiglipImageProcessorPil(size={"height": size, "width": size}, **settings)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a `preprocessor_config.json` for `AutoImageProcessor`.
@@ -693,6 +700,28 @@ def _move_into_place(staging: str, target: str) -> None:
         os.rename(staging, target)
         os.rename(parked, staging)
     # `staging` now holds the old model; the caller deletes it.
+
+
+def _read_encoder_preprocessing(encoder_name_or_path: str, image_size: int, hub_kwargs: dict) -> dict | None:
+    """The settings of the encoder checkpoint's `preprocessor_config.json` that `VQRAEConfig.preprocessor_config`
+    keeps, or None when the checkpoint has none (SigLIP's defaults then apply)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(encoder_name_or_path, **hub_kwargs)
+    except OSError:
+        logger.info("%s has no preprocessor_config.json; using SigLIP's image preprocessing.", encoder_name_or_path)
+        return None
+    size = settings.get("size") or {}
+    if isinstance(size, dict) and {size.get("height"), size.get("width")} - {None, image_size}:
+        logger.warning(
+            "The image processor of %s resizes to %s, but its encoder was trained at %d px; images are resized to %d.",
+            encoder_name_or_path,
+            size,
+            image_size,
+            image_size,
+        )
+    return {key: settings[key] for key in PREPROCESSOR_FIELDS if settings.get(key) is not None}
 
 
 def VQRAE(**config_kwargs) -> VQRAEModel:
