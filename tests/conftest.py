@@ -163,3 +163,51 @@ def tiny_model(seed: int = 0, **overrides):
 @pytest.fixture(scope="session")
 def session_dir():
     return _SESSION_DIR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training runs in this process
+# ---------------------------------------------------------------------------------------------------------------
+
+# A tiny model (conftest's TINY_VISION) on 32-px crops of the built-in photos, evaluated on 8 validation images.
+TINY_SIZE_ARGS = [
+    *(item for key, value in TINY_VISION.items() for item in (f"--{key}", str(value))),
+    "--decoder_intermediate_size", "37",
+]  # fmt: skip
+TINY_RUN_ARGS = [
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "8",
+    "--max_eval_samples", "8",
+    "--num_reconstructions", "4",
+    "--warmup_steps", "1",
+    "--logging_steps", "1",
+    "--dataloader_num_workers", "0",
+    "--disable_tqdm",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each training run builds its own Accelerator (mixed precision differs between presets)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run(output_dir, *extra, config=None, max_steps=2, sizes=True):
+    """Train in this process; `sizes=False` leaves the model size to --init_from."""
+    argv = ([] if config is None else ["--config", config]) + (TINY_SIZE_ARGS if sizes else [])
+    argv += [*TINY_RUN_ARGS, "--output_dir", str(output_dir)]
+    argv += ["--max_steps", str(max_steps), "--eval_steps", "100", "--save_steps", "100", *extra]
+    from vqrae.training.args import parse_args
+    from vqrae.training.trainer import train
+
+    return train(*parse_args(argv))
+
+
+def records(output_dir, kind="train"):
+    import json
+
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["type"] == kind]

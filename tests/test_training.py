@@ -7,25 +7,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_VISION, tiny_model
+from conftest import records, run, tiny_model
 from vqrae.training.args import parse_args, preset_config_dir
-from vqrae.training.trainer import latest_checkpoint, train
+from vqrae.training.trainer import latest_checkpoint
 
-# A tiny model (conftest's TINY_VISION) on 32-px crops of the built-in photos, evaluated on 8 validation images.
-TINY_SIZE_ARGS = [
-    *(item for key, value in TINY_VISION.items() for item in (f"--{key}", str(value))),
-    "--decoder_intermediate_size", "37",
-]  # fmt: skip
-TINY_RUN_ARGS = [
-    "--per_device_train_batch_size", "4",
-    "--per_device_eval_batch_size", "8",
-    "--max_eval_samples", "8",
-    "--num_reconstructions", "4",
-    "--warmup_steps", "1",
-    "--logging_steps", "1",
-    "--dataloader_num_workers", "0",
-    "--disable_tqdm",
-]  # fmt: skip
 RUN_FILES = (
     "config.json",
     "model.safetensors",
@@ -39,28 +24,6 @@ RUN_FILES = (
     "training_config.yaml",
     "README.md",
 )
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each run builds its own Accelerator (mixed precision differs between presets)."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def run(output_dir, *extra, config=None, max_steps=2, sizes=True):
-    """Train in this process; `sizes=False` leaves the model size to --init_from."""
-    argv = ([] if config is None else ["--config", config]) + (TINY_SIZE_ARGS if sizes else [])
-    argv += [*TINY_RUN_ARGS, "--output_dir", str(output_dir)]
-    argv += ["--max_steps", str(max_steps), "--eval_steps", "100", "--save_steps", "100", *extra]
-    return train(*parse_args(argv))
-
-
-def records(output_dir, kind="train"):
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["type"] == kind]
 
 
 def encoder_weights(folder):
@@ -216,11 +179,11 @@ def test_random_states_round_trip_through_json():
 
     import numpy as np
 
-    from vqrae.training.trainer import _rng_state, _set_rng_state
+    from vqrae.training.checkpointing import rng_state, set_rng_state
 
-    state = json.loads(json.dumps(_rng_state()))
+    state = json.loads(json.dumps(rng_state()))
     first = (random.random(), np.random.rand(), torch.rand(3))
-    _set_rng_state(state)
+    set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
 

@@ -13,21 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import TINY_RUN_ARGS, TINY_SIZE_ARGS, records, run
+from conftest import TINY_RUN_ARGS, TINY_SIZE_ARGS, records, run
 from vqrae.training.trainer import latest_checkpoint
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 # EMA and a GAN from step 3: their states (EMA weights, discriminator, its optimiser) must survive the kill too.
 RESUME_ARGS = ["--max_steps", "6", "--save_steps", "1", "--save_total_limit", "2", "--ema_decay", "0.8"]
 RESUME_ARGS += ["--gan_weight", "0.1", "--gan_start_step", "3"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def weights(folder):
@@ -113,3 +105,17 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
     losses_one, losses_two = [r["loss"] for r in records(single)], [r["loss"] for r in records(two)]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
+
+    # Resuming the two-process run with one process would shift every data position: refused, in one line.
+    resumed = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *argv, "--resume_from_checkpoint", "latest"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    (line,) = [line for line in resumed.stderr.splitlines() if "error" in line.lower()]
+    assert line.startswith("vqrae-train: error: The checkpoint") and "Traceback" not in resumed.stderr
+    assert "2 process(es), and this run has 1" in line and "--num_processes 2" in line
+    assert resumed.stderr.strip().splitlines()[-1] == line

@@ -548,6 +548,12 @@ class VQRAEModel(VQRAEPreTrainedModel):
         a pickled `pytorch_model.bin` is never opened unless `use_safetensors=False` is passed.
         """
         kwargs.setdefault("use_safetensors", True)
+        name = os.fspath(pretrained_model_name_or_path)
+        if _is_missing_local_path(name):
+            raise OSError(
+                f"{name!r} is not a folder: {os.path.abspath(os.path.expanduser(name))} does not exist. Give the path "
+                "of a saved VQRAE folder (relative to the current directory) or a Hub id ('org/name')."
+            )
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         try:
@@ -559,6 +565,13 @@ class VQRAEModel(VQRAEPreTrainedModel):
                 **kwargs,
             )
         except Exception as error:
+            if not os.path.exists(name) and isinstance(error, (OSError, ValueError)):
+                # transformers would say "Repo id must be in the form ..." or that it could not connect to the Hub.
+                raise OSError(
+                    f"{name!r} is not a folder here (no {os.path.abspath(name)}) and could not be loaded as a "
+                    f"model from the Hub ({type(error).__name__}: {error}). Give the path of a saved VQRAE folder "
+                    "or a Hub id that is reachable (or in the local Hub cache when offline)."
+                ) from error
             # safetensors' own error type; matched by module so this file imports only torch and transformers.
             if type(error).__module__.split(".")[0] == "safetensors":
                 raise OSError(
@@ -611,6 +624,11 @@ class VQRAEModel(VQRAEPreTrainedModel):
         if mode and self._encoder_is_frozen():
             self.encoder.eval()
         return self
+
+    def get_last_layer(self) -> torch.Tensor:
+        """The weight of the decoder's last layer (`decoder.out_proj`), where taming-transformers' adaptive GAN weight
+        compares the gradients of the reconstruction and GAN losses."""
+        return self.decoder.out_proj.weight
 
     @property
     def codebook_size(self) -> int:
@@ -700,6 +718,17 @@ def _move_into_place(staging: str, target: str) -> None:
         os.rename(staging, target)
         os.rename(parked, staging)
     # `staging` now holds the old model; the caller deletes it.
+
+
+def _is_missing_local_path(name: str) -> bool:
+    """`name` cannot be a Hub id and names no existing file or folder: it starts like a path (`/`, `./`, `~`) or
+    its parent folder exists here (`outputs/typo` next to an `outputs/` folder)."""
+    if os.path.exists(os.path.expanduser(name)):
+        return False
+    if name.startswith(("/", "./", "../", "~")) or (os.altsep and name.startswith(os.altsep)):
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def _read_encoder_preprocessing(encoder_name_or_path: str, image_size: int, hub_kwargs: dict) -> dict | None:

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli_utils import UsageError, one_line_errors
+
 __all__ = [
     "DataArguments",
     "ModelArguments",
@@ -26,6 +28,7 @@ __all__ = [
     "options_to_dict",
     "parse_args",
     "preset_config_dir",
+    "write_training_config",
 ]
 
 # Quantizers of the seed's three configurations (DESIGN.md), by name.
@@ -111,8 +114,8 @@ SCHEDULERS = (
 )
 
 
-def _error(name: str, value, allowed: str) -> ValueError:
-    return ValueError(f"`{name}` must be {allowed} (got {value!r}).")
+def _error(name: str, value, allowed: str) -> UsageError:
+    return UsageError(f"`{name}` must be {allowed} (got {value!r}).")
 
 
 def _check_positive_int(name: str, value, optional: bool = False) -> None:
@@ -173,7 +176,7 @@ class ModelArguments:
 
     def __post_init__(self):
         if self.encoder_name_or_path is not None and self.init_from is not None:
-            raise ValueError(
+            raise UsageError(
                 "Pass either `encoder_name_or_path` (a pretrained SigLIP encoder) or `init_from` (a VQRAE folder), "
                 f"not both (got {self.encoder_name_or_path!r} and {self.init_from!r})."
             )
@@ -181,7 +184,7 @@ class ModelArguments:
             raise _error("quantizer", self.quantizer, f"one of {sorted(QUANTIZER_PRESETS)}")
         if self.vision_config is not None:
             if self.encoder_name_or_path is not None or self.init_from is not None:
-                raise ValueError(
+                raise UsageError(
                     "`vision_config` describes a randomly initialised encoder; it cannot be combined with "
                     "`encoder_name_or_path` or `init_from`, whose config is fixed."
                 )
@@ -192,7 +195,7 @@ class ModelArguments:
         for name in VISION_SIZE_FIELDS:
             _check_positive_int(name, getattr(self, name), optional=True)
             if getattr(self, name) is not None and (self.encoder_name_or_path or self.init_from):
-                raise ValueError(
+                raise UsageError(
                     f"`{name}` sets the size of a randomly initialised encoder; it cannot be combined with "
                     "`encoder_name_or_path` or `init_from`, whose encoder is fixed."
                 )
@@ -245,6 +248,16 @@ class DataArguments:
     image_column: str | None = field(
         default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
     )
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={
+            "help": "Share (%) of the training examples held out for validation when the data has no validation "
+            "split (--dataset_name) or folder (--train_dir); fixed by a seed of its own, not --seed."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on at most this many images (the first ones, after holding out)."}
+    )
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset; each process reads its own shard."})
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many images."})
@@ -259,14 +272,18 @@ class DataArguments:
 
     def __post_init__(self):
         if self.train_dir is None and self.validation_dir is not None:
-            raise ValueError("`validation_dir` needs `train_dir` (local folders are used for both splits).")
+            raise UsageError("`validation_dir` needs `train_dir` (local folders are used for both splits).")
         if self.train_dir is not None and self.dataset_name is not None:
-            raise ValueError(
+            raise UsageError(
                 f"Pass either `dataset_name` or `train_dir`, not both (got {self.dataset_name!r} and "
                 f"{self.train_dir!r})."
             )
         _check_positive_int("shuffle_buffer_size", self.shuffle_buffer_size)
         _check_positive_int("max_eval_samples", self.max_eval_samples, optional=True)
+        _check_positive_int("max_train_samples", self.max_train_samples, optional=True)
+        percentage = self.validation_split_percentage
+        if isinstance(percentage, bool) or not isinstance(percentage, (int, float)) or not 0 <= percentage < 100:
+            raise _error("validation_split_percentage", percentage, "a number in [0, 100) (0: never hold out)")
         scale = self.min_crop_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
             raise _error("min_crop_scale", scale, "a number in (0, 1]")
@@ -397,7 +414,7 @@ class VQRAETrainingArguments:
         if not self.learning_rate > 0:
             raise _error("learning_rate", self.learning_rate, "a number > 0")
         if self.l1_weight + self.mse_weight + self.ssim_weight + self.perceptual_weight == 0:
-            raise ValueError(
+            raise UsageError(
                 "At least one reconstruction loss needs a positive weight (`l1_weight`, `mse_weight`, `ssim_weight` "
                 "or `perceptual_weight`; all are 0)."
             )
@@ -416,7 +433,7 @@ class VQRAETrainingArguments:
         if self.report_to not in REPORT_TO:
             raise _error("report_to", self.report_to, f"one of {list(REPORT_TO)}")
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id`, the repository to publish to ('org/name').")
+            raise UsageError("`push_to_hub` needs `hub_model_id`, the repository to publish to ('org/name').")
 
 
 ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, VQRAETrainingArguments)
@@ -436,7 +453,7 @@ def _resolve_config_path(config: str) -> Path:
     presets = sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
     if folder is not None and config in presets:
         return folder / f"{config}.yaml"
-    raise ValueError(
+    raise UsageError(
         f"`config` must be a YAML file or the name of a preset in configs/ (got {config!r}; presets: {presets})."
     )
 
@@ -448,13 +465,16 @@ def load_config_file(config: str) -> dict:
 
     path = _resolve_config_path(config)
     with open(path, encoding="utf-8") as handle:
-        options = yaml.safe_load(handle) or {}
+        try:
+            options = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise UsageError(f"The config file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(options, dict):
-        raise ValueError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
+        raise UsageError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
     known = {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"The config file {str(path)!r} has unknown options {unknown}.")
+        raise UsageError(f"The config file {str(path)!r} has unknown options {unknown}.")
     return options
 
 
@@ -468,6 +488,7 @@ def parse_args(argv: list[str] | None = None):
     known, remaining = config_parser.parse_known_args(argv)
 
     parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, prog="vqrae-train", description=__doc__.split("\n\n")[0])
+    one_line_errors(parser)
     parser.add_argument(
         "--config", default=None, help="A YAML file of options (or a preset name: cosmos_fsq, vq, ...)."
     )
@@ -483,3 +504,17 @@ def options_to_dict(model_args, data_args, training_args) -> dict:
     for args in (model_args, data_args, training_args):
         options.update(dataclasses.asdict(args))
     return options
+
+
+def write_training_config(path: str, options: dict) -> None:
+    """Write the resolved options of a run to `training_config.yaml`, from which `vqrae-train --config` trains it
+    again."""
+    import yaml
+
+    header = (
+        "# Every option of this run, resolved. `vqrae-train --config training_config.yaml --output_dir NEW_DIR`\n"
+        "# trains it again (same seed, same data, same weights on CPU float32).\n"
+    )
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(header)
+        yaml.safe_dump(options, handle, sort_keys=False)

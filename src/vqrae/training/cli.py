@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
+from collections.abc import Sequence
+
+from ..cli_utils import run_cli, setup_logging
 
 __all__ = ["main"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse `[--config FILE_OR_PRESET] [--option value ...]` and train; see `vqrae-train --help`."""
+def _main(argv: Sequence[str] | None) -> int:
     from .args import parse_args
 
-    model_args, data_args, training_args = parse_args(argv)
-    is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        level=logging.INFO if is_main else logging.WARNING,
-        stream=sys.stderr,
-    )
-    for noisy in ("accelerate", "httpx", "urllib3", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    model_args, data_args, training_args = parse_args(None if argv is None else list(argv))
+    setup_logging()
     from .trainer import train
 
     train(model_args, data_args, training_args)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `[--config FILE_OR_PRESET] [--option value ...]` and train; see `vqrae-train --help`. A user error
+    prints one line and exits 2; Ctrl-C says where the last checkpoint is and exits 130."""
+    return run_cli("vqrae-train", _main, argv)
 
 
 if __name__ == "__main__":

@@ -31,19 +31,25 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..cli_utils import UsageError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_DATASET_NAME",
     "BUILTIN_TRAIN_PHOTOS",
     "BUILTIN_VALIDATION_PHOTOS",
+    "HOLD_OUT_SEED",
     "ImageDecodeCounter",
+    "MissingSplitError",
     "TrainingBatches",
     "StreamingTrainingBatches",
     "ValidationImages",
     "builtin_photos",
     "center_crop_box",
+    "dataset_identity",
     "decode_image",
+    "hold_out",
     "load_image_dataset",
     "load_validation_images",
     "random_resized_crop_box",
@@ -296,7 +302,7 @@ def builtin_photos(split: str = "train"):
     import datasets
 
     if split not in ("train", "validation"):
-        raise ValueError(f"The built-in photos have the splits 'train' and 'validation' (got split={split!r}).")
+        raise MissingSplitError(f"The built-in photos have the splits 'train' and 'validation' (got split={split!r}).")
     images, names = _builtin_photo_files(split)
     images = [{"bytes": data, "path": None} for data in images]
     features = datasets.Features({"image": datasets.Image(), "photo": datasets.Value("string")})
@@ -311,14 +317,14 @@ def resolve_image_column(dataset, image_column: str | None) -> str:
     columns = list(features) if features is not None else list(getattr(dataset, "column_names", None) or [])
     if image_column is not None:
         if columns and image_column not in columns:
-            raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
+            raise UsageError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
         return image_column
     image_columns = [name for name, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
     if len(image_columns) == 1:
         return image_columns[0]
     if "image" in columns:
         return "image"
-    raise ValueError(
+    raise UsageError(
         f"Cannot tell which column holds the images (columns: {columns}, of which Image columns: {image_columns}); "
         "pass --image_column."
     )
@@ -352,10 +358,10 @@ def load_image_dataset(
         folder = train_dir if split == "train" else validation_dir
         option = "--train_dir" if split == "train" else "--validation_dir"
         if folder is None:
-            raise ValueError(f"Loading the {split!r} split from local folders needs {option}.")
+            raise UsageError(f"Loading the {split!r} split from local folders needs {option}.")
         if not os.path.isdir(folder):
             name = option.lstrip("-")
-            raise ValueError(f"`{name}` must be a folder of images (got {folder!r}, which is not a folder).")
+            raise UsageError(f"`{name}` must be a folder of images (got {folder!r}, which is not a folder).")
         try:
             dataset = datasets.load_dataset(
                 "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=cache_dir
@@ -364,7 +370,7 @@ def load_image_dataset(
             # A folder of only non-image files gives datasets' 'Instruction "train" corresponds to no data!'.
             if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
                 raise
-            raise ValueError(f"`{option.lstrip('-')}` {folder!r} holds no images ({error}).") from error
+            raise UsageError(f"`{option.lstrip('-')}` {folder!r} holds no images ({error}).") from error
         source = folder
     elif dataset_name is None or dataset_name == BUILTIN_DATASET_NAME:
         dataset = builtin_photos(split)
@@ -384,18 +390,90 @@ def load_image_dataset(
         except ValueError as error:
             if "split" not in str(error).lower():
                 raise
-            raise ValueError(
+            raise MissingSplitError(
                 f"{dataset_name!r} has no split {split!r} ({error}); choose one with --train_split/--validation_split."
+            ) from error
+        except (FileNotFoundError, ConnectionError) as error:
+            # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
+            # ConnectionError.
+            where = "a folder here" if not os.path.exists(dataset_name) else "a dataset folder datasets can read"
+            raise UsageError(
+                f"`dataset_name` {dataset_name!r} is not {where} and could not be loaded from the Hub ({error})."
             ) from error
         source = dataset_name
 
     column = resolve_image_column(dataset, image_column)
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {split!r} split of {source!r} is empty: there are no images to use.")
+        raise UsageError(f"The {split!r} split of {source!r} is empty: there are no images to use.")
     features = dataset.features
     if features is not None and isinstance(features.get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset, column
+
+
+class MissingSplitError(UsageError):
+    """The dataset has no split of the requested name (most image datasets have only `train`)."""
+
+
+# The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images.
+HOLD_OUT_SEED = 0x5EED_0DD5
+
+
+def hold_out(dataset, percentage: float):
+    """Split `dataset` into `(train, validation, info)`, holding out `percentage` % of its examples for validation.
+
+    Deterministic and independent of the training seed: a map-style dataset holds out exactly
+    `max(1, round(n * percentage / 100))` examples chosen by a permutation seeded with `HOLD_OUT_SEED` (both parts
+    keep the dataset's order); a streamed dataset holds out each example whose hash of its position in the stream
+    falls in the lowest `percentage` % (so about that share). `info` says what was held out (for the log and
+    `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
+    """
+    import datasets
+
+    if not 0 < percentage < 100:
+        raise UsageError(f"`validation_split_percentage` must be a number in (0, 100) (got {percentage!r}).")
+    if isinstance(dataset, datasets.IterableDataset):
+        threshold = int(percentage / 100 * 2**32)
+
+        def is_held_out(_, index):
+            return _position_hash(index) < threshold
+
+        def is_kept(_, index):
+            return _position_hash(index) >= threshold
+
+        info = {"percentage": float(percentage), "num_examples": None, "of": None}
+        kept = dataset.filter(is_kept, with_indices=True)
+        return kept, dataset.filter(is_held_out, with_indices=True), info
+    total = len(dataset)
+    count = max(1, round(total * percentage / 100))
+    if count >= total:
+        raise UsageError(
+            f"Holding out {percentage}% of {total} training images for validation leaves none to train on; pass a "
+            "larger dataset, a validation split or folder, or a smaller --validation_split_percentage."
+        )
+    chosen = np.zeros(total, dtype=bool)
+    chosen[np.random.default_rng(HOLD_OUT_SEED).permutation(total)[:count]] = True
+    info = {"percentage": float(percentage), "num_examples": count, "of": total}
+    return dataset.select(np.flatnonzero(~chosen)), dataset.select(np.flatnonzero(chosen)), info
+
+
+def _position_hash(index: int) -> int:
+    """A well-mixed 32-bit hash of a position (splitmix64's finaliser), the same in every process and run."""
+    z = (index + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 32
+
+
+def dataset_identity(dataset, **source) -> dict:
+    """What identifies the training data of a run: `source` (name or folder, config, revision, split, held-out
+    share, sample cap) plus, for a map-style dataset, its number of examples and `datasets`' fingerprint (which
+    changes when the files change: an image added to a folder, a new revision)."""
+    identity = {key: value for key, value in source.items() if value is not None}
+    if hasattr(dataset, "__len__"):
+        identity["num_examples"] = len(dataset)
+        identity["fingerprint"] = getattr(dataset, "_fingerprint", None)
+    return identity
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,7 +547,7 @@ class TrainingBatches(_TrainingCrops, torch.utils.data.Dataset):
 
     def __init__(self, dataset, image_column: str, image_processor, *, cache_images: bool | None = None, **crops):
         if len(dataset) == 0:
-            raise ValueError("The training dataset is empty: there are no images to train on.")
+            raise UsageError("The training dataset is empty: there are no images to train on.")
         super().__init__(image_column, image_processor, **crops)
         self.dataset = dataset
         # Small datasets (the built-in photos) are decoded once and kept: decoding is most of the data cost.
@@ -506,7 +584,7 @@ class TrainingBatches(_TrainingCrops, torch.utils.data.Dataset):
             image = self._image(permutation[(offset + attempt) % n])
             if image is not None:
                 return self.crop(image, np.random.default_rng((self.seed, position)))
-        raise ValueError(f"None of the {n} training images can be read ({self.counter.examples[:3]}).")
+        raise UsageError(f"None of the {n} training images can be read ({self.counter.examples[:3]}).")
 
     def positions(self, micro_batch: int) -> range:
         start = micro_batch * self.batch_size * self.num_processes + self.process_index * self.batch_size
@@ -545,7 +623,7 @@ class StreamingTrainingBatches(_TrainingCrops, torch.utils.data.IterableDataset)
                 yield position, example[self.image_column]
                 position += 1
             if empty:
-                raise ValueError("The streamed training dataset is empty on this process: there are no images.")
+                raise UsageError("The streamed training dataset is empty on this process: there are no images.")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -580,6 +658,7 @@ class ValidationImages:
         dataset_name, dataset_split, image_size: where the images come from and their size.
         total: how many examples of the split were read, over all processes (unreadable ones included); `None`
             for a streamed split. Example pictures are spread over this range.
+        held_out: when the images were held out of the training split (`hold_out`), what was held out; else None.
     """
 
     images: list[Image.Image]
@@ -589,6 +668,7 @@ class ValidationImages:
     dataset_split: str
     image_size: int
     total: int | None = None
+    held_out: dict | None = None
 
 
 def load_validation_images(
@@ -602,10 +682,12 @@ def load_validation_images(
     process_index: int = 0,
     num_processes: int = 1,
     resample: int = Image.Resampling.BICUBIC,
+    held_out: dict | None = None,
 ) -> ValidationImages:
     """Decode this process's share of the first `max_samples` examples of `dataset` (every `num_processes`-th
-    example, starting at `process_index`), each cut to its largest centred square and resized (bicubic) to
-    `image_size`. Unreadable images are skipped and counted."""
+    example, starting at `process_index`), each cut to its largest centred square and resized (with `resample`, the
+    image processor's filter) to `image_size`. Unreadable images are skipped and counted. `held_out` (from
+    `hold_out`) is carried into the results."""
     counter = ImageDecodeCounter()
     images, indices, total = [], [], None
     if hasattr(dataset, "__len__"):
@@ -629,4 +711,5 @@ def load_validation_images(
         dataset_split=dataset_split,
         image_size=image_size,
         total=total,
+        held_out=held_out,
     )

@@ -1,7 +1,10 @@
-"""Training losses of a VQRAE tokenizer: pixel losses, SSIM, LPIPS, self-distillation and a patch-GAN.
+"""Training losses of a VQRAE tokenizer: pixel losses, SSIM, LPIPS, the quantizer's loss, self-distillation and a
+patch-GAN, owned with their weights and schedule by one module, `VQRAELoss` (the pattern of taming-transformers'
+`VQLPIPSWithDiscriminator`): `generator_loss(...)` for the tokenizer, `discriminator_loss(...)` for the critic.
 
 All image losses compare images in [0, 1] (the normalised pixels mapped back with the image processor's mean and
-std), in float32 whatever the autocast dtype.
+std), in float32, outside any autocast region: under `--mixed_precision bf16` the model runs in bf16, its losses
+(SSIM, LPIPS, the patch-GAN and the adaptive GAN weight included) do not.
 """
 
 from __future__ import annotations
@@ -12,14 +15,111 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli_utils import UsageError
+
 __all__ = [
     "LPIPS",
+    "VQRAELoss",
     "VQRAEPatchDiscriminator",
     "adaptive_gan_weight",
     "discriminator_hinge_loss",
     "generator_hinge_loss",
     "reconstruction_losses",
 ]
+
+
+class VQRAELoss(nn.Module):
+    """Every term of a VQRAE tokenizer's objective, with its weight.
+
+    `generator_loss` = `reconstruction` (weighted L1, MSE, 1 - SSIM and LPIPS between the images in [0, 1])
+    + `quantizer_weight` * the quantizer's loss + `distillation_weight` * `||f(x) - f_teacher(x)||^2` (stage 2)
+    + the adaptive GAN weight times `gan_weight` times the generator's hinge loss, from step `gan_start_step` on.
+    `discriminator_loss` is the hinge loss of the patch discriminator on real images and reconstructions.
+
+    Args:
+        image_mean, image_std: the image processor's normalisation, undone to compare images in [0, 1].
+        lpips_weights: the folder of LPIPS's local weights (with `perceptual_weight > 0`).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_mean,
+        image_std,
+        l1_weight: float = 1.0,
+        mse_weight: float = 0.0,
+        ssim_weight: float = 0.0,
+        perceptual_weight: float = 0.0,
+        lpips_weights: str | None = None,
+        quantizer_weight: float = 1.0,
+        distillation_weight: float = 0.0,
+        gan_weight: float = 0.0,
+        gan_start_step: int = 0,
+    ):
+        super().__init__()
+        self.l1_weight, self.mse_weight, self.ssim_weight = l1_weight, mse_weight, ssim_weight
+        self.perceptual_weight = perceptual_weight
+        self.quantizer_weight, self.distillation_weight = quantizer_weight, distillation_weight
+        self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
+        self.perceptual = LPIPS(lpips_weights) if perceptual_weight > 0 else None
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+
+    def to_unit(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (the model's range) to float32 images in [0, 1] (not clamped)."""
+        return pixels.float() * self.image_std + self.image_mean
+
+    def uses_gan(self, step: int) -> bool:
+        return self.gan_weight > 0 and step >= self.gan_start_step
+
+    def generator_loss(
+        self,
+        output,
+        pixel_values: torch.Tensor,
+        *,
+        step: int,
+        last_layer: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        discriminator: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The tokenizer's loss for a `VQRAEModelOutput` of `pixel_values`, and its terms (unweighted, plus
+        `reconstruction`, `gan_weight` and `loss`). `last_layer` (the decoder's output weight) and `discriminator`
+        are needed from `gan_start_step` on, `teacher_features` in stage 2."""
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            target = self.to_unit(pixel_values)
+            reconstruction = self.to_unit(output.reconstruction)
+            terms = reconstruction_losses(
+                reconstruction,
+                target,
+                l1_weight=self.l1_weight,
+                mse_weight=self.mse_weight,
+                ssim_weight=self.ssim_weight,
+                perceptual_weight=self.perceptual_weight,
+                perceptual=self.perceptual,
+            )
+            terms["quantizer"] = output.quantizer_loss.float()
+            loss = terms["reconstruction"] + self.quantizer_weight * terms["quantizer"]
+            if teacher_features is not None:
+                terms["distillation"] = F.mse_loss(output.last_hidden_state.float(), teacher_features.float())
+                loss = loss + self.distillation_weight * terms["distillation"]
+            if self.uses_gan(step):
+                discriminator.requires_grad_(False)  # the generator's loss trains the tokenizer, not the critic
+                terms["generator"] = generator_hinge_loss(discriminator(reconstruction))
+                discriminator.requires_grad_(True)
+                weight = adaptive_gan_weight(terms["reconstruction"], terms["generator"], last_layer)
+                terms["gan_weight"] = weight * self.gan_weight
+                loss = loss + terms["gan_weight"] * terms["generator"]
+            terms["loss"] = loss
+        return loss, terms
+
+    def discriminator_loss(
+        self, pixel_values: torch.Tensor, reconstruction: torch.Tensor, discriminator: nn.Module
+    ) -> torch.Tensor:
+        """The critic's hinge loss on real images and (detached) reconstructions, both in the model's range."""
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            real_logits = discriminator(self.to_unit(pixel_values))
+            fake_logits = discriminator(self.to_unit(reconstruction.detach()))
+            return discriminator_hinge_loss(real_logits, fake_logits)
 
 
 def reconstruction_losses(
@@ -93,7 +193,7 @@ def _find_lpips_weights(folder: str | None) -> tuple[str, str]:
     )
     if vgg is None or heads is None:
         missing = [name for name, found in ((VGG16_WEIGHTS_FILE, vgg), (LPIPS_WEIGHTS_FILE, heads)) if found is None]
-        raise ValueError(
+        raise UsageError(
             f"The perceptual loss (LPIPS) needs its weights locally, and {missing} were not found in {candidates}. "
             "Nothing is downloaded during training: put torchvision's VGG16 weights "
             f"({VGG16_WEIGHTS_FILE}) and the LPIPS v0.1 VGG heads ({LPIPS_WEIGHTS_FILE}) in one folder and pass "

@@ -46,6 +46,7 @@ __all__ = [
 EVAL_RESULT_KEYS = (
     "dataset_name",
     "dataset_split",
+    "held_out",
     "num_images",
     "image_size",
     "step",
@@ -247,6 +248,7 @@ def evaluate_model(
     metrics = {
         "dataset_name": validation.dataset_name,
         "dataset_split": validation.dataset_split,
+        "held_out": validation.held_out,
         "num_images": len(gathered),
         "image_size": validation.image_size,
         "step": int(step),

@@ -81,6 +81,9 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
         if isinstance(value, bool) or not isinstance(value, types):
             allowed = " or ".join(t.__name__ for t in types)
             raise ValueError(f"`{name}` in {path} must be {allowed} (got {value!r}).")
+    held_out = results.setdefault("held_out", None)  # absent from results written before held-out shares existed
+    if held_out is not None and (not isinstance(held_out, dict) or "percentage" not in held_out):
+        raise ValueError(f"`held_out` in {path} must be null or an object with `percentage` (got {held_out!r}).")
     rfid = results.setdefault("rfid", None)
     if rfid is not None and (isinstance(rfid, bool) or not isinstance(rfid, _REAL)):
         raise ValueError(f"`rfid` in {path} must be a number or null (got {rfid!r}).")
@@ -208,7 +211,7 @@ def _eval_results(evaluation: dict) -> list[EvalResult]:
             task_name="Image reconstruction",
             dataset_type=evaluation["dataset_name"],
             dataset_name=evaluation["dataset_name"],
-            dataset_split=evaluation["dataset_split"],
+            dataset_split=_split_label(evaluation),
             metric_type=metric,
             metric_name=name,
             metric_value=evaluation[metric],
@@ -297,11 +300,20 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f} M" if count >= 100_000 else f"{count:,}"
 
 
+def _split_label(evaluation: dict) -> str:
+    """The evaluated split, saying when its images were held out of the training split."""
+    held_out = evaluation.get("held_out")
+    if held_out is None:
+        return evaluation["dataset_split"]
+    return f"{evaluation['dataset_split']} ({held_out['percentage']:g}% held out, never trained on)"
+
+
 def _evaluation(evaluation: dict, codebook_size: int) -> dict:
     rfid = evaluation["rfid"]
     utilization = f"{evaluation['codebook_utilization']:.1%} ({evaluation['used_codes']:,} of {codebook_size:,} codes)"
     return {
-        **{name: evaluation[name] for name in ("step", "num_images", "dataset_split", "dataset_name", "image_size")},
+        **{name: evaluation[name] for name in ("step", "num_images", "dataset_name", "image_size")},
+        "dataset_split": _split_label(evaluation),
         "rows": [
             ("PSNR (dB) ↑", f"{evaluation['psnr']:.2f}", f"{evaluation['bicubic_psnr']:.2f}"),
             ("SSIM ↑", f"{evaluation['ssim']:.4f}", f"{evaluation['bicubic_ssim']:.4f}"),

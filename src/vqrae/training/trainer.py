@@ -1,127 +1,139 @@
-"""The accelerate training loop of a VQRAE tokenizer.
+"""The accelerate training loop of a VQRAE tokenizer, as a recipe.
 
-`train(model_args, data_args, training_args)` builds the model (pretrained SigLIP encoder, a VQRAE folder, or a
-randomly initialised encoder), trains it in the requested stage, checkpoints and evaluates it, and writes the
-output folder: the model (`save_pretrained`), `eval_results.json`, `metrics.jsonl`, the pictures,
-`training_config.yaml` and the model card.
+`train(model_args, data_args, training_args)`:
+
+1. builds the model (`build_model`: a pretrained SigLIP encoder, a VQRAE folder, or a randomly initialised encoder)
+   and picks the stage (`resolve_stage`);
+2. loads the data (`load_training_data`): the training stream and the validation images, holding out a share of the
+   training examples when the data has no validation split or folder;
+3. builds the loss (`losses.VQRAELoss`) and the training state (`build_training_state`: optimiser, schedule, EMA,
+   stage-2 teacher, GAN critic), and resumes it from a checkpoint when asked (`checkpointing`);
+4. runs `train_step` until `max_steps`, logging, evaluating and checkpointing on the way;
+5. evaluates once more and writes the output folder: the model (`save_pretrained`), `eval_results.json`,
+   `metrics.jsonl`, the pictures, `training_config.yaml` and the model card.
 
 Stages (VQRAE paper): stage 1 freezes the encoder (no gradients, eval mode, run without a graph) and trains the
-quantizer, `post_quant_conv` and decoder; stage 2 trains the encoder too, with self-distillation
-`distillation_weight * ||f(x) - f_teacher(x)||^2` towards a frozen copy of the starting encoder (never saved). A
-randomly initialised encoder is trained jointly from the first step.
+quantizer, `post_quant_conv` and decoder; stage 2 trains the encoder too, with self-distillation towards a frozen copy
+of the starting encoder (never saved). A randomly initialised encoder is trained jointly from the first step.
 
-Resuming: a checkpoint holds the model, optimisers, scheduler, EMA, RNG states, the step and the data position.
-The data stream is a function of the step (`data.TrainingBatches`), so a run killed at any moment and resumed
-from its last checkpoint ends with the same weights as an uninterrupted run. Checkpoints are written to a hidden
-folder and renamed when complete, so a kill during a save never leaves a checkpoint that looks complete.
+The data stream is a function of the step (`data.TrainingBatches`), so a run killed at any moment and resumed from
+its last checkpoint ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
-import random
-import re
-import shutil
+import shlex
+import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from .args import DataArguments, ModelArguments, VQRAETrainingArguments, options_to_dict
+from ..cli_utils import UsageError
+from .args import DataArguments, ModelArguments, VQRAETrainingArguments, options_to_dict, write_training_config
+from .checkpointing import (
+    CHECKPOINTS_DIR,
+    check_resume,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
+    read_checkpoint_record,
+    resolve_resume,
+    save_checkpoint,
+    truncate_metrics,
+)
 from .data import (
     BUILTIN_DATASET_NAME,
+    MissingSplitError,
     StreamingTrainingBatches,
     TrainingBatches,
+    ValidationImages,
+    dataset_identity,
+    hold_out,
     load_image_dataset,
     load_validation_images,
 )
-from .losses import (
-    LPIPS,
-    VQRAEPatchDiscriminator,
-    adaptive_gan_weight,
-    discriminator_hinge_loss,
-    generator_hinge_loss,
-    reconstruction_losses,
-)
+from .losses import VQRAELoss, VQRAEPatchDiscriminator
 from .metrics import evaluate_model, save_eval_results
+from .model_card import EVAL_RESULTS_FILE, PICTURES, TRAINING_CONFIG_FILE
+from .state import ExponentialMovingAverage, TrainingState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINTS_DIR", "ExponentialMovingAverage", "build_model", "latest_checkpoint", "resolve_stage", "train"]
+__all__ = ["build_model", "load_training_data", "resolve_stage", "train", "train_step"]
 
-CHECKPOINTS_DIR = "checkpoints"
-TRAINER_STATE_FILE = "trainer_state.json"
-EMA_WEIGHTS_FILE = "ema_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
-TRAINING_CONFIG_FILE = "training_config.yaml"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes into output_dir (removed by --overwrite_output_dir).
-_RUN_OUTPUTS = (
+RUN_OUTPUTS = (
     CHECKPOINTS_DIR,
     METRICS_FILE,
     "runs",
-    "eval_results.json",
+    EVAL_RESULTS_FILE,
     TRAINING_CONFIG_FILE,
-    "reconstructions.png",
-    "training_curves.png",
-    "codebook_usage.png",
+    *PICTURES,
     "config.json",
     "model.safetensors",
     "preprocessor_config.json",
     "README.md",
 )
+# Warm-up, as a share of max_steps, when the asked warm-up would last the whole run.
+SHORT_RUN_WARMUP_SHARE = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model and stage
+# Model, stage and schedule
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def build_model(model_args: ModelArguments, cache_dir: str | None = None):
     """The model to train, in float32: from `init_from`, around a pretrained `encoder_name_or_path`, or randomly
-    initialised from a named vision config. Call after seeding: the random parts are initialised here."""
+    initialised from a named vision config. Call after seeding: the random parts are initialised here. A model or
+    encoder that cannot be found, or options that make no valid model, raise `UsageError`."""
     from ..configuration_vqrae import VQRAEConfig
     from ..modeling_vqrae import VQRAEModel
 
-    if model_args.init_from is not None:
-        if not os.path.isdir(model_args.init_from) and not model_args.init_from.count("/") == 1:
-            raise ValueError(f"`init_from` must be a saved VQRAE folder or Hub id (got {model_args.init_from!r}).")
-        model = VQRAEModel.from_pretrained(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
-        requested = model_args.config_kwargs(default_quantizer=None)
-        conflicts = {
-            name: (value, getattr(model.config, name))
-            for name, value in requested.items()
-            if getattr(model.config, name) != value
-        }
-        if conflicts:
-            details = ", ".join(
-                f"`{name}`: asked {asked!r}, model has {has!r}" for name, (asked, has) in conflicts.items()
+    try:
+        if model_args.init_from is not None:
+            model = VQRAEModel.from_pretrained(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
+            _check_init_from_agrees(model, model_args)
+            return model
+        if model_args.encoder_name_or_path is not None:
+            return VQRAEModel.from_encoder_pretrained(
+                model_args.encoder_name_or_path,
+                encoder_kwargs={"dtype": torch.float32, "cache_dir": cache_dir},
+                **model_args.config_kwargs(),
             )
-            raise ValueError(f"Options contradict the model of `init_from` {model_args.init_from!r} ({details}).")
-        return model
-    if model_args.encoder_name_or_path is not None:
-        return VQRAEModel.from_encoder_pretrained(
-            model_args.encoder_name_or_path,
-            encoder_kwargs={"dtype": torch.float32, "cache_dir": cache_dir},
-            **model_args.config_kwargs(),
+        vision = model_args.vision_config_dict()
+        vision.setdefault("vision_use_head", False)
+        return VQRAEModel(VQRAEConfig(vision_config=vision, **model_args.config_kwargs(size_preset=True)))
+    except UsageError:
+        raise
+    except (ValueError, TypeError, OSError) as error:  # the config's and from_pretrained's own checks
+        raise UsageError(str(error)) from error
+
+
+def _check_init_from_agrees(model, model_args: ModelArguments) -> None:
+    requested = model_args.config_kwargs(default_quantizer=None)
+    conflicts = {name: (value, getattr(model.config, name)) for name, value in requested.items()}
+    conflicts = {name: pair for name, pair in conflicts.items() if pair[0] != pair[1]}
+    if conflicts:
+        details = ", ".join(
+            f"`{name}`: asked {asked!r}, model has {has!r}" for name, (asked, has) in conflicts.items()
         )
-    vision = model_args.vision_config_dict()
-    vision.setdefault("vision_use_head", False)
-    return VQRAEModel(VQRAEConfig(vision_config=vision, **model_args.config_kwargs(size_preset=True)))
+        raise UsageError(f"Options contradict the model of `init_from` {model_args.init_from!r} ({details}).")
 
 
 def resolve_stage(stage: int | None, model_args: ModelArguments) -> str:
     """`"stage1"`, `"stage2"` or `"joint"` (a randomly initialised encoder, trained with the rest)."""
     pretrained = model_args.encoder_name_or_path is not None or model_args.init_from is not None
     if stage == 2 and not pretrained:
-        raise ValueError(
+        raise UsageError(
             "Stage 2 fine-tunes a trained encoder with self-distillation towards its starting copy, so it needs a "
             "start model: pass --init_from (e.g. the output folder of stage 1) or --encoder_name_or_path."
         )
@@ -132,196 +144,148 @@ def resolve_stage(stage: int | None, model_args: ModelArguments) -> str:
     return f"stage{stage}"
 
 
+def resolve_warmup(args: VQRAETrainingArguments) -> VQRAETrainingArguments:
+    """`args` with a warm-up that ends before the run does: a warm-up of `max_steps` or more would never reach the
+    peak learning rate, so it is scaled down to `SHORT_RUN_WARMUP_SHARE` of `max_steps` (and said so)."""
+    if args.warmup_steps < args.max_steps:
+        return args
+    warmup = int(args.max_steps * SHORT_RUN_WARMUP_SHARE)
+    logger.warning(
+        "--warmup_steps %d is not below --max_steps %d, so the learning rate would never leave warm-up; warming up "
+        "for %d steps instead (%d%% of max_steps). Pass a --warmup_steps below --max_steps to choose.",
+        args.warmup_steps,
+        args.max_steps,
+        warmup,
+        round(100 * SHORT_RUN_WARMUP_SHARE),
+    )
+    return dataclasses.replace(args, warmup_steps=warmup)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# EMA and random states
+# Data
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ExponentialMovingAverage:
-    """An exponential moving average of a model's floating-point parameters and buffers, kept in a copy of the
-    model (`self.model`) that can be evaluated and saved. The decay warms up as `min(decay, (1 + n) / (10 + n))`."""
+@dataclass
+class TrainingData:
+    """The training stream of this process, its validation share, and the identity of the training data."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.num_updates = 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        source = model.state_dict()
-        for name, shadow in self.model.state_dict().items():
-            if shadow.dtype.is_floating_point:
-                shadow.lerp_(source[name].to(shadow.dtype), 1 - decay)
+    batches: TrainingBatches | StreamingTrainingBatches
+    validation: ValidationImages
+    identity: dict
 
 
-def _rng_state() -> dict:
-    """This process's Python, NumPy and torch (CPU and CUDA) random states, as JSON-able lists."""
-    numpy_state = np.random.get_state()
-    state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
+def _load_splits(data_args: DataArguments):
+    """`(train, column), (validation, column), dataset name, validation split, held-out info or None)`."""
+    common = {
+        "dataset_name": data_args.dataset_name,
+        "dataset_config_name": data_args.dataset_config_name,
+        "train_dir": data_args.train_dir,
+        "validation_dir": data_args.validation_dir,
+        "image_column": data_args.image_column,
+        "cache_dir": data_args.cache_dir,
+        "revision": data_args.dataset_revision,
+        "streaming": data_args.streaming,
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [generator.tolist() for generator in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    root = os.path.join(output_dir, CHECKPOINTS_DIR)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = _CHECKPOINT_RE.match(name)
-        if match and os.path.isfile(os.path.join(root, name, TRAINER_STATE_FILE)):
-            found.append((int(match.group(1)), os.path.join(root, name)))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    checkpoints = _complete_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def _remove_tree(path: str) -> None:
-    """Rename, then delete: a half-deleted checkpoint never keeps a name that looks complete."""
-    doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _save_checkpoint(
-    accelerator, output_dir: str, step: int, *, scheduler, ema, data_state: dict, total_limit: int | None
-) -> str:
-    """Save everything a resume needs into a hidden folder, renamed `checkpoint-{step}` once complete.
-
-    accelerate's `save_state` writes the models and optimisers (safetensors and `torch.save` of tensors); the rest
-    is written here without pickles: the scheduler, the step and each process's random states and data position as
-    JSON, the EMA weights as safetensors. accelerate's automatic checkpoint naming (whose `iteration` must be set
-    after `load_state`) writes straight into the final folder, so a kill during a save would leave a checkpoint that
-    looks complete; the folders are therefore named here, by step, and `trainer_state.json` is written last.
-    """
-    root = os.path.join(output_dir, CHECKPOINTS_DIR)
-    final = os.path.join(root, f"checkpoint-{step}")
-    temporary = os.path.join(root, f".incomplete-checkpoint-{step}")
-    if accelerator.is_main_process:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary)
-        os.makedirs(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary, safe_serialization=True)
-    with open(os.path.join(temporary, f"process_{accelerator.process_index}.json"), "w") as handle:
-        json.dump({"rng": _rng_state(), "data": data_state}, handle)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict()}
-        if ema is not None:
-            save_file(ema.model.state_dict(), os.path.join(temporary, EMA_WEIGHTS_FILE))
-            state["ema_num_updates"] = ema.num_updates
-        with open(os.path.join(temporary, TRAINER_STATE_FILE), "w") as handle:
-            json.dump(state, handle)
-        if os.path.exists(final):
-            _remove_tree(final)
-        os.replace(temporary, final)  # atomic: the checkpoint appears complete or not at all
-        if total_limit is not None:
-            for _, old in _complete_checkpoints(output_dir)[:-total_limit]:
-                _remove_tree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dict]:
-    """Restore a checkpoint written by `_save_checkpoint`; returns the step and this process's data position."""
-    accelerator.load_state(path)
-    with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
-        state = json.load(handle)
-    scheduler.load_state_dict(state["scheduler"])
-    if ema is not None:
-        if "ema_num_updates" not in state:
-            raise ValueError(f"The checkpoint {path!r} holds no EMA weights, but `ema_decay` is set.")
-        ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE), device=str(accelerator.device)))
-        ema.num_updates = state["ema_num_updates"]
-    process_file = os.path.join(path, f"process_{accelerator.process_index}.json")
-    data_state = {}
-    if os.path.isfile(process_file):
-        with open(process_file) as handle:
-            process_state = json.load(handle)
-        _set_rng_state(process_state["rng"])
-        data_state = process_state["data"]
-    return int(state["step"]), data_state
-
-
-def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            logger.info(
-                "--resume_from_checkpoint latest: no complete checkpoint in %s yet, starting afresh.", output_dir
-            )
-        return path
-    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_FILE)):
-        raise ValueError(
-            f"`resume_from_checkpoint` must be 'latest' or a complete checkpoint folder (got {resume!r}, which holds "
-            f"no {TRAINER_STATE_FILE})."
+    builtin = data_args.train_dir is None and data_args.dataset_name in (None, BUILTIN_DATASET_NAME)
+    train_split = "train" if builtin or data_args.train_dir else data_args.train_split
+    train, column = load_image_dataset(train_split, **common)
+    name = data_args.train_dir or data_args.dataset_name or BUILTIN_DATASET_NAME
+    if data_args.train_dir is not None and data_args.validation_dir is None:
+        missing = f"`train_dir` {data_args.train_dir!r} comes with no --validation_dir"
+    else:
+        validation_split = "validation" if builtin or data_args.train_dir else data_args.validation_split
+        try:
+            validation = load_image_dataset(validation_split, **common)
+            label = data_args.validation_dir or name
+            return (train, column), validation, label, validation_split, None
+        except MissingSplitError:
+            missing = f"{name!r} has no {validation_split!r} split"
+    if not data_args.validation_split_percentage:
+        raise UsageError(
+            f"{missing}, and --validation_split_percentage is 0: pass a validation split or folder, or a share of "
+            "the training images to hold out (e.g. --validation_split_percentage 5)."
         )
-    return resume
+    train, held, info = hold_out(train, data_args.validation_split_percentage)
+    logger.info(
+        "%s: holding out %s%% of the %s training images for validation (%s images), chosen with a fixed seed.",
+        missing,
+        f"{info['percentage']:g}",
+        info["of"] if info["of"] is not None else "streamed",
+        info["num_examples"] if info["num_examples"] is not None else "about that share of the",
+    )
+    return (train, column), (held, column), name, train_split, info
 
 
-def _prepare_output_dir(args: VQRAETrainingArguments, resuming: bool) -> None:
-    """Main process: refuse to mix runs in one folder; remove leftovers of interrupted saves."""
-    output = Path(args.output_dir)
-    existing = [name for name in _RUN_OUTPUTS if (output / name).exists()] if output.is_dir() else []
-    if existing and not resuming:
-        if not args.overwrite_output_dir:
-            raise ValueError(
-                f"`output_dir` {args.output_dir!r} already holds a run ({existing}). Pass --resume_from_checkpoint "
-                "latest to continue it, --overwrite_output_dir to start afresh, or another --output_dir."
-            )
-        for name in existing:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
-    root = output / CHECKPOINTS_DIR
-    if root.is_dir():
-        for leftover in root.iterdir():
-            if leftover.name.startswith((".incomplete-", ".deleting-")):
-                shutil.rmtree(leftover, ignore_errors=True)
+def load_training_data(
+    data_args: DataArguments, args: VQRAETrainingArguments, image_processor, image_size: int, accelerator
+) -> TrainingData:
+    """The training batches of this process and its share of the validation images (read before training starts,
+    so a validation set that cannot be read fails now, not after training)."""
+    (train, column), (validation_data, validation_column), name, split, held_out = _load_splits(data_args)
+    if data_args.max_train_samples is not None:
+        train = (
+            train.take(data_args.max_train_samples)
+            if data_args.streaming
+            else train.select(range(min(data_args.max_train_samples, len(train))))
+        )
+    validation = load_validation_images(
+        validation_data,
+        validation_column,
+        image_size,
+        dataset_name=name,
+        dataset_split=split,
+        max_samples=data_args.max_eval_samples,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        resample=int(image_processor.resample),
+        held_out=held_out,
+    )
+    readable = accelerator.reduce(torch.tensor(len(validation.images), device=accelerator.device), "sum")
+    if int(readable) == 0:
+        raise UsageError(
+            f"None of the validation images of {name!r} (split {split!r}) can be read ({validation.num_unreadable} "
+            "unreadable on this process); fix them or choose other validation data before training."
+        )
+    stream = {
+        "batch_size": args.per_device_train_batch_size,
+        "seed": args.seed,
+        "image_size": image_size,
+        "process_index": accelerator.process_index,
+        "num_processes": accelerator.num_processes,
+        "crop_scale": (data_args.min_crop_scale, 1.0),
+        "random_flip": data_args.random_flip,
+    }
+    if data_args.streaming:
+        shuffle = data_args.shuffle_buffer_size
+        batches = StreamingTrainingBatches(train, column, image_processor, shuffle_buffer_size=shuffle, **stream)
+    else:
+        batches = TrainingBatches(train, column, image_processor, **stream)
+    identity = dataset_identity(
+        train,
+        source=name,
+        config=data_args.dataset_config_name,
+        revision=data_args.dataset_revision,
+        split=split,
+        held_out_percentage=held_out and held_out["percentage"],
+        max_train_samples=data_args.max_train_samples,
+    )
+    return TrainingData(batches=batches, validation=validation, identity=identity)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        lines = [line for line in handle if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
+def _batch_iterator(data: TrainingData, args: VQRAETrainingArguments, num_workers: int, start_step: int):
+    """Micro-batches from `start_step` on: map-style data by micro-batch number (a sampler over the steps left),
+    a stream from its saved position."""
+    if isinstance(data.batches, StreamingTrainingBatches):
+        return iter(torch.utils.data.DataLoader(data.batches, batch_size=None))
+    accumulation = args.gradient_accumulation_steps
+    sampler = range(start_step * accumulation, args.max_steps * accumulation)
+    loader = torch.utils.data.DataLoader(data.batches, batch_size=None, sampler=sampler, num_workers=num_workers)
+    return iter(loader)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
+# The training state and one step
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -335,84 +299,11 @@ def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _tracker_config(options: dict) -> dict:
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in options.items()}
-
-
-def _write_yaml(path: str, options: dict) -> None:
-    import yaml
-
-    header = (
-        "# Every option of this run, resolved. `vqrae-train --config training_config.yaml --output_dir NEW_DIR`\n"
-        "# trains it again (same seed, same data, same weights on CPU float32).\n"
-    )
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(header)
-        yaml.safe_dump(options, handle, sort_keys=False)
-
-
-def _datasets(data_args: DataArguments):
-    common = {
-        "dataset_name": data_args.dataset_name,
-        "dataset_config_name": data_args.dataset_config_name,
-        "train_dir": data_args.train_dir,
-        "validation_dir": data_args.validation_dir,
-        "image_column": data_args.image_column,
-        "cache_dir": data_args.cache_dir,
-        "revision": data_args.dataset_revision,
-    }
-    builtin = data_args.train_dir is None and data_args.dataset_name in (None, BUILTIN_DATASET_NAME)
-    train_split = "train" if builtin or data_args.train_dir else data_args.train_split
-    validation_split = "validation" if builtin or data_args.train_dir else data_args.validation_split
-    train = load_image_dataset(train_split, streaming=data_args.streaming, **common)
-    validation = load_image_dataset(validation_split, streaming=data_args.streaming, **common)
-    if data_args.train_dir is not None:
-        name = data_args.validation_dir
-    else:
-        name = data_args.dataset_name or BUILTIN_DATASET_NAME
-    return train, validation, name, validation_split
-
-
-def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
-    """Train a VQRAE tokenizer and write its output folder. Returns the final evaluation (`eval_results.json`)."""
-    threads = torch.get_num_threads()
-    if args.torch_num_threads is not None:
-        torch.set_num_threads(args.torch_num_threads)
-    try:
-        return _train(model_args, data_args, args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
+def build_training_state(model, args: VQRAETrainingArguments, accelerator, stage: str) -> TrainingState:
+    """Freeze or copy the encoder for the stage, build the optimiser, schedule, GAN critic and EMA, and prepare
+    them with accelerate."""
     from transformers import get_scheduler
 
-    stage = resolve_stage(args.stage, model_args)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
-        ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
-    resume_path = _resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if accelerator.is_main_process:
-        _prepare_output_dir(args, resuming=args.resume_from_checkpoint is not None)
-    accelerator.wait_for_everyone()
-    options = options_to_dict(model_args, data_args, args)
-    options["resume_from_checkpoint"] = None  # a resumed run is the same run
-
-    # -- model ---------------------------------------------------------------------------------------------------
-    set_seed(args.seed)
-    model = build_model(model_args, cache_dir=data_args.cache_dir)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    image_processor = model.get_image_processor()
-    image_size = model.config.vision_config.image_size
     teacher = None
     if stage == "stage1":
         model.freeze_encoder(True)
@@ -420,58 +311,13 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrai
         teacher = copy.deepcopy(model.encoder).eval().requires_grad_(False).to(accelerator.device)
     model.to(accelerator.device)
     model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(
-        "Training %s: %s, %.2fM trainable of %.2fM parameters, %d-px images, %dx%d tokens, codebook %d.",
-        stage,
-        model_args.init_from
-        or model_args.encoder_name_or_path
-        or f"random {model_args.vision_config or 'tiny'} model",
-        trainable / 1e6,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        image_size,
-        *model.config.token_grid_size,
-        model.codebook_size,
-    )
-
-    perceptual = LPIPS(args.lpips_weights).to(accelerator.device) if args.perceptual_weight > 0 else None
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    (train_data, column), (validation_data, validation_column), dataset_label, validation_split = _datasets(data_args)
-    validation = load_validation_images(
-        validation_data,
-        validation_column,
-        image_size,
-        dataset_name=dataset_label,
-        dataset_split=validation_split,
-        max_samples=data_args.max_eval_samples,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        resample=int(image_processor.resample),
-    )
-    stream_kwargs = {
-        "batch_size": args.per_device_train_batch_size,
-        "seed": args.seed,
-        "image_size": image_size,
-        "process_index": accelerator.process_index,
-        "num_processes": accelerator.num_processes,
-        "crop_scale": (data_args.min_crop_scale, 1.0),
-        "random_flip": data_args.random_flip,
-    }
-    if data_args.streaming:
-        batches = StreamingTrainingBatches(
-            train_data, column, image_processor, shuffle_buffer_size=data_args.shuffle_buffer_size, **stream_kwargs
-        )
-    else:
-        batches = TrainingBatches(train_data, column, image_processor, **stream_kwargs)
-
-    # -- optimisation ----------------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
         _optimizer_groups(model, args.weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
+    # Stepped once per optimiser step whatever the number of processes, so not prepared; checkpointed by us.
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps
     )
@@ -490,206 +336,316 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrai
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = ExponentialMovingAverage(unwrapped, args.ema_decay) if args.ema_decay is not None else None
-    # The scheduler is stepped once per optimiser step whatever the number of processes, so it is not prepared;
-    # it is checkpointed with the EMA by `_save_checkpoint`.
-    global_step = 0
+    return TrainingState(
+        accelerator=accelerator,
+        model=model,
+        unwrapped=unwrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        teacher=teacher,
+        discriminator=discriminator,
+        discriminator_optimizer=discriminator_optimizer,
+        ema=ExponentialMovingAverage(unwrapped, args.ema_decay) if args.ema_decay is not None else None,
+    )
 
+
+def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> dict[str, float]:
+    """One optimiser step over `gradient_accumulation_steps` micro-batches from `batches`; returns the mean of each
+    loss term over them (and `grad_norm`)."""
+    accelerator, accumulation = state.accelerator, state.gradient_accumulation_steps
+    gan_active = state.discriminator is not None and loss_fn.uses_gan(state.step)
+    critic = accelerator.unwrap_model(state.discriminator) if gan_active else None
+    means: dict[str, float] = {}
+    for micro in range(accumulation):
+        batch = next(batches)
+        state.unreadable_by_worker[int(batch["worker"])] = int(batch["num_unreadable"])
+        pixel_values = batch["pixel_values"].to(accelerator.device)
+        with contextlib.ExitStack() as no_sync:
+            if micro < accumulation - 1:  # gradients are reduced across processes once, on the last micro-batch
+                no_sync.enter_context(accelerator.no_sync(state.model))
+                if gan_active:
+                    no_sync.enter_context(accelerator.no_sync(state.discriminator))
+            with accelerator.autocast():
+                output = state.model(pixel_values)
+                teacher_features = None
+                if state.teacher is not None:
+                    with torch.no_grad():
+                        teacher_features = state.teacher(pixel_values=pixel_values).last_hidden_state
+            loss, terms = loss_fn.generator_loss(
+                output,
+                pixel_values,
+                step=state.step,
+                last_layer=state.unwrapped.get_last_layer(),
+                teacher_features=teacher_features,
+                discriminator=critic,
+            )
+            accelerator.backward(loss / accumulation)
+            if gan_active:
+                terms["discriminator"] = loss_fn.discriminator_loss(
+                    pixel_values, output.reconstruction, state.discriminator
+                )
+                accelerator.backward(terms["discriminator"] / accumulation)
+        for name, value in terms.items():
+            means[name] = means.get(name, 0.0) + float(value.detach()) / accumulation
+    if state.max_grad_norm > 0:
+        means["grad_norm"] = float(accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm))
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if gan_active:
+        state.discriminator_optimizer.step()
+        state.discriminator_optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(state.unwrapped)
+    state.step += 1
+    return means
+
+
+class MetricsLog:
+    """Averages the step terms over a logging window and appends records to `metrics.jsonl` (main process) and
+    the trackers."""
+
+    def __init__(self, path: str, accelerator, images_per_step: int):
+        self.path, self.accelerator, self.images_per_step = path, accelerator, images_per_step
+        self._start()
+
+    def _start(self) -> None:
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, float]) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+
+    def write(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        prefix = "eval" if record["type"] == "eval" else "train"
+        numbers = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(numbers, step=record["step"])
+
+    def flush(self, step: int, learning_rate: float) -> dict:
+        """Write the window's means as a `train` record (averaged over processes) and start a new window."""
+        names = list(self.sums)
+        means = torch.tensor([self.sums[name] / self.steps for name in names], device=self.accelerator.device)
+        means = dict(zip(names, self.accelerator.reduce(means, "mean").tolist()))
+        elapsed = time.perf_counter() - self.started
+        record = {"type": "train", "step": step, **means, "learning_rate": learning_rate}
+        record["grad_norm"] = record.get("grad_norm")
+        record["steps_per_second"] = self.steps / elapsed
+        record["images_per_second"] = self.steps * self.images_per_step / elapsed
+        self.write(record)
+        self._start()
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
+    """Train a VQRAE tokenizer and write its output folder. Returns the final evaluation (`eval_results.json`)."""
+    threads = torch.get_num_threads()
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
+    try:
+        return _run(model_args, data_args, resolve_warmup(args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _accelerator(args: VQRAETrainingArguments):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    stage = resolve_stage(args.stage, model_args)
+    accelerator = _accelerator(args)
+    resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if accelerator.is_main_process:
+        resuming = args.resume_from_checkpoint is not None
+        prepare_output_dir(args.output_dir, RUN_OUTPUTS, overwrite=args.overwrite_output_dir, resuming=resuming)
+    accelerator.wait_for_everyone()
+    options = {**options_to_dict(model_args, data_args, args), "resume_from_checkpoint": None}
+
+    set_seed(args.seed)
+    model = build_model(model_args, cache_dir=data_args.cache_dir)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    image_processor, image_size = model.get_image_processor(), model.config.vision_config.image_size
+    loss_fn = _build_loss(args, image_processor, stage).to(accelerator.device)
+    data = load_training_data(data_args, args, image_processor, image_size, accelerator)
+    record = {
+        "num_processes": accelerator.num_processes,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "dataset": data.identity,
+        "options": options,
+    }
+    if resume_path is not None:
+        check_resume(read_checkpoint_record(resume_path), record, resume_path)
+    state = build_training_state(model, args, accelerator, stage)
+    _log_start(state, stage, model_args, image_size)
     metrics_path = os.path.join(args.output_dir, METRICS_FILE)
     if resume_path is not None:
-        global_step, data_state = _load_checkpoint(accelerator, resume_path, scheduler=scheduler, ema=ema)
+        state.step, data_state = load_checkpoint(accelerator, resume_path, scheduler=state.scheduler, ema=state.ema)
         if data_args.streaming and data_state.get("examples_read") is not None:
-            batches.start_example = data_state["examples_read"]
-        logger.info("Resumed from %s at step %d.", resume_path, global_step)
+            data.batches.start_example = data_state["examples_read"]
+        logger.info("Resumed from %s at step %d.", resume_path, state.step)
     if accelerator.is_main_process:
-        _truncate_metrics(metrics_path, global_step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_yaml(os.path.join(args.output_dir, TRAINING_CONFIG_FILE), options)
+        truncate_metrics(metrics_path, state.step)
+        config_path = os.path.join(args.output_dir, TRAINING_CONFIG_FILE)
+        if resume_path is None or not os.path.isfile(config_path):  # a resume keeps the run's own record
+            write_training_config(config_path, options)
     if args.report_to != "none":
         accelerator.init_trackers("vqrae", config=_tracker_config(options))
 
-    accumulation = args.gradient_accumulation_steps
-    start_step = global_step
-    if data_args.streaming:
-        loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    else:
-        sampler = range(start_step * accumulation, args.max_steps * accumulation)
-        loader = torch.utils.data.DataLoader(
-            batches, batch_size=None, sampler=sampler, num_workers=data_args.dataloader_num_workers
-        )
-    batch_iterator = iter(loader)
-    last_layer = unwrapped.decoder.out_proj.weight
-    processor_mean = torch.tensor(image_processor.image_mean, device=accelerator.device).view(1, -1, 1, 1)
-    processor_std = torch.tensor(image_processor.image_std, device=accelerator.device).view(1, -1, 1, 1)
-
-    def to_unit(pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.float() * processor_std + processor_mean
-
-    def write_record(record: dict) -> None:
-        if accelerator.is_main_process:
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def evaluate(step: int):
-        result = evaluate_model(
-            ema.model if ema is not None else model,
-            validation,
-            image_processor=image_processor,
-            batch_size=args.per_device_eval_batch_size,
-            step=step,
-            accelerator=accelerator,
-            num_examples=args.num_reconstructions,
-            inception_weights=args.inception_weights,
-        )
-        write_record({"type": "eval", **result.metrics})
-        accelerator.log({f"eval/{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))}, step=step)
-        return result
-
-    def save(step: int) -> None:
-        data_state = {"examples_read": getattr(batches, "examples_read", None), "step": step}
-        _save_checkpoint(
-            accelerator,
-            args.output_dir,
-            step,
-            scheduler=scheduler,
-            ema=ema,
-            data_state=data_state,
-            total_limit=args.save_total_limit,
-        )
-
-    progress = tqdm(
-        total=args.max_steps,
-        initial=start_step,
-        desc=f"vqrae {stage}",
-        disable=not accelerator.is_main_process or args.disable_tqdm,
-        dynamic_ncols=True,
-    )
-    sums: dict[str, float] = {}
-    unreadable_by_worker: dict[int, int] = {}
-    window_start, window_steps = time.perf_counter(), 0
-    last_saved = start_step if resume_path is not None else None
-    for step in range(start_step, args.max_steps):
-        gan_active = discriminator is not None and step >= args.gan_start_step
-        for micro in range(accumulation):
-            batch = next(batch_iterator)
-            unreadable_by_worker[int(batch["worker"])] = int(batch["num_unreadable"])
-            pixel_values = batch["pixel_values"].to(accelerator.device)
-            sync_context = contextlib.ExitStack()
-            if micro < accumulation - 1:
-                sync_context.enter_context(accelerator.no_sync(model))
-                if gan_active:
-                    sync_context.enter_context(accelerator.no_sync(discriminator))
-            with sync_context:
-                with accelerator.autocast():
-                    output = model(pixel_values)
-                    target = to_unit(pixel_values)
-                    reconstruction = to_unit(output.reconstruction)
-                    terms = reconstruction_losses(
-                        reconstruction,
-                        target,
-                        l1_weight=args.l1_weight,
-                        mse_weight=args.mse_weight,
-                        ssim_weight=args.ssim_weight,
-                        perceptual_weight=args.perceptual_weight,
-                        perceptual=perceptual,
-                    )
-                    loss = terms["reconstruction"] + args.quantizer_loss_weight * output.quantizer_loss.float()
-                    terms["quantizer"] = output.quantizer_loss.float()
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_features = teacher(pixel_values=pixel_values).last_hidden_state
-                        terms["distillation"] = F.mse_loss(output.last_hidden_state.float(), teacher_features.float())
-                        loss = loss + args.distillation_weight * terms["distillation"]
-                    if gan_active:
-                        critic = accelerator.unwrap_model(discriminator).requires_grad_(False)
-                        terms["generator"] = generator_hinge_loss(critic(reconstruction))
-                        critic.requires_grad_(True)
-                        weight = adaptive_gan_weight(terms["reconstruction"], terms["generator"], last_layer)
-                        terms["gan_weight"] = weight * args.gan_weight
-                        loss = loss + terms["gan_weight"] * terms["generator"]
-                    terms["loss"] = loss
-                accelerator.backward(loss / accumulation)
-                if gan_active:
-                    with accelerator.autocast():
-                        real_logits = discriminator(target)
-                        fake_logits = discriminator(reconstruction.detach())
-                        terms["discriminator"] = discriminator_hinge_loss(real_logits, fake_logits)
-                    accelerator.backward(terms["discriminator"] / accumulation)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation
-        grad_norm = None
-        if args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gan_active:
-            discriminator_optimizer.step()
-            discriminator_optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(unwrapped)
-        global_step = step + 1
-        window_steps += 1
-        progress.update(1)
-
-        if global_step % args.logging_steps == 0 or global_step == args.max_steps:
-            means = {name: total / window_steps for name, total in sums.items()}
-            reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
-            means = dict(zip(means, reduced.tolist()))
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "type": "train",
-                "step": global_step,
-                **means,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "steps_per_second": window_steps / elapsed,
-                "images_per_second": window_steps
-                * accumulation
-                * args.per_device_train_batch_size
-                * accelerator.num_processes
-                / elapsed,
-            }
-            write_record(record)
-            accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=global_step)
-            progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
-            sums, window_start, window_steps = {}, time.perf_counter(), 0
-
-        if global_step % args.eval_steps == 0 and global_step < args.max_steps:
-            metrics = evaluate(global_step).metrics
-            progress.write(
-                f"step {global_step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
-                f"(bicubic {metrics['bicubic_psnr']:.2f} dB, {metrics['bicubic_ssim']:.3f}), "
-                f"codebook use {metrics['codebook_utilization']:.1%}"
-            )
-        if global_step % args.save_steps == 0 or global_step == args.max_steps:
-            save(global_step)
-            last_saved = global_step
+    batches = _batch_iterator(data, args, data_args.dataloader_num_workers, state.step)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    log = MetricsLog(metrics_path, accelerator, per_step)
+    show = not accelerator.is_main_process or args.disable_tqdm
+    progress = tqdm(total=args.max_steps, initial=state.step, desc=f"vqrae {stage}", disable=show, dynamic_ncols=True)
+    last_saved = state.step if resume_path is not None else None
+    try:
+        while state.step < args.max_steps:
+            log.add(train_step(state, loss_fn, batches))
+            step = state.step
+            progress.update(1)
+            if step % args.logging_steps == 0 or step == args.max_steps:
+                means = log.flush(step, state.scheduler.get_last_lr()[0])
+                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
+            if step % args.eval_steps == 0 and step < args.max_steps:
+                progress.write(_summary(_evaluate(state, data.validation, args, log).metrics, step))
+            if step % args.save_steps == 0 or step == args.max_steps:
+                _save(state, args, data, record)
+                last_saved = step
+    except KeyboardInterrupt:
+        _report_interrupt(args, state.step)
+        raise
     progress.close()
-    if last_saved != global_step:  # resumed from the final checkpoint, or max_steps lowered: keep one at the end
-        save(global_step)
+    if last_saved != state.step:  # resumed from the final checkpoint, or max_steps lowered: keep one at the end
+        _save(state, args, data, record)
+    return _finish(state, data, args, log)
 
-    unreadable_train = sum(unreadable_by_worker.values())
-    counts = torch.tensor([unreadable_train, validation.num_unreadable], device=accelerator.device)
-    unreadable_train, unreadable_validation = accelerator.reduce(counts, "sum").tolist()
-    write_record(
-        {
-            "type": "data",
-            "step": global_step,
-            "unreadable_train": unreadable_train,
-            "unreadable_validation": unreadable_validation,
-        }  # fmt: skip
+
+def _build_loss(args: VQRAETrainingArguments, image_processor, stage: str) -> VQRAELoss:
+    return VQRAELoss(
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        l1_weight=args.l1_weight,
+        mse_weight=args.mse_weight,
+        ssim_weight=args.ssim_weight,
+        perceptual_weight=args.perceptual_weight,
+        lpips_weights=args.lpips_weights,
+        quantizer_weight=args.quantizer_loss_weight,
+        distillation_weight=args.distillation_weight if stage == "stage2" else 0.0,
+        gan_weight=args.gan_weight,
+        gan_start_step=args.gan_start_step,
     )
+
+
+def _log_start(state: TrainingState, stage: str, model_args: ModelArguments, image_size: int) -> None:
+    model = state.unwrapped
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        "Training %s: %s, %.2fM trainable of %.2fM parameters, %d-px images, %dx%d tokens, codebook %d.",
+        stage,
+        model_args.init_from
+        or model_args.encoder_name_or_path
+        or f"random {model_args.vision_config or 'tiny'} model",
+        trainable / 1e6,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        image_size,
+        *model.config.token_grid_size,
+        model.codebook_size,
+    )
+
+
+def _tracker_config(options: dict) -> dict:
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in options.items()}
+
+
+def _save(state: TrainingState, args: VQRAETrainingArguments, data: TrainingData, record: dict) -> None:
+    save_checkpoint(
+        state.accelerator,
+        args.output_dir,
+        state.step,
+        scheduler=state.scheduler,
+        ema=state.ema,
+        data_state={"examples_read": getattr(data.batches, "examples_read", None), "step": state.step},
+        record=record,
+        total_limit=args.save_total_limit,
+    )
+
+
+def _evaluate(state: TrainingState, validation: ValidationImages, args: VQRAETrainingArguments, log: MetricsLog):
+    result = evaluate_model(
+        state.model_to_evaluate,
+        validation,
+        image_processor=state.unwrapped.get_image_processor(),
+        batch_size=args.per_device_eval_batch_size,
+        step=state.step,
+        accelerator=state.accelerator,
+        num_examples=args.num_reconstructions,
+        inception_weights=args.inception_weights,
+    )
+    log.write({"type": "eval", **result.metrics})
+    return result
+
+
+def _summary(metrics: dict, step: int) -> str:
+    return (
+        f"step {step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} "
+        f"(bicubic {metrics['bicubic_psnr']:.2f} dB, {metrics['bicubic_ssim']:.3f}), "
+        f"codebook use {metrics['codebook_utilization']:.1%}"
+    )
+
+
+def _report_interrupt(args: VQRAETrainingArguments, step: int) -> None:
+    """Ctrl-C: say where the last checkpoint is and how to go on from it (main process)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    checkpoint = latest_checkpoint(args.output_dir)
+    command = shlex.join(["vqrae-train", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "vqrae-train ..."
+    if "--resume_from_checkpoint" not in command:
+        command += " --resume_from_checkpoint latest"
+    where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+    logger.warning("Interrupted at step %d; %s. To continue from it, run: %s", step, where, command)
+
+
+def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArguments, log: MetricsLog) -> dict:
+    accelerator = state.accelerator
+    counts = [sum(state.unreadable_by_worker.values()), data.validation.num_unreadable]
+    counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum")
+    unreadable_train, unreadable_validation = counts.tolist()
+    record = {"unreadable_train": unreadable_train, "unreadable_validation": unreadable_validation}
+    log.write({"type": "data", "step": state.step, **record})
     if unreadable_train or unreadable_validation:
         logger.warning(
             "Skipped unreadable images: %d while training (each replaced by the next image), %d in validation.",
             unreadable_train,
             unreadable_validation,
         )
-    result = evaluate(global_step)
+    result = _evaluate(state, data.validation, args, log)
     if accelerator.is_main_process:
-        _write_outputs(args, ema.model if ema is not None else unwrapped, result, metrics_path)
+        _write_outputs(args, state.model_to_evaluate, result, log.path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result.metrics
@@ -702,16 +658,13 @@ def _write_outputs(args: VQRAETrainingArguments, model, result, metrics_path: st
 
     output_dir = args.output_dir
     model.save_pretrained(output_dir)
+    pictures = list(PICTURES)
     plots.plot_reconstructions(
-        os.path.join(output_dir, "reconstructions.png"),
-        result.originals,
-        result.reconstructions,
-        result.bicubic,
-        result.metrics,
+        os.path.join(output_dir, pictures[0]), result.originals, result.reconstructions, result.bicubic, result.metrics
     )
-    plots.plot_training_curves(os.path.join(output_dir, "training_curves.png"), metrics_path)
-    plots.plot_codebook_usage(os.path.join(output_dir, "codebook_usage.png"), result.code_counts, result.metrics)
-    save_eval_results(result.metrics, os.path.join(output_dir, "eval_results.json"))
+    plots.plot_training_curves(os.path.join(output_dir, pictures[1]), metrics_path)
+    plots.plot_codebook_usage(os.path.join(output_dir, pictures[2]), result.code_counts, result.metrics)
+    save_eval_results(result.metrics, os.path.join(output_dir, EVAL_RESULTS_FILE))
     write_model_card(output_dir, repo_id=args.hub_model_id)
     metrics = result.metrics
     logger.info(

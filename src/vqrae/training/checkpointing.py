@@ -1,0 +1,335 @@
+"""Checkpoints of a training run: save, find, load, and the records that make a resume honest.
+
+A checkpoint (`output_dir/checkpoints/checkpoint-{step}`) holds everything a resume needs: accelerate's state (models
+and optimisers), the scheduler, the EMA weights, and per process its random states and data position. It also
+records the run's shape (number of processes, per-device batch size, gradient accumulation), the identity of the
+training data and every option that shapes the weights. The data each process reads is a function of the step and of
+that shape, so a resume that changed any of it would repeat or skip examples, or continue on a schedule made for
+other options: `check_resume` refuses it and says which value changed and what to pass.
+
+Checkpoints are written into a hidden folder that is renamed `checkpoint-{step}` once complete (`trainer_state.json`
+last), so a kill during a save never leaves a checkpoint that looks complete. Nothing is pickled: JSON and
+safetensors, besides accelerate's `torch.save` of plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..cli_utils import UsageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "RESUMABLE_OPTIONS",
+    "check_resume",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "prepare_output_dir",
+    "read_checkpoint_record",
+    "resolve_resume",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "truncate_metrics",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE_FILE = "trainer_state.json"
+EMA_WEIGHTS_FILE = "ema_model.safetensors"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Options a resume may change: they decide what is logged, saved, shown or published, never the weights.
+RESUMABLE_OPTIONS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "report_to",
+        "disable_tqdm",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private_repo",
+        "hub_revision",
+        "dataloader_num_workers",
+        "torch_num_threads",
+        "num_reconstructions",
+        "inception_weights",
+        "lpips_weights",
+        "per_device_eval_batch_size",
+        "max_eval_samples",
+        "cache_dir",
+    }
+)
+
+
+def _process_file(process_index: int) -> str:
+    return f"process_{process_index}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random states
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """This process's Python, NumPy and torch (CPU and CUDA) random states, as JSON-able lists."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [generator.tolist() for generator in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isfile(os.path.join(root, name, TRAINER_STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    checkpoints = _complete_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder `--resume_from_checkpoint` names (`latest`: the newest in `output_dir`, if any)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            logger.info(
+                "--resume_from_checkpoint latest: no complete checkpoint in %s yet, starting afresh.", output_dir
+            )
+        return path
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_FILE)):
+        raise UsageError(
+            f"`resume_from_checkpoint` must be 'latest' or a complete checkpoint folder (got {resume!r}, which holds "
+            f"no {TRAINER_STATE_FILE})."
+        )
+    return resume
+
+
+def _remove_tree(path: str) -> None:
+    """Rename, then delete: a half-deleted checkpoint never keeps a name that looks complete."""
+    doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prepare_output_dir(output_dir: str, run_outputs: tuple[str, ...], *, overwrite: bool, resuming: bool) -> None:
+    """Main process: refuse to mix runs in one folder (`run_outputs` are the names a run writes); remove leftovers
+    of interrupted saves."""
+    output = Path(output_dir)
+    existing = [name for name in run_outputs if (output / name).exists()] if output.is_dir() else []
+    if existing and not resuming:
+        if not overwrite:
+            raise UsageError(
+                f"`output_dir` {output_dir!r} already holds a run ({existing}). Pass --resume_from_checkpoint latest "
+                "to continue it, --overwrite_output_dir to start afresh, or another --output_dir."
+            )
+        for name in existing:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    root = output / CHECKPOINTS_DIR
+    if root.is_dir():
+        for leftover in root.iterdir():
+            if leftover.name.startswith((".incomplete-", ".deleting-")):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, *, scheduler, ema, data_state: dict, record: dict, total_limit: int | None
+) -> str:
+    """Save everything a resume needs into a hidden folder, renamed `checkpoint-{step}` once complete.
+
+    accelerate's `save_state` writes the models and optimisers; the scheduler, the step, the run `record` (see
+    `check_resume`) and each process's random states and data position are JSON, the EMA weights safetensors.
+    accelerate's automatic checkpoint naming writes straight into the final folder, so the folders are named here.
+    """
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    final = os.path.join(root, f"checkpoint-{step}")
+    temporary = os.path.join(root, f".incomplete-checkpoint-{step}")
+    if accelerator.is_main_process:
+        if os.path.exists(temporary):
+            shutil.rmtree(temporary)
+        os.makedirs(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary, safe_serialization=True)
+    with open(os.path.join(temporary, _process_file(accelerator.process_index)), "w") as handle:
+        json.dump({"rng": rng_state(), "data": data_state}, handle)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict()}
+        state["record"] = record
+        if ema is not None:
+            save_file(ema.model.state_dict(), os.path.join(temporary, EMA_WEIGHTS_FILE))
+            state["ema_num_updates"] = ema.num_updates
+        with open(os.path.join(temporary, TRAINER_STATE_FILE), "w") as handle:
+            json.dump(state, handle)
+        if os.path.exists(final):
+            _remove_tree(final)
+        os.replace(temporary, final)  # atomic: the checkpoint appears complete or not at all
+        if total_limit is not None:
+            for _, old in _complete_checkpoints(output_dir)[:-total_limit]:
+                _remove_tree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint_record(path: str) -> dict:
+    """What the checkpoint says about the run that wrote it: `num_processes` and, from checkpoints written since
+    records exist, `per_device_train_batch_size`, `gradient_accumulation_steps`, `dataset` and `options`."""
+    with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
+        state = json.load(handle)
+    return {"num_processes": state["num_processes"], **state.get("record", {})}
+
+
+def load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dict]:
+    """Restore a checkpoint written by `save_checkpoint`; returns the step and this process's data position."""
+    process_file = os.path.join(path, _process_file(accelerator.process_index))
+    if not os.path.isfile(process_file):
+        raise UsageError(
+            f"The checkpoint {path!r} lacks {_process_file(accelerator.process_index)}, the random states and data "
+            "position of this process: it is damaged or was written by fewer processes. Resume from another "
+            "checkpoint or start afresh with --overwrite_output_dir."
+        )
+    accelerator.load_state(path)
+    with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
+        state = json.load(handle)
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if "ema_num_updates" not in state:
+            raise UsageError(f"The checkpoint {path!r} holds no EMA weights, but `ema_decay` is set.")
+        ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE), device=str(accelerator.device)))
+        ema.num_updates = state["ema_num_updates"]
+    with open(process_file) as handle:
+        process_state = json.load(handle)
+    set_rng_state(process_state["rng"])
+    return int(state["step"]), process_state["data"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cli_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _show(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+
+
+def check_resume(saved: dict, current: dict, path: str) -> None:
+    """Refuse to resume the checkpoint at `path` (whose record is `saved`) with a run of another shape, on other
+    data or with other weight-shaping options than `current`; the error says what changed and what to pass."""
+    if saved["num_processes"] != current["num_processes"]:
+        raise UsageError(
+            f"The checkpoint {path} was written by a run of {saved['num_processes']} process(es), and this run has "
+            f"{current['num_processes']}: each process reads its own share of every batch, so resuming would repeat "
+            f"or skip examples. Resume with {saved['num_processes']} process(es) (accelerate launch --num_processes "
+            f"{saved['num_processes']} ...), or start a new run with --init_from {Path(path).parents[1]}."
+        )
+    if "options" not in saved:
+        logger.warning(
+            "The checkpoint %s predates run records: only its number of processes could be checked; resume with the "
+            "options it was trained with.",
+            path,
+        )
+        return
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if saved[name] != current[name]:
+            raise UsageError(
+                f"The checkpoint {path} was trained with --{name} {saved[name]} and this run asks for "
+                f"{current[name]}: the position of every example in the data stream depends on it. Resume with "
+                f"--{name} {saved[name]}."
+            )
+    if saved["dataset"] != current["dataset"]:
+        changed = [
+            f"{key} {_show(saved['dataset'].get(key))} -> {_show(current['dataset'].get(key))}"
+            for key in sorted(set(saved["dataset"]) | set(current["dataset"]))
+            if saved["dataset"].get(key) != current["dataset"].get(key)
+        ]
+        raise UsageError(
+            f"The training data differs from the data the checkpoint {path} was trained on ({'; '.join(changed)}): "
+            "resuming would read other examples at the saved positions. Resume on the same data, or start a new run "
+            "on the new data with --init_from."
+        )
+    changed = {
+        name: (value, current["options"].get(name))
+        for name, value in saved["options"].items()
+        if name not in RESUMABLE_OPTIONS and current["options"].get(name) != value
+    }
+    if changed:
+        details = ", ".join(
+            f"--{name} {_show(new)} (trained with {_show(old)})" for name, (old, new) in changed.items()
+        )
+        restore = " ".join(f"--{name} {_cli_value(old)}" for name, (old, _) in changed.items())
+        raise UsageError(
+            f"This resume changes options that the checkpoint {path} cannot honour: {details}. Its weights, "
+            f"optimiser, schedule and data position were made with the old values; pass them again ({restore}), or "
+            "start a new run in another --output_dir with --init_from to begin from these weights."
+        )
