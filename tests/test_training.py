@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_VISION, tiny_model
 from vqrae.training.args import parse_args, preset_config_dir
+from vqrae.training.losses import VQRAEPatchDiscriminator
 from vqrae.training.trainer import latest_checkpoint, train
 
 # A tiny model (conftest's TINY_VISION) on 32-px crops of the built-in photos, evaluated on 8 validation images.
@@ -181,11 +182,76 @@ def test_stage2_trains_the_encoder_with_distillation(tmp_path):
     assert set(load_file(str(output / "model.safetensors"))) == set(load_file(str(start / "model.safetensors")))
 
 
-def test_gan_and_ema_run(tmp_path):
-    output = tmp_path / "gan"
-    run(output, "--gan_weight", "0.5", "--gan_start_step", "1", "--ema_decay", "0.5", max_steps=2)
-    logged = records(output)
-    assert "generator" not in logged[0] and logged[1]["discriminator"] > 0 and logged[1]["gan_weight"] >= 0
+def reset_accelerator():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def checkpoint_weights(output_dir, step, name="model.safetensors"):
+    return load_file(str(output_dir / "checkpoints" / f"checkpoint-{step}" / name))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A schedule that does not depend on warm-up rules: every step uses the full learning rate.
+CONSTANT_LR = ["--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+
+
+def test_adaptive_gan_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    from vqrae.training.losses import adaptive_gan_weight
+
+    generator = torch.Generator().manual_seed(0)
+    last_layer = torch.nn.Parameter(torch.randn(3, 4, generator=generator))
+    other = torch.nn.Parameter(torch.randn(3, 4, generator=generator))
+    a, b = torch.randn(3, 4, generator=generator), 1e-3 * torch.randn(3, 4, generator=generator)
+    # d rec / d last = 2 * a * last (and `other` does not count); d gan / d last = b. ||b|| ~ 3e-3, so the 1e-4
+    # in the denominator matters.
+    reconstruction = (a * last_layer**2).sum() + (other**2).sum()
+    gan = (b * last_layer).sum()
+    weight = adaptive_gan_weight(reconstruction, gan, last_layer)
+    expected = np.linalg.norm(2 * a.numpy() * last_layer.detach().numpy()) / (np.linalg.norm(b.numpy()) + 1e-4)
+    assert weight.item() == pytest.approx(expected, rel=1e-5)
+    assert not weight.requires_grad and last_layer.grad is None  # detached; gradients were not accumulated
+    (reconstruction + gan).backward()  # the graph was kept for the loss's own backward pass
+    assert torch.allclose(last_layer.grad, 2 * a * last_layer.detach() + b)
+    # Clamped: with no GAN gradient at the last layer the ratio would be ||d rec / d last|| / 1e-4.
+    flat = adaptive_gan_weight((a * last_layer**2).sum(), (0 * last_layer).sum(), last_layer, maximum=7.0)
+    assert flat.item() == 7.0
+
+
+def test_hinge_losses_on_known_logits():
+    from vqrae.training.losses import discriminator_hinge_loss, generator_hinge_loss
+
+    real = torch.tensor([[2.0, 0.5], [-1.0, 1.0]])
+    fake = torch.tensor([[-2.0, 0.0], [1.5, -0.5]])
+    # max(0, 1 - real): 0, 0.5, 2, 0 (mean 0.625); max(0, 1 + fake): 0, 1, 2.5, 0.5 (mean 1.0).
+    assert discriminator_hinge_loss(real, fake).item() == pytest.approx(0.5 * (0.625 + 1.0))
+    assert generator_hinge_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.5 - 0.5) / 4)
+    # A discriminator that separates by a margin of 1 has nothing left to learn.
+    assert discriminator_hinge_loss(real.abs() + 1, -real.abs() - 1).item() == 0.0
+
+
+def test_gan_trains_from_gan_start_step_only(tmp_path):
+    common = [*CONSTANT_LR, "--save_steps", "1", "--save_total_limit", "3"]
+    run(tmp_path / "plain", *common, max_steps=3)
+    reset_accelerator()
+    gan = tmp_path / "gan"
+    run(gan, *common, "--gan_weight", "0.5", "--gan_start_step", "2", max_steps=3)
+    discriminator = [checkpoint_weights(gan, step, "model_1.safetensors") for step in (1, 2, 3)]
+    assert discriminator[0].keys() == set(VQRAEPatchDiscriminator().state_dict())
+    # Steps 1 and 2 (indices 0 and 1 < gan_start_step): no discriminator update, and the generator trains exactly as
+    # without a GAN; step 3 updates the discriminator and adds the GAN term to the generator's loss.
+    assert same_weights(discriminator[0], discriminator[1])
+    assert not same_weights(discriminator[1], discriminator[2])
+    assert same_weights(checkpoint_weights(gan, 2), checkpoint_weights(tmp_path / "plain", 2))
+    assert not same_weights(checkpoint_weights(gan, 3), checkpoint_weights(tmp_path / "plain", 3))
+    logged = records(gan)
+    assert [("generator" in r, "discriminator" in r, "gan_weight" in r) for r in logged] == [(False,) * 3] * 2 + [
+        (True,) * 3
+    ]
 
 
 def test_defaults_are_the_tiny_cpu_preset():
