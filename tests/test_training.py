@@ -254,6 +254,35 @@ def test_gan_trains_from_gan_start_step_only(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.25])
+def test_saved_and_evaluated_model_is_the_ema_of_the_raw_weights(ema_decay, tmp_path):
+    start = tmp_path / "start"
+    tiny_model(seed=5).save_pretrained(start)
+    output = tmp_path / "run"
+    ema = [] if ema_decay is None else ["--ema_decay", str(ema_decay)]
+    steps = 3
+    common = [*CONSTANT_LR, "--save_steps", "1", "--save_total_limit", str(steps)]
+    metrics = run(output, "--init_from", str(start), "--stage", "2", *common, *ema, max_steps=steps, sizes=False)
+    raw = [checkpoint_weights(output, step) for step in range(1, steps + 1)]  # the trained model after each step
+    saved = load_file(str(output / "model.safetensors"))
+    if ema_decay is None:
+        assert same_weights(saved, raw[-1])
+    else:
+        # The average starts at the start weights; update n moves it by 1 - min(decay, (1 + n) / (10 + n)).
+        average = {name: value.double() for name, value in load_file(str(start / "model.safetensors")).items()}
+        for n, weights in enumerate(raw, start=1):
+            decay = min(ema_decay, (1 + n) / (10 + n))
+            average = {name: decay * value + (1 - decay) * weights[name].double() for name, value in average.items()}
+            kept = checkpoint_weights(output, n, "ema_model.safetensors")
+            assert all(torch.allclose(kept[k].double(), average[k], rtol=0, atol=1e-6) for k in average), n
+        assert saved.keys() == average.keys()
+        assert all(torch.allclose(saved[k].double(), average[k], rtol=0, atol=1e-6) for k in saved)
+        moved = [k for k in saved if (raw[-1][k] - saved[k]).abs().max() > 1e-4]
+        assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    # The reported evaluation is that of the saved model.
+    assert metrics["psnr"] == pytest.approx(independent_psnr(output)[0], abs=1e-4)
+
+
 def test_defaults_are_the_tiny_cpu_preset():
     assert parse_args([]) == parse_args(["--config", "tiny_cpu"])
 
