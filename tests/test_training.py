@@ -426,6 +426,28 @@ def test_streaming_and_gradient_accumulation_train(tmp_path):
     assert [r["step"] for r in records(tmp_path / "stream")] == [1, 2]
 
 
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # Micro-batches k = 2s, 2s + 1 of 4 images are the global positions of batch s of 8 (`TrainingBatches`), and with
+    # the mean L1 loss alone the mean of the two halves' gradients is the whole batch's gradient.
+    common = [*CONSTANT_LR, "--save_steps", "1", "--save_total_limit", "3"]
+    run(tmp_path / "accumulated", *common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        max_steps=3)  # fmt: skip
+    reset_accelerator()
+    run(tmp_path / "large", *common, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+        max_steps=3)  # fmt: skip
+    accumulated, large = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("accumulated", "large"))
+    torch.testing.assert_close(accumulated, large, rtol=0, atol=1e-5)
+    # The weights moved far more than that tolerance, so the comparison has power.
+    first = checkpoint_weights(tmp_path / "large", 1)
+    assert max((large[k] - first[k]).abs().max().item() for k in large) > 1e-3
+    for logged_accumulated, logged_large in zip(
+        records(tmp_path / "accumulated"), records(tmp_path / "large"), strict=True
+    ):
+        assert logged_accumulated["loss"] == pytest.approx(logged_large["loss"], rel=1e-5)
+        assert logged_accumulated["grad_norm"] == pytest.approx(logged_large["grad_norm"], rel=1e-5)
+        assert logged_accumulated["step"] == logged_large["step"]
+
+
 def test_push_to_hub_publishes_the_output_folder_at_the_end(tmp_path, monkeypatch):
     import vqrae.training.hub
 
