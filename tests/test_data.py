@@ -124,6 +124,94 @@ def test_streaming_shards_across_processes_and_skips_consumed_examples(processor
     assert torch.equal(next(iter(resumed))["pixel_values"], second)
 
 
+NUM_LABELLED = 10
+
+
+def labelled_dataset(num_shards=None):
+    """`NUM_LABELLED` images whose uniform red channel encodes their index, so any crop or flip of image `i` still
+    says `i`, and whose green channel is noise, so different crops differ; undecoded, as `load_image_dataset` gives
+    them. `num_shards`: as a streamed (iterable) dataset."""
+    import datasets
+
+    images = []
+    for i in range(NUM_LABELLED):
+        pixels = np.full((40, 48, 3), 10 + 20 * i, dtype=np.uint8)
+        pixels[..., 1] = np.random.default_rng(i).integers(0, 256, (40, 48))
+        images.append(Image.fromarray(pixels))
+    dataset = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset if num_shards is None else dataset.to_iterable_dataset(num_shards=num_shards)
+
+
+def labels(batch, processor):
+    """The index of the image each crop of a batch was cut from."""
+    mean, std = processor.image_mean[0], processor.image_std[0]
+    red = (batch["pixel_values"][:, 0] * std + mean) * 255
+    assert (red.amax(dim=(1, 2)) - red.amin(dim=(1, 2))).max() < 0.5  # still uniform: the label is readable
+    found = ((red.mean(dim=(1, 2)) - 10) / 20).round().long()
+    assert ((found >= 0) & (found < NUM_LABELLED)).all()
+    return found.tolist()
+
+
+def test_processes_share_out_the_global_stream_over_a_whole_run(processor):
+    dataset, num_processes, batch_size, micro_batches = labelled_dataset(), 3, 2, 10  # 60 positions, 6 epochs
+    single = TrainingBatches(dataset, "image", processor, batch_size=batch_size * num_processes, seed=1)
+    shards = [
+        TrainingBatches(
+            dataset, "image", processor, batch_size=batch_size, seed=1, process_index=r, num_processes=num_processes
+        )  # fmt: skip
+        for r in range(num_processes)
+    ]
+    positions = [[p for k in range(micro_batches) for p in shard.positions(k)] for shard in shards]
+    assert sorted(p for process in positions for p in process) == list(range(micro_batches * len(single.positions(0))))
+    stream = []
+    for k in range(micro_batches):  # every micro-batch of the run: the processes' parts make up the global batch
+        global_batch = single[k]
+        assert torch.equal(torch.cat([shard[k]["pixel_values"] for shard in shards]), global_batch["pixel_values"])
+        stream += labels(global_batch, processor)
+    # Each epoch of the global stream holds every image exactly once, in a fresh order.
+    epochs = [stream[i : i + NUM_LABELLED] for i in range(0, len(stream), NUM_LABELLED)]
+    assert all(sorted(epoch) == list(range(NUM_LABELLED)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1
+
+
+def note_pass_starts(batches: StreamingTrainingBatches) -> list[tuple[int, int]]:
+    """`(epoch, examples read before it)` for each pass over the shard, noted as the stream starts it (the real
+    `set_epoch` is still called)."""
+    starts, set_epoch = [], batches.dataset.set_epoch
+
+    def noting(epoch):
+        starts.append((epoch, batches.examples_read))
+        set_epoch(epoch)
+
+    batches.dataset.set_epoch = noting
+    return starts
+
+
+@pytest.mark.parametrize("num_shards", [1, 6])  # one shard: split by example; six: whole shards per process
+def test_streamed_processes_share_out_every_pass(processor, num_shards):
+    dataset, num_processes, batch_size, batches = labelled_dataset(num_shards), 3, 2, 9  # 18 crops: 4 or more passes
+    passes = []  # per process: the images of each of its complete passes, by epoch
+    for r in range(num_processes):
+        shard = StreamingTrainingBatches(dataset, "image", processor, batch_size=batch_size, seed=1, process_index=r,
+                                         num_processes=num_processes, shuffle_buffer_size=4)  # fmt: skip
+        starts, stream = note_pass_starts(shard), iter(shard)
+        seen = [label for _ in range(batches) for label in labels(next(stream), processor)]
+        assert [epoch for epoch, _ in starts] == list(range(len(starts)))
+        bounds = [read for _, read in starts]
+        passes.append([seen[begin:end] for begin, end in zip(bounds, bounds[1:])])
+    complete = min(len(process) for process in passes)
+    assert complete >= 3
+    # (The images a process gets may change from pass to pass: `datasets` re-deals shards, or reshuffles before
+    # splitting, at each epoch.) In every pass, the processes' images are disjoint and together are every image.
+    for epoch in range(complete):
+        together = [label for process in passes for label in process[epoch]]
+        assert sorted(together) == list(range(NUM_LABELLED)), epoch
+    # One process alone reads every image in each pass.
+    single = StreamingTrainingBatches(dataset, "image", processor, batch_size=NUM_LABELLED, seed=1)
+    assert all(sorted(labels(batch, processor)) == list(range(NUM_LABELLED)) for batch, _ in zip(single, range(3)))
+
+
 def test_random_resized_crop_box_stays_inside_the_image():
     rng = np.random.default_rng(0)
     for width, height in [(10, 300), (300, 10), (64, 64), (1, 1)]:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vqrae import VQRAEFSQuantizer, VQRAEVectorQuantizer, codebook_statistics
 
@@ -119,14 +120,43 @@ def test_quantizers_keep_float32_weights_when_cast(dtype):
     assert not torch.equal(fsq.quantize(projection(z.to(dtype)).float())[1], fsq(z.to(dtype)).indices)
 
 
-def test_fsq_does_not_materialise_codebook(monkeypatch):
-    fsq = VQRAEFSQuantizer(LEVELS, dim=6)
-    called = []
-    monkeypatch.setattr(fsq, "implicit_codebook", lambda: called.append(1))
-    fsq(torch.randn(10, 6))
-    fsq.indices_to_codes(torch.arange(10))
-    assert not called
+class _TensorSizes(TorchDispatchMode):
+    """Records the shape of every tensor that any torch operation returns while it is active (factories such as
+    `arange`, views, in-place results, backward ops): a real record of what was allocated, whatever the code path."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.shapes.append((str(func), tuple(value.shape)))
+        return out
+
+    def codebook_sized(self, codebook_size: int) -> list[tuple[str, tuple[int, ...]]]:
+        """The recorded tensors with `codebook_size` or more elements, or a dimension of `codebook_size`."""
+        return [(op, size) for op, size in self.shapes if math.prod(size) >= codebook_size or codebook_size in size]
+
+
+def test_fsq_does_not_materialise_codebook():
+    fsq = VQRAEFSQuantizer(LEVELS, dim=32)  # a fresh quantizer: its lookup tables are built inside the recording
+    z = torch.randn(10, 32, requires_grad=True)
+    with _TensorSizes() as recorded:
+        out = fsq(z)
+        out.quantized.sum().backward()
+        codes = fsq.indices_to_codes(out.indices)
+        with torch.no_grad():
+            fsq(z)
+    assert recorded.shapes and codes.shape == (10, 32)
+    assert recorded.codebook_sized(fsq.codebook_size) == [], "a codebook-sized tensor was allocated"
     assert not any(buffer.numel() >= fsq.codebook_size for buffer in fsq.buffers())
+    # The recording sees a codebook built by the same code path (`implicit_codebook` is `indices_to_codes` of every
+    # index), so a lookup written as `implicit_codebook()[indices]` would fail the assertion above.
+    with _TensorSizes() as recorded:
+        fsq.implicit_codebook()
+    assert (fsq.codebook_size, 6) in [shape for _, shape in recorded.codebook_sized(fsq.codebook_size)]
 
 
 @pytest.mark.parametrize("use_simvq", [False, True])

@@ -2,13 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
 from conftest import records, run, tiny_model
 from vqrae.training.args import parse_args, preset_config_dir
+from vqrae.training.losses import VQRAEPatchDiscriminator
 from vqrae.training.trainer import latest_checkpoint
 
 RUN_FILES = (
@@ -30,11 +33,63 @@ def encoder_weights(folder):
     return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith("encoder.")}
 
 
+def independent_psnr(output_dir, num_images=8):
+    """Mean PSNR (dB) over the first `num_images` built-in validation photos, computed here with PIL and numpy
+    (not with the library's evaluation): of the saved model's 8-bit reconstructions through the tokens, and of
+    the bicubic baseline through a thumbnail of the token grid."""
+    from PIL import Image
+
+    from vqrae import VQRAEModel
+    from vqrae.training.data import builtin_photos
+
+    model = VQRAEModel.from_pretrained(output_dir).eval()
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    mean = np.asarray(processor["image_mean"], dtype=np.float32)
+    std = np.asarray(processor["image_std"], dtype=np.float32)
+    size, patch = model.config.vision_config.image_size, model.config.vision_config.patch_size
+    images = []
+    for image in builtin_photos("validation")[:num_images]["image"]:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        square = image.convert("RGB").resize(
+            (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+        )
+        images.append(np.asarray(square))
+    originals = np.stack(images)  # (B, H, W, 3) uint8
+    pixels = (originals.astype(np.float32) / 255 - mean) / std
+    with torch.no_grad():
+        indices = model.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()).indices
+        reconstruction = model.decode_from_indices(indices).reconstruction.permute(0, 2, 3, 1).numpy()
+    reconstructed = np.round(np.clip(reconstruction * std + mean, 0, 1) * 255).astype(np.uint8)
+    grid = size // patch
+    bicubic = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(o)
+                .resize((grid, grid), Image.Resampling.BICUBIC)
+                .resize((size, size), Image.Resampling.BICUBIC)
+            )
+            for o in originals
+        ]
+    )
+
+    def psnr(a, b):
+        mse = ((a.astype(np.float64) - b.astype(np.float64)) / 255) ** 2
+        return float(np.mean(10 * np.log10(1 / mse.mean(axis=(1, 2, 3)))))
+
+    return psnr(reconstructed, originals), psnr(bicubic, originals)
+
+
 @pytest.mark.parametrize("preset", ["cosmos_fsq", "standard_fsq", "vq", "tiny_cpu"])
 def test_each_preset_trains(preset, tmp_path):
     metrics = run(tmp_path / preset, config=preset, max_steps=2)
     assert metrics["step"] == 2 and metrics["num_images"] == 8 and metrics["image_size"] == 32
-    assert 0 < metrics["psnr"] < 60 and metrics["rfid"] is None
+    assert metrics["rfid"] is None
+    # The reported figures are those of the saved model on the validation images, measured independently.
+    psnr, bicubic_psnr = independent_psnr(tmp_path / preset)
+    assert metrics["psnr"] == pytest.approx(psnr, abs=1e-4)
+    assert metrics["bicubic_psnr"] == pytest.approx(bicubic_psnr, abs=1e-4)
+    assert records(tmp_path / preset, "eval")[-1] == {"type": "eval", **metrics}
     config = json.loads((tmp_path / preset / "config.json").read_text())
     expected_fsq = yaml.safe_load((preset_config_dir() / f"{preset}.yaml").read_text()).get("quantizer") != "vq"
     assert config["use_fsq"] is expected_fsq
@@ -79,23 +134,144 @@ def test_stage1_keeps_the_encoder_bit_identical(tmp_path):
     assert not torch.equal(decoder_before, load_file(str(output / "model.safetensors"))["decoder.out_proj.weight"])
 
 
-def test_stage2_trains_the_encoder_with_distillation(tmp_path):
+def encoder_features(folder, pixel_values):
+    from vqrae import VQRAEModel
+
+    with torch.no_grad():
+        return VQRAEModel.from_pretrained(folder).eval().encoder(pixel_values=pixel_values).last_hidden_state
+
+
+def test_stage2_distillation_holds_the_encoder_to_its_start(tmp_path):
+    from vqrae.training.data import load_image_dataset, load_validation_images
+
     start = tmp_path / "start"
     tiny_model(seed=4).save_pretrained(start)
-    output = tmp_path / "stage2"
-    run(output, "--init_from", str(start), "--stage", "2", "--learning_rate", "1e-2", max_steps=3, sizes=False)
-    before, after = encoder_weights(start), encoder_weights(output)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    distillation = [r["distillation"] for r in records(output)]
-    assert distillation[0] == 0.0 and distillation[-1] > 0  # the student leaves its teacher after the first step
-    assert set(load_file(str(output / "model.safetensors"))) == set(load_file(str(start / "model.safetensors")))
+    common = ["--init_from", str(start), "--stage", "2", *CONSTANT_LR, "--save_steps", "1", "--save_total_limit", "3"]
+    for weight in ("0", "1"):
+        run(tmp_path / weight, *common, "--distillation_weight", weight, max_steps=3, sizes=False)
+        reset_accelerator()
+    free, distilled = tmp_path / "0", tmp_path / "1"
+    before = encoder_weights(start)
+    assert set(load_file(str(distilled / "model.safetensors"))) == set(load_file(str(start / "model.safetensors")))
+    # Stage 2 trains the encoder. At the first step the student is its teacher, so the distillation term is 0 and so
+    # is its gradient: both runs take the same first step. Then it pulls the encoder back towards its start.
+    assert any(not torch.equal(before[k], encoder_weights(distilled)[k]) for k in before)
+    first = [{k: v for k, v in checkpoint_weights(folder, 1).items() if k in before} for folder in (free, distilled)]
+    assert same_weights(*first) and not same_weights(encoder_weights(free), encoder_weights(distilled))
+    logged = {folder: [r["distillation"] for r in records(folder)] for folder in (free, distilled)}
+    assert logged[free][0] == logged[distilled][0] == 0.0 and logged[free][1] == logged[distilled][1] > 0
+    assert logged[distilled][2] < logged[free][2]  # the same batch, through the two encoders of step 2
+    # On held-out images, the distilled encoder's features stay closer to the start encoder's.
+    dataset, column = load_image_dataset("validation")
+    images = load_validation_images(dataset, column, 32, dataset_name="builtin:photos", dataset_split="validation",
+                                    max_samples=8)  # fmt: skip
+    pixel_values = tiny_model().get_image_processor()(images=images.images, return_tensors="pt")["pixel_values"]
+    teacher = encoder_features(start, pixel_values)
+    drift = {
+        folder: F.mse_loss(encoder_features(folder, pixel_values), teacher).item() for folder in (free, distilled)
+    }
+    assert drift[distilled] < 0.5 * drift[free]
 
 
-def test_gan_and_ema_run(tmp_path):
-    output = tmp_path / "gan"
-    run(output, "--gan_weight", "0.5", "--gan_start_step", "1", "--ema_decay", "0.5", max_steps=2)
-    logged = records(output)
-    assert "generator" not in logged[0] and logged[1]["discriminator"] > 0 and logged[1]["gan_weight"] >= 0
+def reset_accelerator():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def checkpoint_weights(output_dir, step, name="model.safetensors"):
+    return load_file(str(output_dir / "checkpoints" / f"checkpoint-{step}" / name))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A schedule that does not depend on warm-up rules: every step uses the full learning rate.
+CONSTANT_LR = ["--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+
+
+def test_adaptive_gan_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    from vqrae.training.losses import adaptive_gan_weight
+
+    generator = torch.Generator().manual_seed(0)
+    last_layer = torch.nn.Parameter(torch.randn(3, 4, generator=generator))
+    other = torch.nn.Parameter(torch.randn(3, 4, generator=generator))
+    a, b = torch.randn(3, 4, generator=generator), 1e-3 * torch.randn(3, 4, generator=generator)
+    # d rec / d last = 2 * a * last (and `other` does not count); d gan / d last = b. ||b|| ~ 3e-3, so the 1e-4
+    # in the denominator matters.
+    reconstruction = (a * last_layer**2).sum() + (other**2).sum()
+    gan = (b * last_layer).sum()
+    weight = adaptive_gan_weight(reconstruction, gan, last_layer)
+    expected = np.linalg.norm(2 * a.numpy() * last_layer.detach().numpy()) / (np.linalg.norm(b.numpy()) + 1e-4)
+    assert weight.item() == pytest.approx(expected, rel=1e-5)
+    assert not weight.requires_grad and last_layer.grad is None  # detached; gradients were not accumulated
+    (reconstruction + gan).backward()  # the graph was kept for the loss's own backward pass
+    assert torch.allclose(last_layer.grad, 2 * a * last_layer.detach() + b)
+    # Clamped: with no GAN gradient at the last layer the ratio would be ||d rec / d last|| / 1e-4.
+    flat = adaptive_gan_weight((a * last_layer**2).sum(), (0 * last_layer).sum(), last_layer, maximum=7.0)
+    assert flat.item() == 7.0
+
+
+def test_hinge_losses_on_known_logits():
+    from vqrae.training.losses import discriminator_hinge_loss, generator_hinge_loss
+
+    real = torch.tensor([[2.0, 0.5], [-1.0, 1.0]])
+    fake = torch.tensor([[-2.0, 0.0], [1.5, -0.5]])
+    # max(0, 1 - real): 0, 0.5, 2, 0 (mean 0.625); max(0, 1 + fake): 0, 1, 2.5, 0.5 (mean 1.0).
+    assert discriminator_hinge_loss(real, fake).item() == pytest.approx(0.5 * (0.625 + 1.0))
+    assert generator_hinge_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.5 - 0.5) / 4)
+    # A discriminator that separates by a margin of 1 has nothing left to learn.
+    assert discriminator_hinge_loss(real.abs() + 1, -real.abs() - 1).item() == 0.0
+
+
+def test_gan_trains_from_gan_start_step_only(tmp_path):
+    common = [*CONSTANT_LR, "--save_steps", "1", "--save_total_limit", "3"]
+    run(tmp_path / "plain", *common, max_steps=3)
+    reset_accelerator()
+    gan = tmp_path / "gan"
+    run(gan, *common, "--gan_weight", "0.5", "--gan_start_step", "2", max_steps=3)
+    discriminator = [checkpoint_weights(gan, step, "model_1.safetensors") for step in (1, 2, 3)]
+    assert discriminator[0].keys() == set(VQRAEPatchDiscriminator().state_dict())
+    # Steps 1 and 2 (indices 0 and 1 < gan_start_step): no discriminator update, and the generator trains exactly as
+    # without a GAN; step 3 updates the discriminator and adds the GAN term to the generator's loss.
+    assert same_weights(discriminator[0], discriminator[1])
+    assert not same_weights(discriminator[1], discriminator[2])
+    assert same_weights(checkpoint_weights(gan, 2), checkpoint_weights(tmp_path / "plain", 2))
+    assert not same_weights(checkpoint_weights(gan, 3), checkpoint_weights(tmp_path / "plain", 3))
+    logged = records(gan)
+    assert [("generator" in r, "discriminator" in r, "gan_weight" in r) for r in logged] == [(False,) * 3] * 2 + [
+        (True,) * 3
+    ]
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.25])
+def test_saved_and_evaluated_model_is_the_ema_of_the_raw_weights(ema_decay, tmp_path):
+    start = tmp_path / "start"
+    tiny_model(seed=5).save_pretrained(start)
+    output = tmp_path / "run"
+    ema = [] if ema_decay is None else ["--ema_decay", str(ema_decay)]
+    steps = 3
+    common = [*CONSTANT_LR, "--save_steps", "1", "--save_total_limit", str(steps)]
+    metrics = run(output, "--init_from", str(start), "--stage", "2", *common, *ema, max_steps=steps, sizes=False)
+    raw = [checkpoint_weights(output, step) for step in range(1, steps + 1)]  # the trained model after each step
+    saved = load_file(str(output / "model.safetensors"))
+    if ema_decay is None:
+        assert same_weights(saved, raw[-1])
+    else:
+        # The average starts at the start weights; update n moves it by 1 - min(decay, (1 + n) / (10 + n)).
+        average = {name: value.double() for name, value in load_file(str(start / "model.safetensors")).items()}
+        for n, weights in enumerate(raw, start=1):
+            decay = min(ema_decay, (1 + n) / (10 + n))
+            average = {name: decay * value + (1 - decay) * weights[name].double() for name, value in average.items()}
+            kept = checkpoint_weights(output, n, "ema_model.safetensors")
+            assert all(torch.allclose(kept[k].double(), average[k], rtol=0, atol=1e-6) for k in average), n
+        assert saved.keys() == average.keys()
+        assert all(torch.allclose(saved[k].double(), average[k], rtol=0, atol=1e-6) for k in saved)
+        moved = [k for k in saved if (raw[-1][k] - saved[k]).abs().max() > 1e-4]
+        assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    # The reported evaluation is that of the saved model.
+    assert metrics["psnr"] == pytest.approx(independent_psnr(output)[0], abs=1e-4)
 
 
 def test_defaults_are_the_tiny_cpu_preset():
@@ -211,6 +387,28 @@ def test_streaming_and_gradient_accumulation_train(tmp_path):
     metrics = run(tmp_path / "stream", "--streaming", "--gradient_accumulation_steps", "2", max_steps=2)
     assert metrics["step"] == 2 and metrics["num_images"] == 8
     assert [r["step"] for r in records(tmp_path / "stream")] == [1, 2]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # Micro-batches k = 2s, 2s + 1 of 4 images are the global positions of batch s of 8 (`TrainingBatches`), and with
+    # the mean L1 loss alone the mean of the two halves' gradients is the whole batch's gradient.
+    common = [*CONSTANT_LR, "--save_steps", "1", "--save_total_limit", "3"]
+    run(tmp_path / "accumulated", *common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        max_steps=3)  # fmt: skip
+    reset_accelerator()
+    run(tmp_path / "large", *common, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+        max_steps=3)  # fmt: skip
+    accumulated, large = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("accumulated", "large"))
+    torch.testing.assert_close(accumulated, large, rtol=0, atol=1e-5)
+    # The weights moved far more than that tolerance, so the comparison has power.
+    first = checkpoint_weights(tmp_path / "large", 1)
+    assert max((large[k] - first[k]).abs().max().item() for k in large) > 1e-3
+    for logged_accumulated, logged_large in zip(
+        records(tmp_path / "accumulated"), records(tmp_path / "large"), strict=True
+    ):
+        assert logged_accumulated["loss"] == pytest.approx(logged_large["loss"], rel=1e-5)
+        assert logged_accumulated["grad_norm"] == pytest.approx(logged_large["grad_norm"], rel=1e-5)
+        assert logged_accumulated["step"] == logged_large["step"]
 
 
 def test_push_to_hub_publishes_the_output_folder_at_the_end(tmp_path, monkeypatch):
