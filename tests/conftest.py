@@ -211,3 +211,20 @@ def records(output_dir, kind="train"):
 
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return [record for record in map(json.loads, lines) if record["type"] == kind]
+
+
+def photo_folder(folder, count: int, size: int = 48, seed: int = 0, start: int = 0):
+    """`count` PNG files of real photos in `folder` (crops of the built-in training photos), named
+    `photo_{start + i:03d}.png`. Returns the folder."""
+    import numpy as np
+
+    from vqrae.training.data import builtin_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = builtin_photos("train")
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = photos[int(rng.integers(len(photos)))]["image"].convert("RGB")
+        left, top = int(rng.integers(image.width - size)), int(rng.integers(image.height - size))
+        image.crop((left, top, left + size, top + size)).save(folder / f"photo_{start + i:03d}.png")
+    return folder

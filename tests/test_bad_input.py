@@ -390,3 +390,16 @@ def test_16_bit_images_keep_their_brightness():
     assert array[..., 0].tolist() == [[0, 1], [156, 255]]
     uniform = np.asarray(decode_image(_png(Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)))))
     assert (uniform == 156).all()
+
+
+def test_a_model_folder_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    from vqrae import VQRAEModel
+
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("outputs/vqrae-tiny-cpu", "./model", str(tmp_path / "gone")):
+        with pytest.raises(OSError, match="is not a folder: .* does not exist"):
+            VQRAEModel.from_pretrained(name)
+    # Not a path and not a repo id either: transformers' "Repo id must be in the form" becomes our message.
+    with pytest.raises(OSError, match="'a/b/c' is not a folder here .* could not be loaded as a model from the Hub"):
+        VQRAEModel.from_pretrained("a/b/c")

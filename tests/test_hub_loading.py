@@ -169,6 +169,16 @@ def test_encoder_preprocessing_travels_with_the_model(tmp_path):
     assert AutoImageProcessor.from_pretrained(tmp_path / "vqrae").resample == Image.Resampling.BILINEAR
     reloaded = AutoModel.from_pretrained(tmp_path / "vqrae")
     assert reloaded.get_image_processor().resample == Image.Resampling.BILINEAR
+    # Trained from it, the run resizes bilinearly and its output says so.
+    from conftest import run
+    from vqrae.training.data import TrainingBatches, load_image_dataset
+
+    dataset, column = load_image_dataset("train")
+    batches = TrainingBatches(dataset, column, model.get_image_processor(), batch_size=2, seed=0)
+    assert batches.resample == Image.Resampling.BILINEAR
+    run(tmp_path / "trained", "--encoder_name_or_path", str(tmp_path / "siglip2"), sizes=False)
+    trained = json.loads((tmp_path / "trained" / "preprocessor_config.json").read_text())
+    assert trained["resample"] == 2
     # An encoder without preprocessor_config.json keeps SigLIP's bicubic default.
     siglip.save_pretrained(tmp_path / "siglip")
     plain = VQRAEModel.from_encoder_pretrained(str(tmp_path / "siglip"), decoder_intermediate_size=37)

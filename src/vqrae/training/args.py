@@ -494,7 +494,10 @@ def parse_args(argv: list[str] | None = None):
     )
     if known.config is not None:
         parser.set_defaults(**load_config_file(known.config))
-    model_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(args=remaining)
+    *arguments, unused = parser.parse_args_into_dataclasses(args=remaining, return_remaining_strings=True)
+    if unused:
+        parser.error(f"unrecognized arguments: {' '.join(unused)}")
+    model_args, data_args, training_args, _ = arguments
     return model_args, data_args, training_args
 
 

@@ -327,7 +327,9 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
         details = ", ".join(
             f"--{name} {_show(new)} (trained with {_show(old)})" for name, (old, new) in changed.items()
         )
-        restore = " ".join(f"--{name} {_cli_value(old)}" for name, (old, _) in changed.items())
+        restore = " ".join(
+            f"--{name} {_cli_value(old)}" if old is not None else f"no --{name}" for name, (old, _) in changed.items()
+        )
         raise UsageError(
             f"This resume changes options that the checkpoint {path} cannot honour: {details}. Its weights, "
             f"optimiser, schedule and data position were made with the old values; pass them again ({restore}), or "

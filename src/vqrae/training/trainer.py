@@ -208,11 +208,11 @@ def _load_splits(data_args: DataArguments):
         )
     train, held, info = hold_out(train, data_args.validation_split_percentage)
     logger.info(
-        "%s: holding out %s%% of the %s training images for validation (%s images), chosen with a fixed seed.",
+        "%s: holding out %s%% of the %s training images for validation (%s), chosen with a fixed seed.",
         missing,
         f"{info['percentage']:g}",
         info["of"] if info["of"] is not None else "streamed",
-        info["num_examples"] if info["num_examples"] is not None else "about that share of the",
+        f"{info['num_examples']} image(s)" if info["num_examples"] is not None else "about that share",
     )
     return (train, column), (held, column), name, train_split, info
 
