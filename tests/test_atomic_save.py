@@ -121,6 +121,7 @@ def test_save_into_new_folder_creates_it_and_leaves_nothing_beside_it(tmp_path):
     model = _build(MODEL_B)
     model.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == [
+        "atomic_io.py",
         "config.json",
         "configuration_vqrae.py",
         "model.safetensors",
@@ -181,9 +182,9 @@ def test_models_of_the_kill_test_differ(spec):
 
 def test_save_over_a_model_without_an_atomic_exchange(tmp_path, monkeypatch):
     # Where renameat2(RENAME_EXCHANGE) is missing (not Linux, or a filesystem without it), two renames do the swap.
-    import vqrae.modeling_vqrae as modeling
+    import vqrae.atomic_io
 
-    monkeypatch.setattr(modeling, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(vqrae.atomic_io, "_exchange", lambda first, second: False)
     folder = tmp_path / "model"
     _build(MODEL_A).save_pretrained(folder)
     (folder / "README.md").write_text("card\n")

@@ -29,6 +29,7 @@ PUBLISHED = {
     "config.json",
     "model.safetensors",
     "preprocessor_config.json",
+    "atomic_io.py",
     "configuration_vqrae.py",
     "modeling_vqrae.py",
     "quantizers.py",
@@ -103,7 +104,7 @@ def test_push_sends_one_commit_with_exactly_the_model_files(run_folder, fake_hub
     (commit,) = fake_hub.commits
     assert set(commit["files"]) == PUBLISHED
     assert commit["revision"] is None and commit["token"] == "hf_test_token"
-    assert commit["commit_message"] == "Upload VQRAE tokenizer (12 files) with vqrae-push"
+    assert commit["commit_message"] == "Upload VQRAE tokenizer (13 files) with vqrae-push"
     for name in PUBLISHED - {"README.md"}:
         assert commit["files"][name] == (run_folder / name).read_bytes(), name
     card = commit["files"]["README.md"].decode()
@@ -191,6 +192,7 @@ def test_private_repo_on_a_branch_and_sharded_weights(tmp_path, fake_hub, online
         "preprocessor_config.json",
         "model.safetensors.index.json",
         *shards,
+        "atomic_io.py",
         "configuration_vqrae.py",
         "modeling_vqrae.py",
         "quantizers.py",

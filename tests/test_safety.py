@@ -26,7 +26,7 @@ from vqrae import VQRAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "vqrae"
-MODEL_FILES = ("configuration_vqrae.py", "modeling_vqrae.py", "quantizers.py")
+MODEL_FILES = ("atomic_io.py", "configuration_vqrae.py", "modeling_vqrae.py", "quantizers.py")
 OUTSIDE = ("93.184.216.34", 443)  # a public address; never reached
 
 # ---------------------------------------------------------------------------------------------------------------

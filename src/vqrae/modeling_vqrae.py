@@ -13,13 +13,9 @@ Hub for `trust_remote_code` users.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import math
 import os
 import re
-import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from .atomic_io import atomic_folder
 from .configuration_vqrae import PREPROCESSOR_FIELDS, VQRAEConfig
 from .quantizers import VQRAEFSQuantizer, VQRAEVectorQuantizer
 
@@ -520,21 +517,11 @@ class VQRAEModel(VQRAEPreTrainedModel):
         is_main_process = args[0] if args else kwargs.get("is_main_process", True)
         if not is_main_process or kwargs.get("distributed_checkpoint") or os.path.isfile(save_directory):
             return super().save_pretrained(save_directory, *args, **kwargs)
-        target = os.path.realpath(save_directory)
         if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", os.path.basename(target))
-        parent, name = os.path.split(target)
-        os.makedirs(parent, exist_ok=True)
-        _remove_leftovers(parent, name)
-        staging = os.path.join(parent, f".{name}{_STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-        os.mkdir(staging)
-        try:
+            kwargs.setdefault("repo_id", os.path.basename(os.path.realpath(save_directory)))
+        with atomic_folder(save_directory, keep=lambda name: not _WEIGHT_FILE.fullmatch(name)) as staging:
             result = super().save_pretrained(staging, *args, **kwargs)
             self.get_image_processor().save_pretrained(staging)
-            _fsync_files(staging)
-            _move_into_place(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return result
 
     @classmethod
@@ -639,85 +626,8 @@ class VQRAEModel(VQRAEPreTrainedModel):
         return math.log2(self.codebook_size)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Saving: write into a hidden sibling folder, then move it into place in one step
-# ---------------------------------------------------------------------------------------------------------------
-
-_STAGING_MARK = ".vqrae-staging-"
 # Weight files that `PreTrainedModel.save_pretrained` itself replaces; a new save never keeps stale ones.
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _remove_leftovers(parent: str, name: str) -> None:
-    """Delete the staging folders of earlier saves into `parent/name` that were killed before they finished."""
-    prefix = f".{name}{_STAGING_MARK}"
-    for entry in os.listdir(parent):
-        if entry.startswith(prefix):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _fsync_files(folder: str) -> None:
-    """Flush the saved files to disk, so the folder that takes the model's place also survives a power cut."""
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False):
-            with open(entry.path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(source, destination, follow_symlinks=False)
-
-
-def _exchange(first: str, second: str) -> bool:
-    """Swap two folders in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), first, None, second)
-
-
-def _move_into_place(staging: str, target: str) -> None:
-    """Make the freshly saved `staging` folder become `target`, keeping the other files already in `target`.
-
-    `staging` first receives hard links (copies where links are impossible) to everything in `target` that the
-    new save did not write and that is not a stale weight file, so the swap loses nothing. The swap itself is one
-    atomic exchange of the two folders on Linux. Elsewhere it is two renames, and a process killed between them
-    leaves the old model in the hidden `.<name>.vqrae-staging-*` sibling folder until the next save.
-    """
-    if not os.path.isdir(target):
-        os.rename(staging, target)
-        return
-    os.chmod(staging, os.stat(target).st_mode & 0o7777)
-    for entry in os.scandir(target):
-        destination = os.path.join(staging, entry.name)
-        if os.path.lexists(destination) or _WEIGHT_FILE.fullmatch(entry.name):
-            continue
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry.path), destination)
-        elif entry.is_dir():
-            shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry.path, destination)
-    if not _exchange(staging, target):
-        parked = f"{staging}-old"
-        os.rename(target, parked)
-        os.rename(staging, target)
-        os.rename(parked, staging)
-    # `staging` now holds the old model; the caller deletes it.
 
 
 def _is_missing_local_path(name: str) -> bool:

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # What `VQRAEModel.save_pretrained` writes besides the weights; all of it is needed to load the repository.
 MODEL_FILES = ("config.json", "preprocessor_config.json")
-MODEL_CODE_FILES = ("configuration_vqrae.py", "modeling_vqrae.py", "quantizers.py")
+MODEL_CODE_FILES = ("atomic_io.py", "configuration_vqrae.py", "modeling_vqrae.py", "quantizers.py")
 # What a training run adds; published when present. Checkpoints, logs (metrics.jsonl) and anything else stay local.
 RUN_FILES = (EVAL_RESULTS_FILE, TRAINING_CONFIG_FILE, *PICTURES)
 _TRUE = {"1", "ON", "YES", "TRUE"}

@@ -1,0 +1,152 @@
+"""Writing files and folders so that a process killed at any moment leaves the old version or the new one, never a
+mix, and so that what was written survives a power cut (fsync).
+
+- `atomic_write(path, data)`: text or bytes, through a hidden temporary file in the same folder and one rename;
+- `atomic_file(path)`: the same for writers that want a path (`pyarrow.parquet.write_table`, `savefig`, ...);
+- `atomic_folder(target, keep=...)`: a whole folder (a saved model), written into a hidden sibling folder that then
+  takes `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames).
+
+It imports only the standard library, because `VQRAEModel.save_pretrained` uses it and `save_pretrained` copies it
+to the Hub with the model code for `trust_remote_code` users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+
+__all__ = ["STAGING_MARK", "atomic_file", "atomic_folder", "atomic_write"]
+
+STAGING_MARK = ".vqrae-staging-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename inside `folder` durable (where the platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a hidden temporary path next to `path`; once the block has written it, flush it to disk and rename it
+    to `path` in one step. If the block raises, `path` is untouched and the temporary file is removed."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, path)
+        _fsync_folder(folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, encoding: str = "utf-8") -> None:
+    """Write `data` (text or bytes) to `path` atomically and durably."""
+    with atomic_file(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(data.encode(encoding) if isinstance(data, str) else data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambda name: True) -> Iterator[str]:
+    """Yield an empty hidden sibling folder of `target` to write into; once the block is done, its files are flushed
+    to disk and the folder takes `target`'s place in one step. Entries of the old `target` that the block did not
+    write are carried over when `keep(name)` is true (a model card, logs, checkpoints), so the swap loses nothing
+    else. If the block raises, `target` is untouched. Staging folders of earlier, killed writes are removed first."""
+    target = os.path.realpath(target)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    _remove_leftovers(parent, name)
+    staging = os.path.join(parent, f".{name}{STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(staging)
+    try:
+        yield staging
+        for entry in os.scandir(staging):
+            if entry.is_file(follow_symlinks=False):
+                _fsync(entry.path)
+        _move_into_place(staging, target, keep)
+        _fsync_folder(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_leftovers(parent: str, name: str) -> None:
+    """Delete the staging folders of earlier writes into `parent/name` that were killed before they finished."""
+    prefix = f".{name}{STAGING_MARK}"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two folders in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), first, None, second)
+
+
+def _move_into_place(staging: str, target: str, keep: Callable[[str], bool]) -> None:
+    """Make `staging` become `target`. `staging` first receives hard links (copies where links are impossible) to
+    what `target` holds that `staging` lacks and `keep` accepts. The swap itself is one atomic exchange of the two
+    folders on Linux; elsewhere it is two renames, and a process killed between them leaves the old folder in the
+    hidden `.<name>.vqrae-staging-*` sibling until the next write. `staging` ends up holding the old folder."""
+    if not os.path.isdir(target):
+        os.rename(staging, target)
+        return
+    os.chmod(staging, os.stat(target).st_mode & 0o7777)
+    for entry in os.scandir(target):
+        destination = os.path.join(staging, entry.name)
+        if os.path.lexists(destination) or not keep(entry.name):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), destination)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, destination)
+    if not _exchange(staging, target):
+        parked = f"{staging}-old"
+        os.rename(target, parked)
+        os.rename(staging, target)
+        os.rename(parked, staging)
