@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from vqrae.presets import QUANTIZER_PRESETS  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -129,16 +131,8 @@ TINY_VISION = {
     "patch_size": 8,
 }
 
-SEED_PRESETS = {
-    "cosmos_fsq": {
-        "use_fsq": True,
-        "fsq_levels": [8, 8, 8, 5, 5, 5],
-        "use_post_quant_conv": True,
-        "post_quant_conv_kernel_size": 1,
-    },
-    "standard_fsq": {"use_fsq": True, "fsq_levels": [8, 8, 8], "use_post_quant_conv": False},
-    "vq": {"use_fsq": False, "num_embeddings": 16384},
-}
+# The quantizers of the seed's three configurations (vqrae.presets, as training and the benchmarks use them).
+SEED_PRESETS = QUANTIZER_PRESETS
 
 
 def tiny_config_kwargs(**overrides) -> dict:
