@@ -1,13 +1,12 @@
 """VQRAE model configuration."""
 
-from __future__ import annotations
-
 import difflib
+import functools
 import math
 
 from transformers import AutoConfig
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec, strict
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -30,19 +29,35 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool (got {value!r} of type {type(value).__name__}).")
+def _check_at_least(name: str, value, minimum: int) -> None:
+    """Range check of an integer field (its type is checked by `@strict` from the annotation)."""
+    if value is not None and value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum} (got {value!r}).")
 
 
-def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not _is_int(value) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"`{name}` must be {allowed} (got {value!r}).")
+def _plain_errors(cls):
+    """`@strict` reports a field's or a class validator's `ValueError`/`TypeError` wrapped in its own exception
+    type; a config user expects (and the CLIs catch) the `ValueError`/`TypeError` itself, whose message names the
+    field, the value and what is allowed. Unwrap it."""
+    strict_init = cls.__init__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            strict_init(self, *args, **kwargs)
+        except (ValueError, TypeError):
+            raise
+        except Exception as error:
+            if isinstance(error.__cause__, (ValueError, TypeError)):
+                raise error.__cause__ from None
+            raise
+
+    cls.__init__ = __init__
+    return cls
 
 
+@_plain_errors
+@strict
 class VQRAEConfig(PreTrainedConfig):
     r"""
     Configuration of a [`VQRAEModel`]: a SigLIP vision encoder, a quantizer (FSQ or a learned VQ codebook), an
@@ -76,13 +91,13 @@ class VQRAEConfig(PreTrainedConfig):
         normalize_codes (`bool`, *optional*, defaults to `False`):
             Apply a parameter-free LayerNorm over the channel dimension to the codes before the decoder.
         decoder_hidden_size (`int`, *optional*):
-            Width of the ViT decoder; `None` mirrors the encoder.
+            Width of the ViT decoder; not given, the encoder's (filled in when the config is built).
         decoder_num_hidden_layers (`int`, *optional*):
-            Number of decoder blocks; `None` mirrors the encoder.
+            Number of decoder blocks; not given, the encoder's.
         decoder_num_attention_heads (`int`, *optional*):
-            Attention heads per decoder block; must divide `decoder_hidden_size`. `None` mirrors the encoder.
+            Attention heads per decoder block; must divide `decoder_hidden_size`. Not given, the encoder's.
         decoder_intermediate_size (`int`, *optional*):
-            Width of the decoder MLPs; `None` mirrors the encoder.
+            Width of the decoder MLPs; not given, the encoder's.
         decoder_hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
             Activation of the decoder MLPs (any name in `transformers.activations.ACT2FN`).
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -117,7 +132,7 @@ class VQRAEConfig(PreTrainedConfig):
     fsq_levels: list[int] | tuple[int, ...] | None = None
     num_embeddings: int = 16384
     codebook_dim: int | None = None
-    commitment_cost: float = 0.25
+    commitment_cost: int | float = 0.25
     use_simvq: bool = False
     use_post_quant_conv: bool = False
     post_quant_conv_kernel_size: int = 1
@@ -127,17 +142,17 @@ class VQRAEConfig(PreTrainedConfig):
     decoder_num_attention_heads: int | None = None
     decoder_intermediate_size: int | None = None
     decoder_hidden_act: str = "gelu_pytorch_tanh"
-    initializer_range: float = 0.02
+    initializer_range: int | float = 0.02
     preprocessor_config: dict | None = None
+
+    # The types of the fields are checked by `@strict` from their annotations; the values below, by the `validate_*`
+    # methods it runs once the config is built (and again before it is saved).
 
     def __post_init__(self, **kwargs):
         if self.fsq_levels is None:
             self.fsq_levels = [8, 8, 8, 5, 5, 5]
-        if self.vision_config is not None and not isinstance(self.vision_config, (dict, PreTrainedConfig)):
-            raise TypeError(
-                "`vision_config` must be a dict, a SiglipVisionConfig or None "
-                f"(got {type(self.vision_config).__name__})."
-            )
+        elif isinstance(self.fsq_levels, tuple):
+            self.fsq_levels = list(self.fsq_levels)
         if isinstance(self.vision_config, dict):
             self.vision_config = dict(self.vision_config)
             self.vision_config.setdefault("model_type", "siglip_vision_model")
@@ -145,11 +160,26 @@ class VQRAEConfig(PreTrainedConfig):
         try:
             super().__post_init__(**kwargs)
         except Exception as error:
-            # SigLIP's strict dataclass raises huggingface_hub's StrictDataclassFieldValidationError (no TypeError).
-            if "StrictDataclass" not in type(error).__name__:
+            # SigLIP's own strict validation of the sub-config: say which config holds the field.
+            if isinstance(error, (ValueError, TypeError)) or not isinstance(error.__cause__, (ValueError, TypeError)):
                 raise
-            raise TypeError(f"`vision_config` holds a field of the wrong type: {error}") from error
-        self._validate_vqrae()
+            raise TypeError(f"`vision_config` holds a field of the wrong type: {error.__cause__}") from None
+        vision = self.vision_config
+        if vision.model_type not in SUPPORTED_ENCODER_TYPES:
+            raise ValueError(
+                f"`vision_config` must be a SigLIP vision config (model_type 'siglip_vision_model'; fixed-resolution "
+                f"SigLIP2 checkpoints use it too), got model_type {vision.model_type!r}."
+            )
+        if getattr(vision, "vision_use_head", False):
+            # The attention-pooling head is never used by a tokenizer; under DDP an unused parameter is an error.
+            logger.info(
+                "Switching off the SigLIP attention-pooling head (`vision_use_head=False`): VQRAE never uses it."
+            )
+            vision.vision_use_head = False
+        # The decoder mirrors the encoder where no size is given: filled in once, here.
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if getattr(self, f"decoder_{name}") is None:
+                setattr(self, f"decoder_{name}", getattr(vision, name))
 
     @classmethod
     def _refuse_misspelt_fields(cls, kwargs: dict) -> None:
@@ -163,21 +193,12 @@ class VQRAEConfig(PreTrainedConfig):
             if close:
                 raise TypeError(f"VQRAEConfig got an unknown field `{key}`; did you mean `{close[0]}`?")
 
-    def _validate_vqrae(self) -> None:
+    def validate_architecture(self) -> None:
+        """The encoder and decoder sizes fit together."""
+        super().validate_architecture()
         vision = self.vision_config
-        if vision.model_type not in SUPPORTED_ENCODER_TYPES:
-            raise ValueError(
-                f"`vision_config` must be a SigLIP vision config (model_type 'siglip_vision_model'; fixed-resolution "
-                f"SigLIP2 checkpoints use it too), got model_type {vision.model_type!r}."
-            )
-        if getattr(vision, "vision_use_head", False):
-            # The attention-pooling head is never used by a tokenizer; under DDP an unused parameter is an error.
-            logger.info(
-                "Switching off the SigLIP attention-pooling head (`vision_use_head=False`): VQRAE never uses it."
-            )
-            vision.vision_use_head = False
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
-            _check_int(f"vision_config.{name}", getattr(vision, name), 1)
+            _check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
         image_size, patch_size = vision.image_size, vision.patch_size
         if not _is_int(image_size) or not _is_int(patch_size) or patch_size < 1 or image_size % patch_size != 0:
             raise ValueError(
@@ -189,52 +210,40 @@ class VQRAEConfig(PreTrainedConfig):
                 "`vision_config.hidden_size` must be divisible by `vision_config.num_attention_heads` "
                 f"(got {vision.hidden_size} and {vision.num_attention_heads})."
             )
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            _check_at_least(f"decoder_{name}", getattr(self, f"decoder_{name}"), 1)
+        if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
+            raise ValueError(
+                "`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` (got "
+                f"{self.decoder_hidden_size} and {self.decoder_num_attention_heads})."
+            )
+        if self.decoder_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"`decoder_hidden_act` must be one of {sorted(ACT2FN)} (got {self.decoder_hidden_act!r})."
+            )
+        if not 0 < self.initializer_range < math.inf:
+            raise ValueError(f"`initializer_range` must be a finite number > 0 (got {self.initializer_range!r}).")
 
-        if self.encoder_name_or_path is not None and not isinstance(self.encoder_name_or_path, str):
-            raise TypeError(f"`encoder_name_or_path` must be a string or None (got {self.encoder_name_or_path!r}).")
-        for name in ("use_fsq", "use_simvq", "use_post_quant_conv", "normalize_codes"):
-            _check_bool(name, getattr(self, name))
-
-        levels = self.fsq_levels
-        if isinstance(levels, tuple):
-            levels = self.fsq_levels = list(levels)
-        if not isinstance(levels, list) or len(levels) == 0 or any(not _is_int(lv) or lv < 2 for lv in levels):
-            raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {levels!r}).")
-        _check_int("num_embeddings", self.num_embeddings, 2)
-        _check_int("codebook_dim", self.codebook_dim, 1, optional=True)
-        cost = self.commitment_cost
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < math.inf:
-            raise ValueError(f"`commitment_cost` must be a finite number >= 0 (got {cost!r}).")
+    def validate_quantizer(self) -> None:
+        """FSQ levels, the VQ codebook and `post_quant_conv`."""
+        if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
+            raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {self.fsq_levels!r}).")
+        _check_at_least("num_embeddings", self.num_embeddings, 2)
+        _check_at_least("codebook_dim", self.codebook_dim, 1)
+        if not 0 <= self.commitment_cost < math.inf:
+            raise ValueError(f"`commitment_cost` must be a finite number >= 0 (got {self.commitment_cost!r}).")
         kernel = self.post_quant_conv_kernel_size
-        if not _is_int(kernel) or kernel < 1 or kernel % 2 == 0:
+        if kernel < 1 or kernel % 2 == 0:
             raise ValueError(
                 "`post_quant_conv_kernel_size` must be a positive odd integer, so the token grid keeps its size "
                 f"(got {kernel!r})."
             )
 
-        for name in ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads"):
-            _check_int(name, getattr(self, name), 1, optional=True)
-        _check_int("decoder_intermediate_size", self.decoder_intermediate_size, 1, optional=True)
-        if self.decoder_hidden_size_resolved % self.decoder_num_attention_heads_resolved != 0:
-            raise ValueError(
-                "`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` (got "
-                f"{self.decoder_hidden_size_resolved} and {self.decoder_num_attention_heads_resolved})."
-            )
-        if not isinstance(self.decoder_hidden_act, str) or self.decoder_hidden_act not in ACT2FN:
-            raise ValueError(
-                f"`decoder_hidden_act` must be one of {sorted(ACT2FN)} (got {self.decoder_hidden_act!r})."
-            )
-        rng = self.initializer_range
-        if isinstance(rng, bool) or not isinstance(rng, (int, float)) or not 0 < rng < math.inf:
-            raise ValueError(f"`initializer_range` must be a finite number > 0 (got {rng!r}).")
-        self._validate_preprocessor_config()
-
-    def _validate_preprocessor_config(self) -> None:
+    def validate_preprocessor_config(self) -> None:
+        """The encoder's image preprocessing, as `from_encoder_pretrained` read it."""
         settings = self.preprocessor_config
         if settings is None:
             return
-        if not isinstance(settings, dict):
-            raise TypeError(f"`preprocessor_config` must be a dict or None (got {type(settings).__name__}).")
         unknown = sorted(set(settings) - set(PREPROCESSOR_FIELDS))
         if unknown:
             raise ValueError(
@@ -267,7 +276,6 @@ class VQRAEConfig(PreTrainedConfig):
                     f"`preprocessor_config.{name}` must be a list of {channels} {allowed}, one per channel (got "
                     f"{values!r})."
                 )
-            settings[name] = [float(v) for v in values]
         factor = settings.get("rescale_factor")
         if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
             raise ValueError(f"`preprocessor_config.rescale_factor` must be a number > 0 (got {factor!r}).")
@@ -288,22 +296,6 @@ class VQRAEConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     # -- derived sizes (not stored) -------------------------------------------------------------------------------
-
-    @property
-    def decoder_hidden_size_resolved(self) -> int:
-        return self.decoder_hidden_size or self.vision_config.hidden_size
-
-    @property
-    def decoder_num_hidden_layers_resolved(self) -> int:
-        return self.decoder_num_hidden_layers or self.vision_config.num_hidden_layers
-
-    @property
-    def decoder_num_attention_heads_resolved(self) -> int:
-        return self.decoder_num_attention_heads or self.vision_config.num_attention_heads
-
-    @property
-    def decoder_intermediate_size_resolved(self) -> int:
-        return self.decoder_intermediate_size or self.vision_config.intermediate_size
 
     @property
     def codebook_size(self) -> int:

@@ -132,8 +132,8 @@ class VQRAEDecoderAttention(nn.Module):
     def __init__(self, config: VQRAEConfig):
         super().__init__()
         self.config = config
-        self.embed_dim = config.decoder_hidden_size_resolved
-        self.num_heads = config.decoder_num_attention_heads_resolved
+        self.embed_dim = config.decoder_hidden_size
+        self.num_heads = config.decoder_num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         self.scale = self.head_dim**-0.5
         self.is_causal = False
@@ -161,8 +161,8 @@ class VQRAEDecoderMLP(nn.Module):
     def __init__(self, config: VQRAEConfig):
         super().__init__()
         self.activation_fn = ACT2FN[config.decoder_hidden_act]
-        self.fc1 = nn.Linear(config.decoder_hidden_size_resolved, config.decoder_intermediate_size_resolved)
-        self.fc2 = nn.Linear(config.decoder_intermediate_size_resolved, config.decoder_hidden_size_resolved)
+        self.fc1 = nn.Linear(config.decoder_hidden_size, config.decoder_intermediate_size)
+        self.fc2 = nn.Linear(config.decoder_intermediate_size, config.decoder_hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -173,7 +173,7 @@ class VQRAEDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: VQRAEConfig):
         super().__init__()
-        width, eps = config.decoder_hidden_size_resolved, config.vision_config.layer_norm_eps
+        width, eps = config.decoder_hidden_size, config.vision_config.layer_norm_eps
         self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.self_attn = VQRAEDecoderAttention(config)
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
@@ -195,15 +195,13 @@ class VQRAEDecoder(nn.Module):
     def __init__(self, config: VQRAEConfig):
         super().__init__()
         vision = config.vision_config
-        width = config.decoder_hidden_size_resolved
+        width = config.decoder_hidden_size
         self.patch_size = vision.patch_size
         self.num_channels = vision.num_channels
         self.grid_size = vision.image_size // vision.patch_size
         self.in_proj = nn.Linear(vision.hidden_size, width)
         self.position_embedding = nn.Parameter(torch.empty(1, self.grid_size * self.grid_size, width))
-        self.layers = nn.ModuleList(
-            [VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers_resolved)]
-        )
+        self.layers = nn.ModuleList([VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers)])
         self.norm = nn.LayerNorm(width, eps=vision.layer_norm_eps)
         self.out_proj = nn.Linear(width, self.patch_size * self.patch_size * self.num_channels)
 

@@ -264,8 +264,8 @@ def _architecture(config, folder: Path) -> list[tuple[str, str]]:
         ),
         (
             "Decoder",
-            f"ViT: {config.decoder_num_hidden_layers_resolved} layers, width {config.decoder_hidden_size_resolved}, "
-            f"{config.decoder_num_attention_heads_resolved} heads, MLP {config.decoder_intermediate_size_resolved}",
+            f"ViT: {config.decoder_num_hidden_layers} layers, width {config.decoder_hidden_size}, "
+            f"{config.decoder_num_attention_heads} heads, MLP {config.decoder_intermediate_size}",
         ),
     ]
     counts = _parameter_counts(folder)
