@@ -33,6 +33,8 @@ SECTION_ORDER = [
     "bench_training",
     "bench_quality",
     "bench_tokenize",
+    "bench_gpu",
+    "bench_precision",
 ]
 
 _HEADER = """# vqrae benchmarks
@@ -78,7 +80,10 @@ def machine_line(start_load: float | None = None) -> str:
     """CPU model, cores, threads, torch version, accelerator, commit, and how busy the machine was."""
     cores = os.cpu_count()
     load = load_average() if start_load is None else start_load
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU lent to this run (CPU only)"
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} visible)"
+    else:
+        gpu = "no GPU lent to this run (CPU only)"
     noisy = f" -- NOISY: load average {load:.1f} on {cores} cores at the start" if load > 0.5 * cores else ""
     return (
         f"{cpu_model()}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -102,9 +107,10 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def compare(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable: `warmup` untimed rounds, then `repeats` rounds of one call each, in a
-    rotating order."""
+def compare_samples(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each callable in each round: `warmup` untimed rounds, then `repeats` rounds of one call each, in
+    an order that rotates from round to round. Sample `i` of every callable comes from round `i`, so ratios can be
+    taken round by round."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -114,6 +120,12 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int 
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             samples[name].append(time_once(fns[name]))
+    return samples
+
+
+def compare(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable (see `compare_samples`)."""
+    samples = compare_samples(fns, repeats, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -150,14 +162,14 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(key: str, title: str, body: str, start_load: float, path: Path = BENCHMARKS_MD) -> str:
+def write_section(
+    key: str, title: str, body: str, start_load: float, path: Path = BENCHMARKS_MD, machine: bool = True
+) -> str:
     """Print the section and put it in BENCHMARKS.md, replacing this script's previous section (marked by
-    `key`) in place, or appending it when there is none."""
-    section = (
-        f"<!-- {key}:start -->\n## {title}\n\n"
-        f"Machine: {machine_line(start_load)}\n\n"
-        f"Command: `{command_line()}`\n\n{body.strip()}\n<!-- {key}:end -->\n"
-    )
+    `key`) in place, or appending it when there is none. `machine=False` leaves out the machine line and the
+    command (the body's subsections carry their own)."""
+    head = f"Machine: {machine_line(start_load)}\n\nCommand: `{command_line()}`\n\n" if machine else ""
+    section = f"<!-- {key}:start -->\n## {title}\n\n{head}{body.strip()}\n<!-- {key}:end -->\n"
     print(section)
     text = path.read_text() if path.exists() else _HEADER
     pattern = re.compile(r"<!-- (\w+):start -->.*?<!-- \1:end -->\n", re.DOTALL)
@@ -168,6 +180,29 @@ def write_section(key: str, title: str, body: str, start_load: float, path: Path
     text = header.rstrip("\n") + "\n\n" + "\n".join(sections[name] for name in order)
     path.write_text(text)
     return section
+
+
+def write_subsection(
+    key: str, title: str, intro: str, subsections: list[tuple[str, str]], sub_key: str, body: str, start_load: float
+) -> str:
+    """Write one subsection (`sub_key`, one of `subsections`' `(key, heading)` pairs) of the section `key`, keeping
+    the other subsections as they are in BENCHMARKS.md: for a script whose parts run on different machines (a CPU
+    part here, a GPU part when one is lent), each with its own machine line and command. A subsection never written
+    yet reads "Not run yet"."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    parts = []
+    for name, heading in subsections:
+        if name == sub_key:
+            part = (
+                f"<!-- {name}:start -->\n### {heading}\n\nMachine: {machine_line(start_load)}\n\n"
+                f"Command: `{command_line()}`\n\n{body.strip()}\n<!-- {name}:end -->"
+            )
+        else:
+            match = re.search(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", text, re.DOTALL)
+            empty = f"<!-- {name}:start -->\n### {heading}\n\nNot run yet.\n<!-- {name}:end -->"
+            part = match.group(0) if match else empty
+        parts.append(part)
+    return write_section(key, title, intro.strip() + "\n\n" + "\n\n".join(parts), start_load, machine=False)
 
 
 def fmt_rate(value: float) -> str:

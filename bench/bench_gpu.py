@@ -1,0 +1,572 @@
+"""bf16 end to end at 256 px: images/s and peak memory of encode, decode and a training step; SDPA vs eager
+attention, torch.compile on and off (on a CUDA GPU); bf16 vs float32 weights (on the CPU).
+
+    python bench/bench_gpu.py                   # on a GPU: base + so400m (~4 min on an H100/H200); else the CPU part
+    python bench/bench_gpu.py --smoke           # the GPU code path, tiny, on the CPU (~1 min); writes nothing
+    python bench/bench_gpu.py --cpu             # the CPU part even where a GPU is present
+
+On a device machine, copy the results back as they come (a run stopped by a time limit keeps what it measured):
+
+    python bench/bench_gpu.py --copy-to "$OUT"  # writes BENCHMARKS.md and bench_gpu.json into $OUT after each block
+
+**GPU part.** Randomly initialised models as `vqrae-train` builds them (`build_model`, FSQ [8, 8, 8, 5, 5, 5] +
+1x1 post_quant_conv, decoder mirrored from the encoder), built on the GPU and cast with `model.to(torch.bfloat16)`
+(the quantizer stays float32): `base` (SigLIP-B/16 at 256 px: width 768, 12 layers, 12 heads, MLP 3072) and
+`so400m` (the SigLIP-so400m shape at patch 16, 256 px: width 1152, 27 layers, 16 heads, MLP 4304). Four steps:
+
+- encode: `model.encode(pixel_values).indices` (image -> indices), `torch.inference_mode()`, batch 64;
+- decode: `model.decode_from_indices(indices).reconstruction` (indices -> image), batch 64;
+- train stage 1: encoder frozen; `model(pixel_values)`, L1 loss on the reconstruction, backward, `AdamW.step()`,
+  `zero_grad(set_to_none=True)`, batch 32, all in bf16 weights (AdamW's states follow the parameters' dtype);
+- train joint: the same with the encoder trained.
+
+Each step runs in three variants on one model (the same weights), alternating round by round: `sdpa` and `eager`
+(`model.set_attn_implementation`), and `sdpa + compile`: every transformer block of the encoder and the decoder
+wrapped in `torch.compile` (regional compilation, PyTorch's recipe for repeated blocks: one block is compiled and
+reused by the others; the quantizer and the input checks stay eager). `torch._dynamo.reset()` before each step, so
+every compile time is a cold one; it is reported apart (the first call minus a steady call). A round times
+`iterations` back-to-back calls (about 0.3 s) between two `torch.cuda.synchronize()`; the figure is the median over
+rounds, with the min-max over rounds. Peak memory is `torch.cuda.max_memory_allocated()` over one steady call (reset
+just before); it includes the weights (and for training the AdamW states and the gradients). An out-of-memory error
+halves the batch and retries; the table says so.
+
+**CPU part.** `base`, encode and decode, batch 8, SDPA, no compile: float32 weights, bf16 weights (a copy cast with
+`model.to(torch.bfloat16)`) and float32 weights under `torch.autocast("cpu", torch.bfloat16)` (what
+`vqrae-tokenize --mixed_precision bf16` does), alternating round by round; median and min-max of seconds per call,
+the speed-up as the median (min-max) of the per-round ratios, and the rise of the resident-set peak during one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import (
+    BENCHMARKS_MD,
+    compare_samples,
+    load_average,
+    markdown_table,
+    peak_rss_mib,
+    write_subsection,
+)
+from torch._dynamo.utils import counters
+
+from vqrae import VQRAEModel
+from vqrae.training.args import ModelArguments
+from vqrae.training.trainer import build_model
+
+SECTION = ("bench_gpu", "8. bf16 end to end: GPU throughput and memory, CPU bf16 vs float32")
+SUBSECTIONS = [
+    ("bench_gpu_cuda", "8a. On a GPU: base and so400m, bf16, SDPA vs eager, torch.compile on and off"),
+    ("bench_gpu_cpu", "8b. On the CPU: bf16 vs float32 weights (base)"),
+]
+INTRO = (
+    "Written by `bench/bench_gpu.py` (its docstring has the details). Random weights built from config (no "
+    "downloads), FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv, 256 px. The two parts run on different machines, each "
+    "with its own machine line and command."
+)
+# Encoder shapes; the decoder mirrors the encoder (the library default). `so400m` is SigLIP-so400m's width, depth,
+# heads and MLP at patch 16 (as in the SigLIP2 so400m-patch16 checkpoints).
+SIZES = {
+    "base": {"vision_config": "base"},
+    "so400m": {
+        "vision_config": "base",
+        "hidden_size": 1152,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "intermediate_size": 4304,
+    },
+    "tiny": {"vision_config": "tiny"},  # --smoke only
+}
+STEPS = ("encode", "decode", "train stage 1", "train joint")
+VARIANTS = ("sdpa", "eager", "sdpa + compile")
+GIB = 2**30
+
+
+def describe(model: VQRAEModel) -> str:
+    config, vision = model.config, model.config.vision_config
+    return (
+        f"{vision.image_size} px, patch {vision.patch_size}, encoder width {vision.hidden_size}, "
+        f"{vision.num_hidden_layers} layers, {vision.num_attention_heads} heads, MLP {vision.intermediate_size}; "
+        f"decoder width {config.decoder_hidden_size_resolved}, {config.decoder_num_hidden_layers_resolved} layers"
+    )
+
+
+def build(size: str, device: torch.device) -> VQRAEModel:
+    """The model `vqrae-train` builds for `size` (randomly initialised, float32), on `device`."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return build_model(ModelArguments(**SIZES[size]))
+
+
+def image_size_of(model: VQRAEModel) -> int:
+    return model.config.vision_config.image_size
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU part (also run tiny on the CPU by --smoke)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Variants:
+    """Switch one model between `sdpa`, `eager` and `sdpa + compile` without copying its weights: the compiled
+    variant swaps the transformer blocks of the encoder and the decoder for `torch.compile` wrappers of the same
+    blocks (which share their parameters)."""
+
+    def __init__(self, model: VQRAEModel, backend: str):
+        self.model = model
+        self.backend = backend
+        siglip = getattr(model.encoder, "vision_model", model.encoder)  # transformers 4 nests it; 5 does not
+        self.block_lists = [siglip.encoder.layers, model.decoder.layers]
+        self.originals = [list(blocks) for blocks in self.block_lists]
+        self.compiled = None
+        self.current = None
+
+    def reset_compiled(self) -> None:
+        """Fresh compile wrappers and an empty dynamo cache: the next compiled call compiles from cold."""
+        self.use("sdpa")
+        torch._dynamo.reset()
+        self.compiled = [[torch.compile(block, backend=self.backend) for block in blocks] for blocks in self.originals]
+
+    def use(self, variant: str) -> None:
+        if variant == self.current:
+            return
+        blocks = self.compiled if variant == "sdpa + compile" else self.originals
+        for block_list, chosen in zip(self.block_lists, blocks, strict=True):
+            for index, block in enumerate(chosen):
+                block_list[index] = block
+        attention = "eager" if variant == "eager" else "sdpa"
+        if self.model.config._attn_implementation != attention:
+            self.model.set_attn_implementation(attention)
+        self.current = variant
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(peak bytes allocated during one call of `fn`, rise of that peak over the bytes allocated before)."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return float(peak), float(peak - before)
+
+
+def step_functions(model: VQRAEModel, step: str, batch_size: int, device: torch.device):
+    """(the callable of one step, a context to run it in, a clean-up) for `batch_size` images."""
+    torch.manual_seed(1)
+    size = image_size_of(model)
+    pixel_values = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1  # float32, as the processor gives
+    if step in ("encode", "decode"):
+        model.eval()
+        with torch.inference_mode():
+            indices = model.encode(pixel_values).indices
+        if step == "encode":
+            return (lambda: model.encode(pixel_values).indices), torch.inference_mode, lambda: None
+        return (lambda: model.decode_from_indices(indices).reconstruction), torch.inference_mode, lambda: None
+    model.freeze_encoder(step == "train stage 1")
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    target = pixel_values
+
+    def train_step():
+        reconstruction = model(pixel_values).reconstruction
+        loss = F.l1_loss(reconstruction.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def clean_up():
+        optimizer.state.clear()
+        for parameter in model.parameters():
+            parameter.grad = None
+        model.freeze_encoder(False)
+        model.eval()
+
+    return train_step, nullcontext, clean_up
+
+
+def measure_step(variants: Variants, step: str, batch_size: int, device: torch.device, args) -> list[dict]:
+    """Warm up every variant (the compiled one compiles here), then `args.rounds` rounds in a rotating order."""
+    if args.fake_oom_above and batch_size > args.fake_oom_above:  # --smoke: walk the halving path on the CPU
+        raise torch.OutOfMemoryError(f"(simulated by --fake-oom-above {args.fake_oom_above}) out of memory")
+    model = variants.model
+    variants.reset_compiled()
+    fn, context, clean_up = step_functions(model, step, batch_size, device)
+    names = list(VARIANTS) if not args.no_compile else [v for v in VARIANTS if v != "sdpa + compile"]
+    first, warm, memory, graphs = {}, {}, {}, {}
+    try:
+        with context():
+            for name in names:  # the compiled variant last, after the eager ones have allocated what they need
+                variants.use(name)
+                graphs_before = counters["stats"]["unique_graphs"]
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                first[name] = time.perf_counter() - start
+                graphs[name] = counters["stats"]["unique_graphs"] - graphs_before
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                warm[name] = time.perf_counter() - start
+            iterations = {name: max(1, min(50, math.ceil(args.round_seconds / warm[name]))) for name in names}
+            samples = {name: [] for name in names}
+            for round_index in range(args.rounds):
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    variants.use(name)
+                    synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(iterations[name]):
+                        fn()
+                    synchronize(device)
+                    samples[name].append((time.perf_counter() - start) / iterations[name])
+            for name in names:
+                variants.use(name)
+                memory[name] = peak_memory(fn, device)
+    finally:
+        clean_up()
+        variants.use("sdpa")
+    results = []
+    for name in names:
+        median = statistics.median(samples[name])
+        results.append(
+            {
+                "step": step,
+                "variant": name,
+                "batch_size": batch_size,
+                "seconds": samples[name],
+                "iterations": iterations[name],
+                "first_call_s": first[name],
+                "compile_s": first[name] - median if name == "sdpa + compile" else None,
+                "compiled_graphs": graphs[name],
+                "peak_bytes": memory[name][0],
+                "peak_rise_bytes": memory[name][1],
+            }
+        )
+    return results
+
+
+def gib(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value / GIB:.2f}"
+
+
+def gpu_rows(results: list[dict]) -> tuple[list[list], list[str]]:
+    rows, notes = [], []
+    by_key = {(r["size"], r["step"], r["variant"]): r for r in results}
+    for r in results:
+        median, low, high = spread(r["seconds"])
+        reference = by_key.get((r["size"], r["step"], "sdpa"))
+        ratio = "-"
+        if reference is not None and r["variant"] != "sdpa":
+            per_round = [ref / own for ref, own in zip(reference["seconds"], r["seconds"], strict=True)]
+            mid, lo, hi = spread(per_round)
+            ratio = f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
+        batch = str(r["batch_size"])
+        if r["batch_size"] != r["requested_batch_size"]:
+            batch += f" (OOM at {r['requested_batch_size']})"
+        rows.append(
+            [
+                r["size"],
+                r["step"],
+                batch,
+                r["variant"],
+                f"{r['batch_size'] / median:.1f} ({r['batch_size'] / high:.1f}-{r['batch_size'] / low:.1f})",
+                ratio,
+                f"{1e3 * median:.1f}",
+                f"{r['compile_s']:.1f} ({r['compiled_graphs']} graphs)" if r["compile_s"] is not None else "-",
+                gib(r["peak_bytes"]),
+                gib(r["peak_rise_bytes"]),
+            ]
+        )
+    for (size, step, variant), r in by_key.items():
+        if variant == "sdpa":
+            continue
+        reference = by_key.get((size, step, "sdpa"))
+        if reference is None:
+            continue
+        per_round = [ref / own for ref, own in zip(reference["seconds"], r["seconds"], strict=True)]
+        mid, lo, hi = spread(per_round)
+        what = "eager attention" if variant == "eager" else "torch.compile"
+        verdict = (
+            "within the noise (the per-round ratios straddle 1)"
+            if lo <= 1 <= hi
+            else ("faster" if mid > 1 else "slower")
+        )
+        notes.append(f"{size}, {step}: {what} {mid:.2f}x the speed of SDPA ({lo:.2f}-{hi:.2f}): {verdict}.")
+    return rows, notes
+
+
+def gpu_body(results: list[dict], weights: dict, skipped: list[str], finished: bool, args) -> str:
+    header = [
+        "size",
+        "step",
+        "batch",
+        "variant",
+        "images/s median (min-max)",
+        "speed vs SDPA (per-round min-max)",
+        "ms per call",
+        "compile s",
+        "peak GiB",
+        "peak rise GiB",
+    ]
+    rows, notes = gpu_rows(results)
+    sizes = "; ".join(f"{size}: {text}" for size, text in weights.items())
+    lines = [
+        f"Sizes: {sizes}.",
+        f"Rounds: {args.rounds} per variant, each about {args.round_seconds} s of back-to-back calls; compile backend "
+        f"`{args.compile_backend}`.",
+        "",
+        markdown_table(header, rows),
+        "",
+        "- A speed ratio above 1: faster than SDPA in the same process. A difference counts only when the per-round "
+        "ratios all lie on one side of 1.",
+        *[f"- {note}" for note in notes],
+        "- peak GiB counts everything allocated (the weights; for training also the gradients and AdamW's states); "
+        "peak rise GiB is what the call itself allocated on top of what was there.",
+    ]
+    if skipped:
+        lines.append("- Not measured: " + "; ".join(skipped) + ".")
+    if not finished:
+        lines.append("- INCOMPLETE: the run was still going (or was stopped) after the rows above.")
+    return "\n".join(lines)
+
+
+def run_gpu_part(args, device: torch.device, start_load: float) -> None:
+    started = time.perf_counter()
+    results, weights, skipped = [], {}, []
+    json_path = Path(args.copy_to) / "bench_gpu.json" if args.copy_to else None
+
+    def publish(finished: bool) -> None:
+        body = gpu_body(results, weights, skipped, finished, args)
+        if args.no_write:
+            print(body, flush=True)
+        else:
+            write_subsection(*SECTION, INTRO, SUBSECTIONS, "bench_gpu_cuda", body, start_load)
+        if args.copy_to:
+            Path(args.copy_to).mkdir(parents=True, exist_ok=True)
+            if not args.no_write:
+                shutil.copy(BENCHMARKS_MD, Path(args.copy_to) / "BENCHMARKS.md")
+            json_path.write_text(json.dumps({"weights_gib": weights, "results": results, "skipped": skipped}))
+
+    for size in args.sizes:
+        if time.perf_counter() - started > args.time_budget:
+            skipped.append(f"{size} (the time budget of {args.time_budget:.0f} s was spent)")
+            continue
+        model = build(size, device).to(torch.bfloat16)
+        weight_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+        weights[size] = f"{describe(model)}; {weight_gib:.2f} GiB of weights"
+        variants = Variants(model, args.compile_backend)
+        for step in args.steps:
+            if time.perf_counter() - started > args.time_budget:
+                skipped.append(f"{size} {step} (the time budget of {args.time_budget:.0f} s was spent)")
+                continue
+            requested = args.inference_batch if step in ("encode", "decode") else args.train_batch
+            batch_size = requested
+            while True:
+                try:
+                    block = measure_step(variants, step, batch_size, device, args)
+                    break
+                except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
+                    if not is_out_of_memory(error) or batch_size == 1:
+                        raise
+                    print(f"{size} {step}: out of memory at batch {batch_size}; halving", flush=True)
+                    free_memory(device)
+                    batch_size //= 2
+            for row in block:
+                row.update(size=size, requested_batch_size=requested)
+                print(
+                    f"{size} {step} {row['variant']} batch {batch_size}: "
+                    f"{batch_size / statistics.median(row['seconds']):.1f} images/s, "
+                    f"peak {gib(row['peak_bytes'])} GiB, first call {row['first_call_s']:.1f} s",
+                    flush=True,
+                )
+            results.extend(block)
+            free_memory(device)
+            publish(finished=False)
+        del variants, model
+        free_memory(device)
+    publish(finished=True)
+    print(f"GPU part done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU part: bf16 vs float32 weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_cpu_part(args, start_load: float) -> None:
+    size = "base"
+    float32 = build(size, torch.device("cpu")).eval()
+    float32.set_attn_implementation("sdpa")
+    bfloat16 = copy.deepcopy(float32).to(torch.bfloat16)
+    weights = {
+        name: sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        for name, model in (("float32", float32), ("bf16", bfloat16))
+    }
+    torch.manual_seed(1)
+    image_size = image_size_of(float32)
+    pixel_values = torch.rand(args.cpu_batch, 3, image_size, image_size) * 2 - 1
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    precisions = {"float32": (float32, nullcontext), "bf16 weights": (bfloat16, nullcontext)}
+    precisions["float32 + bf16 autocast"] = (float32, autocast)
+    with torch.inference_mode():
+        indices = float32.encode(pixel_values).indices
+        fns = {}
+        for name, (model, context) in precisions.items():
+
+            def encode(m=model, c=context):
+                with c():
+                    return m.encode(pixel_values).indices
+
+            def decode(m=model, c=context):
+                with c():
+                    return m.decode_from_indices(indices).reconstruction
+
+            fns[("encode", name)] = encode
+            fns[("decode", name)] = decode
+        memory = {key: peak_rss_mib(fn) for key, fn in fns.items()}  # also the warm-up
+        samples = compare_samples(fns, repeats=args.rounds_cpu, warmup=0)
+
+    header = [
+        "step",
+        "precision",
+        "batch",
+        "ms per call, median (min-max)",
+        "images/s (median)",
+        "speed vs float32, per-round ratio median (min-max)",
+        "fastest round: ms",
+        "fastest vs float32's fastest",
+        "peak RSS rise MiB",
+    ]
+    rows, notes, worst_spread = [], [], 0.0
+    for step in ("encode", "decode"):
+        reference = samples[(step, "float32")]
+        for name in precisions:
+            own = samples[(step, name)]
+            median, low, high = spread(own)
+            worst_spread = max(worst_spread, high / low - 1)
+            ratio = fastest_ratio = "-"
+            if name != "float32":
+                mid, lo, hi = spread([ref / value for ref, value in zip(reference, own, strict=True)])
+                ratio = f"**{mid:.2f}x** ({lo:.2f}-{hi:.2f})"
+                fastest_ratio = f"{min(reference) / low:.2f}x"
+                verdict = (
+                    "within the noise (the per-round ratios straddle 1)"
+                    if lo <= 1 <= hi
+                    else ("faster in every round" if mid > 1 else "slower in every round")
+                )
+                notes.append(
+                    f"{step}, {name}: {mid:.2f}x the speed of float32 (per-round {lo:.2f}-{hi:.2f}), {verdict}; "
+                    f"fastest rounds {min(reference) / low:.2f}x."
+                )
+            rows.append(
+                [
+                    "image -> indices" if step == "encode" else "indices -> image",
+                    name,
+                    args.cpu_batch,
+                    f"{1e3 * median:.0f} ({1e3 * low:.0f}-{1e3 * high:.0f})",
+                    f"{args.cpu_batch / median:.2f}",
+                    ratio,
+                    f"{1e3 * low:.0f}",
+                    fastest_ratio,
+                    f"{memory[(step, name)][1]:.0f}",
+                ]
+            )
+    isa = "AMX-BF16" if "amx_bf16" in Path("/proc/cpuinfo").read_text() else "no AMX-BF16"
+    lines = [
+        f"`base` ({describe(float32)}), random weights, batch {args.cpu_batch}, SDPA, no compile, "
+        f"`torch.inference_mode()`, {args.rounds_cpu} alternating rounds of one call each after a warm-up; the CPU "
+        f"has {isa}. Weights resident: float32 {weights['float32']:.0f} MiB, bf16 {weights['bf16']:.0f} MiB (the "
+        "quantizer stays float32). Decode uses the float32 model's indices for all three.",
+        "",
+        markdown_table(header, rows),
+        "",
+        *[f"- {note}" for note in notes],
+        "- bf16 weights halve the resident weights; autocast keeps float32 weights and casts on the fly.",
+        f"- The rounds of one call differ by up to {100 * worst_spread:.0f} % (slowest over fastest); on a shared "
+        "machine the fastest rounds are the closest to the speed of a quiet one.",
+    ]
+    body = "\n".join(lines)
+    if args.no_write:
+        print(body)
+    else:
+        write_subsection(*SECTION, INTRO, SUBSECTIONS, "bench_gpu_cpu", body, start_load)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the GPU code path, tiny, on the CPU; writes nothing")
+    parser.add_argument("--cpu", action="store_true", help="run the CPU part even where a GPU is present")
+    parser.add_argument("--sizes", nargs="+", default=["base", "so400m"], choices=sorted(SIZES))
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    parser.add_argument("--inference-batch", type=int, default=64)
+    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="GPU part: timed rounds per variant")
+    parser.add_argument("--round-seconds", type=float, default=0.3, help="GPU part: seconds of calls per round")
+    parser.add_argument("--no-compile", action="store_true", help="GPU part: leave out the torch.compile variant")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--smoke: aot_eager)")
+    parser.add_argument(
+        "--time-budget", type=float, default=330, help="GPU part: start no new step after this many seconds"
+    )
+    parser.add_argument("--copy-to", default=None, help="GPU part: copy BENCHMARKS.md and a JSON here as it goes")
+    parser.add_argument("--fake-oom-above", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-batch", type=int, default=8)
+    parser.add_argument("--rounds-cpu", type=int, default=15, help="CPU part: timed rounds")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    start_load = load_average()
+
+    if args.smoke:
+        args.no_write = True
+        args.sizes = ["tiny"]
+        args.inference_batch, args.train_batch, args.rounds, args.round_seconds = 4, 2, 2, 0.0
+        args.fake_oom_above = args.fake_oom_above or 3  # the inference batch of 4 goes through the OOM halving
+        if args.compile_backend == "inductor":
+            args.compile_backend = "aot_eager"  # dynamo + AOTAutograd without the C++ build: seconds, not minutes
+        run_gpu_part(args, torch.device("cpu"), start_load)
+    elif torch.cuda.is_available() and not args.cpu:
+        run_gpu_part(args, torch.device("cuda"), start_load)
+    else:
+        run_cpu_part(args, start_load)
+
+
+if __name__ == "__main__":
+    main()
