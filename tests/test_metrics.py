@@ -79,3 +79,27 @@ def test_results_do_not_depend_on_batch_size_and_save_flat(validation, tmp_path)
     assert json.loads(path.read_text()) == first
     with pytest.raises(ValueError, match="lacks the eval_results keys"):
         save_eval_results({"psnr": 1.0}, str(path))
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_perfect_reconstruction_is_capped_at_100_db_and_saved_as_strict_json(tmp_path):
+    # One flat colour: the bicubic baseline (shrink, then enlarge) gives it back exactly, an infinite PSNR uncapped.
+    flat = Image.new("RGB", (32, 32), (90, 140, 200))
+    assert np.array_equal(np.asarray(bicubic_baseline(flat, (4, 4))), np.asarray(flat))
+    validation = ValidationImages([flat], [0], 0, "flat", "validation", 32)
+    metrics = evaluate_model(tiny_model(seed=4), validation).metrics
+    assert metrics["bicubic_psnr"] == 100.0 and metrics["psnr"] < 100.0
+    path = tmp_path / "eval_results.json"
+    save_eval_results(metrics, str(path))
+    assert _strict_json(path.read_text()) == metrics
+
+    # A non-finite value is refused, named, and nothing is written.
+    with pytest.raises(ValueError, match=r"JSON cannot represent: \{'bicubic_psnr': inf\}"):
+        save_eval_results({**metrics, "bicubic_psnr": float("inf")}, str(tmp_path / "bad.json"))
+    assert not (tmp_path / "bad.json").exists() and not (tmp_path / "bad.json.tmp").exists()

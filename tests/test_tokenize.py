@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +19,9 @@ import vqrae.tokenize as tokenize_module
 from conftest import tiny_model
 from hub_cache import write_hub_cache
 from vqrae import to_pil_images
+from vqrae.cli_utils import UsageError
 from vqrae.token_dataset import decode_token_rows, load_token_dataset, token_rows_to_indices
-from vqrae.tokenize import MANIFEST_FILE, parse_args, tokenize
+from vqrae.tokenize import MANIFEST_FILE, load_model_and_processor, parse_args, tokenize
 
 NUM_READABLE = 23
 NUM_IMAGES = NUM_READABLE + 2  # one unreadable file inside a shard, one alone in the last shard
@@ -242,3 +245,108 @@ def test_bad_token_rows_are_refused(rows, match):
 def test_bad_arguments_are_refused(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         main(["--model", "unused", "--output_dir", str(tmp_path / "out"), *extra])
+
+
+# -- what a rerun checks: the source and the precision ---------------------------------------------------------------
+
+
+def _small_folder(images: Path, folder: Path, count: int = 3) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"photo_{i:02d}.png").write_bytes((images / f"photo_{i:02d}.png").read_bytes())
+    return folder
+
+
+def test_a_rerun_after_images_were_added_is_refused(setup, tmp_path):
+    root, model_dir, images, reference = setup
+    folder = _small_folder(images, tmp_path / "photos")
+    output = tmp_path / "tokens"
+    argv = ["--model", model_dir, "--train_dir", str(folder), "--output_dir", str(output), "--shard_size", "2"]
+    main(argv)
+    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    assert manifest["source"]["kind"] == "image_folder" and manifest["source"]["num_images"] == 3
+    assert json.loads((output / "tokenize_config.json").read_text())["source"] == manifest["source"]
+    assert main(argv)["images"] == 0  # unchanged: complete, nothing to do
+
+    (folder / "photo_03.png").write_bytes((images / "photo_03.png").read_bytes())
+    command = [sys.executable, "-m", "vqrae.tokenize", *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"vqrae-tokenize: error: The source changed since the tokens in {output} were made (3 -> 4 images); pass "
+        "--overwrite_output_dir to tokenize it again."
+    ]
+
+    # A partial output (the last shard and the manifest gone) is refused as well, before any shard is added.
+    (output / MANIFEST_FILE).unlink()
+    (output / "data" / "train-00001.parquet").unlink()
+    with pytest.raises(UsageError, match=r"\(3 -> 4 images\)"):
+        main(argv)
+    assert not (output / "data" / "train-00001.parquet").exists()
+
+    # Same number of files, one of them replaced: refused too.
+    (folder / "photo_03.png").unlink()
+    (folder / "photo_00.png").write_bytes((images / "photo_05.png").read_bytes())
+    with pytest.raises(UsageError, match=r"\(3 images, but their names, sizes or modification times changed\)"):
+        main(argv)
+    assert main([*argv, "--overwrite_output_dir"])["images"] == 3
+
+
+def test_an_output_made_before_the_source_was_recorded_still_resumes_and_loads(setup, tmp_path):
+    root, model_dir, images, reference = setup
+    output = tmp_path / "old"
+    shutil.copytree(reference, output)
+    for name in ("tokenize_config.json", MANIFEST_FILE):
+        saved = json.loads((output / name).read_text())
+        for key in ("source", "precision", "dataset_revision"):
+            saved.pop(key)
+        (output / name).write_text(json.dumps(saved))
+    argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]
+    assert main(argv)["images"] == 0
+    _assert_same_dataset(_table(output), _table(reference))
+    assert len(load_token_dataset(output)) == NUM_READABLE
+
+
+def test_the_precision_is_recorded_in_the_manifest_and_the_card(setup, tmp_path):
+    root, model_dir, images, reference = setup
+    assert json.loads((reference / MANIFEST_FILE).read_text())["precision"] == "float32"  # auto, on a CPU
+    card = (reference / "README.md").read_text()
+    assert "The encoder ran in float32." in card and "bf16" not in card
+
+    folder = _small_folder(images, tmp_path / "photos")
+    output = tmp_path / "bf16"
+    argv = ["--model", model_dir, "--train_dir", str(folder), "--output_dir", str(output), "--mixed_precision", "bf16"]
+    main(argv)
+    assert json.loads((output / MANIFEST_FILE).read_text())["precision"] == "bf16"
+    card = (output / "README.md").read_text()
+    assert "The encoder ran in bf16" in card
+    assert "bf16 tokens may differ from float32 ones in a small share of tokens" in card
+    # Resuming is checked against the precision used, not the option as spelled: `--mixed_precision auto` output
+    # made on a GPU (bf16) is refused on a CPU (float32), and resumes there with `--mixed_precision bf16`.
+    output = tmp_path / "auto_on_a_gpu"
+    shutil.copytree(reference, output)
+    config = json.loads((output / "tokenize_config.json").read_text())
+    (output / "tokenize_config.json").write_text(json.dumps({**config, "precision": "bf16"}))
+    (output / MANIFEST_FILE).unlink()
+    argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]
+    with pytest.raises(UsageError, match=r"computed in bf16, but `--mixed_precision auto` runs in float32 here; "):
+        main(argv)
+    assert main([*argv, "--mixed_precision", "bf16"])["images"] == 0  # every shard is there: only the manifest
+    assert json.loads((output / MANIFEST_FILE).read_text())["precision"] == "bf16"
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    looked_for = re.escape(str(tmp_path.resolve() / "outputs" / "nope"))
+    with pytest.raises(
+        UsageError,
+        match=rf"`--model` 'outputs/nope' is not a folder \(looked for {looked_for}\) and not a model in the Hub "
+        "cache or reachable on the Hub: ",
+    ):
+        load_model_and_processor("outputs/nope")
+    with pytest.raises(UsageError, match=r"`--model` './outputs/nope' is not a folder .* and not a Hub model id"):
+        load_model_and_processor("./outputs/nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"`--model` 'empty' is a folder but holds no loadable model: "):
+        load_model_and_processor("empty")

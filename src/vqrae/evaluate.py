@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+
 logger = logging.getLogger(__name__)
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -59,17 +61,19 @@ class EvaluateArguments:
 
     def __post_init__(self):
         if self.dataset_name is not None and self.validation_dir is not None:
-            raise ValueError(
+            raise UsageError(
                 "Give at most one source of images: `--dataset_name` or `--validation_dir` "
                 f"(got dataset_name={self.dataset_name!r}, validation_dir={self.validation_dir!r})."
             )
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UsageError(f"`--output_dir` must be a folder (got {self.output_dir!r}, which is a file).")
         for name, minimum in (("batch_size", 1), ("num_examples", 0), ("step", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
+                raise UsageError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
         samples = self.max_eval_samples
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-            raise ValueError(f"`--max_eval_samples` must be an integer >= 1 or unset (got {samples!r}).")
+            raise UsageError(f"`--max_eval_samples` must be an integer >= 1 or unset (got {samples!r}).")
 
     @property
     def dataset_label(self) -> str:
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no_rfid", dest="compute_rfid", action="store_false", help="Skip rFID even where Inception weights exist."
     )
     compute.add_argument("--inception_weights", default=None, help="A local torch-fidelity Inception weights file.")
-    return parser
+    return one_line_errors(parser)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
@@ -122,14 +126,14 @@ def evaluate(args: EvaluateArguments):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from .tokenize import load_model_and_processor
+    from .tokenize import load_images, load_model_and_processor
     from .training import plots
-    from .training.data import load_image_dataset, load_validation_images
+    from .training.data import load_validation_images
     from .training.metrics import evaluate_model, save_eval_results
 
     accelerator = Accelerator()
     model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
-    dataset, image_column = load_image_dataset(
+    dataset, image_column = load_images(
         args.split,
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
@@ -151,6 +155,12 @@ def evaluate(args: EvaluateArguments):
         resample=int(processor.resample),
     )
     unreadable = sum(gather_object([validation.num_unreadable]))
+    readable = sum(gather_object([len(validation.images)]))
+    if readable == 0:
+        raise UsageError(
+            f"No image of {args.dataset_label!r} (split {args.split!r}) could be read: {unreadable} unreadable; give "
+            "a source with readable images (`--validation_dir`, or `--dataset_name` and `--split`)."
+        )
     if unreadable:
         logger.warning("%d unreadable image(s) were skipped.", unreadable)
     result = evaluate_model(
@@ -180,14 +190,19 @@ def evaluate(args: EvaluateArguments):
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def _main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
     from accelerate import PartialState
 
     result = evaluate(parse_args(argv))
     if PartialState().is_main_process:
         print(json.dumps(result.metrics, indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`vqrae-evaluate`: a user error is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
+    return run_cli("vqrae-evaluate", _main, argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ nothing duplicated. Under `accelerate launch`, process `r` of `n` takes the shar
 boundaries depend only on `--shard_size`, so any number of processes (or a resume with a different number) makes
 the same dataset. With `--streaming`, every process reads the whole stream in order and decodes only the images
 of its own shards.
+
+A changed source is refused: `tokenize_config.json` (and the manifest) record the source's identity (a folder: its
+number of image files and a digest of their paths, sizes and modification times; a map-style dataset: its number of
+rows and `datasets` fingerprint; a stream: its name, config, split and `--dataset_revision`) and the precision the
+encoder ran in (`precision`: `float32` or `bf16`, `--mixed_precision auto` resolved). A rerun, of a complete or a
+partial output, whose source or precision differs stops with an error instead of mixing old and new tokens or
+calling a stale dataset complete. bf16 tokens may differ from float32 ones in a small share of tokens (the encoder's
+features differ in bf16; the FSQ step itself is always float32); the dataset card says which precision was used.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "tokenize_config.json"
@@ -60,6 +70,7 @@ CONTENT_ARGUMENTS = (
     "revision",
     "dataset_name",
     "dataset_config_name",
+    "dataset_revision",
     "train_dir",
     "split",
     "image_column",
@@ -89,6 +100,7 @@ class TokenizeArguments:
     output_dir: str
     dataset_name: str | None = None
     dataset_config_name: str | None = None
+    dataset_revision: str | None = None
     train_dir: str | None = None
     split: str = "train"
     streaming: bool = False
@@ -107,30 +119,32 @@ class TokenizeArguments:
 
     def __post_init__(self):
         if (self.dataset_name is None) == (self.train_dir is None):
-            raise ValueError(
+            raise UsageError(
                 "Give exactly one source of images: `--dataset_name` (a Hub id or a local dataset folder) or "
                 f"`--train_dir` (a folder of images) (got dataset_name={self.dataset_name!r}, "
                 f"train_dir={self.train_dir!r})."
             )
         if self.train_dir is not None and not Path(self.train_dir).is_dir():
-            raise ValueError(f"`--train_dir` must be an existing folder of images (got {self.train_dir!r}).")
+            raise UsageError(f"`--train_dir` must be an existing folder of images (got {self.train_dir!r}).")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UsageError(f"`--output_dir` must be a folder (got {self.output_dir!r}, which is a file).")
         for name, minimum in (("shard_size", 1), ("batch_size", 1), ("dataloader_num_workers", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
+                raise UsageError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
-            raise ValueError(f"`--max_images` must be an integer >= 1 or unset (got {self.max_images!r}).")
+            raise UsageError(f"`--max_images` must be an integer >= 1 or unset (got {self.max_images!r}).")
         if self.features_dtype not in FEATURES_DTYPES:
-            raise ValueError(f"`--features_dtype` must be one of {FEATURES_DTYPES} (got {self.features_dtype!r}).")
+            raise UsageError(f"`--features_dtype` must be one of {FEATURES_DTYPES} (got {self.features_dtype!r}).")
         if self.crop not in CROP_CHOICES:
-            raise ValueError(f"`--crop` must be one of {CROP_CHOICES} (got {self.crop!r}).")
+            raise UsageError(f"`--crop` must be one of {CROP_CHOICES} (got {self.crop!r}).")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            raise ValueError(
+            raise UsageError(
                 f"`--mixed_precision` must be one of {MIXED_PRECISION_CHOICES} (got {self.mixed_precision!r})."
             )
         reserved = {"index", "id", "indices", "features"}
         if reserved & set(self.keep_columns):
-            raise ValueError(
+            raise UsageError(
                 f"`--keep_columns` may not name the output's own columns {sorted(reserved)} "
                 f"(got {self.keep_columns!r})."
             )
@@ -159,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("source images (one of --dataset_name / --train_dir)")
     source.add_argument("--dataset_name", default=None, help="A `datasets` Hub id or local dataset folder.")
     source.add_argument("--dataset_config_name", default=None)
+    source.add_argument(
+        "--dataset_revision", default=None, help="Revision of `--dataset_name` (pins a stream: see Resuming)."
+    )
     source.add_argument("--train_dir", default=None, help="A folder of images (loaded as an `imagefolder`).")
     source.add_argument("--split", default="train", help="Split to tokenize; slices such as `train[:1000]` work.")
     source.add_argument("--streaming", action="store_true", help="Stream the source instead of downloading it.")
@@ -186,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed_precision",
         default="auto",
         choices=MIXED_PRECISION_CHOICES,
-        help="`auto`: bf16 autocast on a GPU that supports it, float32 otherwise. FSQ indices are always float32.",
+        help="`auto`: bf16 autocast on a GPU that supports it, float32 otherwise. FSQ indices are always float32; "
+        "bf16 features differ slightly, so a small share of tokens differs from a float32 run. The manifest records "
+        "the precision used.",
     )
-    return parser
+    return one_line_errors(parser)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
@@ -200,23 +219,46 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_source(args: TokenizeArguments):
-    """The source split, through the training data loader (`vqrae.training.data.load_image_dataset`: a Hub id, the
-    built-in photos, or an image folder; optionally streamed), with its image column *not* decoded, so the images
-    of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column)`."""
+def load_images(split: str, **kwargs):
+    """`vqrae.training.data.load_image_dataset(split, **kwargs)` for a command-line tool: a source that cannot be
+    loaded (no such folder or dataset, no such split, no images, offline and not cached) is the user's to fix, so it
+    becomes a `UsageError` naming the option and the value."""
     from .training.data import load_image_dataset
 
-    dataset, image_column = load_image_dataset(
+    try:
+        return load_image_dataset(split, **kwargs)
+    except UsageError:
+        raise
+    except ValueError as error:  # load_image_dataset's own checks name the option already
+        raise UsageError(str(error)) from error
+    except (FileNotFoundError, ConnectionError) as error:  # datasets: no such dataset or data files; offline
+        option = next(
+            (name for name in ("train_dir", "validation_dir", "dataset_name") if kwargs.get(name) is not None),
+            "dataset_name",
+        )
+        raise UsageError(f"`--{option}` {kwargs.get(option)!r} could not be loaded: {error}") from error
+
+
+def load_source(args: TokenizeArguments, identity: dict | None = None):
+    """The source split, through the training data loader (`vqrae.training.data.load_image_dataset`: a Hub id, the
+    built-in photos, or an image folder; optionally streamed), with its image column *not* decoded, so the images
+    of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column,
+    identity)`, `identity` what `source_identity` records of the whole source (before `--max_images`), unless it is
+    passed in (already computed: a folder is not walked twice)."""
+    dataset, image_column = load_images(
         "train" if args.train_dir is not None else args.split,
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
         train_dir=args.train_dir,
         image_column=args.image_column,
         streaming=args.streaming,
+        revision=args.dataset_revision,
     )
+    if identity is None:
+        identity = source_identity(args, dataset)
     missing = [name for name in args.keep_columns if name not in (dataset.column_names or [])]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"`--keep_columns` names {missing}, which the source lacks (columns: {dataset.column_names})."
         )
     dataset = dataset.select_columns([image_column, *args.keep_columns])
@@ -226,7 +268,80 @@ def load_source(args: TokenizeArguments):
             if args.streaming
             else dataset.select(range(min(args.max_images, len(dataset))))
         )
-    return dataset, image_column
+    return dataset, image_column, identity
+
+
+def source_identity(args: TokenizeArguments, dataset=None) -> dict:
+    """What identifies the source, so a rerun can tell that it changed (see the module docstring):
+
+    - `--train_dir`: `{"kind": "image_folder", "num_images", "digest"}` over every image file under the folder
+      (`folder_identity`);
+    - a map-style dataset: `{"kind": "dataset", "num_rows", "fingerprint"}`, `datasets`' own fingerprint, which
+      follows the data files (their commit on the Hub, their modification times locally); only this one needs the
+      loaded (unsliced) `dataset`;
+    - a stream: `{"kind": "stream", "dataset_name", "dataset_config_name", "split", "revision"}`, plus the folder's
+      `num_files` and `digest` when `--dataset_name` is a local folder. An unpinned Hub stream (no
+      `--dataset_revision`) cannot be checked further: its length is unknown until it is read.
+    """
+    if args.train_dir is not None:
+        return {"kind": "image_folder", **folder_identity(args.train_dir, images_only=True)}
+    if not args.streaming:
+        return {"kind": "dataset", "num_rows": len(dataset), "fingerprint": dataset._fingerprint}
+    identity = {
+        "kind": "stream",
+        "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name,
+        "split": args.split,
+        "revision": args.dataset_revision,
+    }
+    if Path(args.dataset_name).is_dir():
+        files = folder_identity(args.dataset_name, images_only=False)
+        identity.update(num_files=files["num_images"], digest=files["digest"])
+    return identity
+
+
+def folder_identity(folder: str | os.PathLike, images_only: bool) -> dict:
+    """`{"num_images", "digest"}` of the files under `folder` that `datasets` reads (hidden files and folders and
+    `__*` folders left out, as `datasets` does; with `images_only`, the file types `imagefolder` loads): how many
+    there are and a SHA-256 over their relative paths, sizes and modification times."""
+    import hashlib
+
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = set(ImageFolder.EXTENSIONS)
+    root = Path(folder)
+    entries = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith((".", "__"))]
+        for name in files:
+            if name.startswith(".") or (images_only and Path(name).suffix.lower() not in extensions):
+                continue
+            path = Path(directory) / name
+            stat = path.stat()
+            entries.append(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
+    return {"num_images": len(entries), "digest": digest}
+
+
+def describe_source_change(saved: dict, current: dict) -> str | None:
+    """`None` when `current` is the source `saved` describes; else what changed, in words."""
+    if saved == current:
+        return None
+    kind = saved.get("kind")
+    if kind != current.get("kind"):
+        return f"{saved} -> {current}"
+    if kind == "image_folder":
+        if saved.get("num_images") != current["num_images"]:
+            return f"{saved.get('num_images')} -> {current['num_images']} images"
+        return f"{current['num_images']} images, but their names, sizes or modification times changed"
+    if kind == "dataset":
+        if saved.get("num_rows") != current["num_rows"]:
+            return f"{saved.get('num_rows')} -> {current['num_rows']} rows"
+        return f"{current['num_rows']} rows, fingerprint {saved.get('fingerprint')} -> {current['fingerprint']}"
+    if saved.get("num_files") is not None and saved.get("num_files") != current.get("num_files"):
+        return f"{saved.get('num_files')} -> {current.get('num_files')} files"
+    changed = [key for key in current if saved.get(key) != current[key]]
+    return ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
 
 
 def image_identifier(value, index: int, root: Path | None) -> str:
@@ -329,7 +444,7 @@ def output_features(args: TokenizeArguments, grid: tuple[int, int], feature_shap
     for name in args.keep_columns:
         if source_features is None or name not in source_features:
             # Every shard must have the same schema, so the type cannot be guessed from one shard's values.
-            raise ValueError(f"The source does not declare the type of `--keep_columns` column {name!r}.")
+            raise UsageError(f"The source does not declare the type of `--keep_columns` column {name!r}.")
         columns[name] = source_features[name]
     if args.save_features:
         columns["features"] = datasets.Array2D(shape=feature_shape, dtype=args.features_dtype)
@@ -405,14 +520,34 @@ def iter_shard_rows(dataset, streaming: bool, shard_size: int, wanted) -> Iterat
 
 def load_model_and_processor(name_or_path: str, revision: str | None = None, device: torch.device | str = "cpu"):
     """A VQRAE model (AutoModel; a folder or a Hub id, offline from the Hub cache) in eval mode, and its own image
-    processor (AutoImageProcessor from the same place; the model's default one if the folder has none)."""
+    processor (AutoImageProcessor from the same place; the model's default one if the folder has none).
+
+    A `--model` that cannot be loaded is a `UsageError` that says why: a path that is no folder (with the absolute
+    path looked for) and no model in the Hub cache or on the Hub, a folder without a saved model, or a model that is
+    not a VQRAE model."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoImageProcessor, AutoModel
 
     import vqrae  # noqa: F401  (registers VQRAEConfig / VQRAEModel with the Auto classes)
 
-    model = AutoModel.from_pretrained(name_or_path, revision=revision).to(device).eval()
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        name_or_path = str(folder)
+        what = f"`--model` {name_or_path!r} is a folder but holds no loadable model"
+    else:
+        what = f"`--model` {name_or_path!r} is not a folder (looked for {folder.resolve()})"
+        try:
+            validate_repo_id(name_or_path)
+        except HFValidationError:
+            raise UsageError(f"{what} and not a Hub model id ('org/name').") from None
+        what += " and not a model in the Hub cache or reachable on the Hub"
+    try:
+        model = AutoModel.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as error:  # transformers: no config.json, not found, offline; unknown model type
+        raise UsageError(f"{what}: {error}") from error
     if not hasattr(model, "decode_from_indices"):
-        raise ValueError(f"`--model` {name_or_path!r} is a {type(model).__name__}, not a VQRAE model.")
+        raise UsageError(f"`--model` {name_or_path!r} is a {type(model).__name__}, not a VQRAE model.")
+    model = model.to(device).eval()
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
     except OSError:
@@ -421,14 +556,20 @@ def load_model_and_processor(name_or_path: str, revision: str | None = None, dev
     return model, processor
 
 
-def autocast_context(mixed_precision: str, device: torch.device):
-    """bf16 autocast where the device supports it (a GPU with bf16), float32 elsewhere. The quantizer turns
-    autocast off for itself, so FSQ indices are computed in float32 either way."""
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """The precision the encoder runs in, `"bf16"` or `"float32"`: `auto` is bf16 on a GPU that supports it."""
     if mixed_precision == "auto":
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     else:
         use_bf16 = mixed_precision == "bf16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return "bf16" if use_bf16 else "float32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast for `precision="bf16"` (see `resolve_precision`), nothing for float32. The quantizer turns
+    autocast off for itself, so FSQ indices are computed in float32 either way; the encoder's features are not, so
+    a small share of bf16 tokens differs from float32 ones."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,8 +589,57 @@ def process_state():
     return PartialState(cpu=cpu)
 
 
-def prepare_output_dir(args: TokenizeArguments, state) -> Path:
-    """Create (or check, on resume) the output folder. Returns its `data/` folder."""
+def saved_config(args: TokenizeArguments) -> dict | None:
+    """The `tokenize_config.json` of an earlier run into `--output_dir`, or `None`."""
+    path = Path(args.output_dir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_saved_arguments(args: TokenizeArguments, saved: dict | None) -> None:
+    """Refuse to add to shards made with other content arguments (before the source is loaded). Where the saved
+    config records the precision the encoder ran in, that is compared instead of `--mixed_precision` as spelled
+    (`check_saved_source`): `auto` on a CPU and `no` make the same tokens."""
+    if saved is None:
+        return
+    current = args.content_config()
+    if "precision" in saved:
+        del current["mixed_precision"]
+    changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
+    if changed:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise UsageError(
+            f"{args.output_dir} holds shards made with other arguments ({details}); resume with the same arguments "
+            "or pass `--overwrite_output_dir` to start again."
+        )
+
+
+def check_saved_source(args: TokenizeArguments, saved: dict, source: dict, precision: str) -> None:
+    """Refuse to resume (or to call complete) shards made from another source or in another precision. A config
+    written before these were recorded cannot be checked: said in the log."""
+    if "precision" in saved and saved["precision"] != precision:
+        option = "bf16" if saved["precision"] == "bf16" else "no"
+        raise UsageError(
+            f"{args.output_dir} holds tokens computed in {saved['precision']}, but `--mixed_precision "
+            f"{args.mixed_precision}` runs in {precision} here; resume with `--mixed_precision {option}` (bf16 "
+            "autocast runs on a CPU too), or pass --overwrite_output_dir to tokenize it again."
+        )
+    if "source" not in saved:
+        logger.warning(
+            "%s was made by an older vqrae that did not record its source: cannot check that the source is unchanged.",
+            args.output_dir,
+        )
+        return
+    change = describe_source_change(saved["source"], source)
+    if change is not None:
+        raise UsageError(
+            f"The source changed since the tokens in {args.output_dir} were made ({change}); pass "
+            "--overwrite_output_dir to tokenize it again."
+        )
+
+
+def prepare_output_dir(args: TokenizeArguments, state, source: dict, precision: str) -> Path:
+    """Create (or check, on resume) the output folder: its `tokenize_config.json` records the content arguments,
+    the source's identity and the precision, and a rerun must match all three. Returns its `data/` folder."""
     output_dir = Path(args.output_dir)
     config_path = output_dir / CONFIG_FILE
     if state.is_main_process:
@@ -457,19 +647,12 @@ def prepare_output_dir(args: TokenizeArguments, state) -> Path:
             shutil.rmtree(output_dir)
         (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
         if not config_path.exists():
-            temporary = config_path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
-            temporary.write_text(json.dumps(args.content_config(), indent=2) + "\n")
-            os.replace(temporary, config_path)
+            config = {**args.content_config(), "source": source, "precision": precision}
+            _write_text_atomically(config_path, json.dumps(config, indent=2) + "\n")
     state.wait_for_everyone()
-    saved = json.loads(config_path.read_text())
-    current = args.content_config()
-    changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
-    if changed:
-        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise ValueError(
-            f"{args.output_dir} holds shards made with other arguments ({details}); resume with the same arguments "
-            "or pass `--overwrite_output_dir` to start again."
-        )
+    saved = saved_config(args)
+    check_saved_arguments(args, saved)
+    check_saved_source(args, saved, source, precision)
     return output_dir / DATA_DIR
 
 
@@ -483,8 +666,11 @@ def token_grid(model, processor) -> tuple[tuple[int, int], tuple[int, int]]:
     return grid, (grid[0] * grid[1], model.config.vision_config.hidden_size)
 
 
-def encode_shard(model, batches: ShardBatches, args: TokenizeArguments, device, progress) -> tuple[dict, list[str]]:
-    """Encode one shard; returns its columns (rows in source order) and the ids of the images it skipped."""
+def encode_shard(
+    model, batches: ShardBatches, args: TokenizeArguments, device, progress, precision: str = "float32"
+) -> tuple[dict, list[str]]:
+    """Encode one shard (the encoder in `precision`, see `resolve_precision`); returns its columns (rows in source
+    order) and the ids of the images it skipped."""
     columns = {"index": [], "id": [], "indices": [], **{name: [] for name in args.keep_columns}}
     if args.save_features:
         columns["features"] = []
@@ -498,7 +684,7 @@ def encode_shard(model, batches: ShardBatches, args: TokenizeArguments, device, 
         skipped.extend(item[1] for item in items if item[2] is None)
         if readable:
             pixel_values = torch.stack([item[2] for item in readable]).to(device)
-            with torch.inference_mode(), autocast_context(args.mixed_precision, device):
+            with torch.inference_mode(), autocast_context(precision, device):
                 encoded = model.encode(pixel_values)
             indices = encoded.indices.to(torch.int32).cpu().numpy()
             features = (
@@ -523,7 +709,14 @@ def tokenize(args: TokenizeArguments) -> dict:
     from tqdm.auto import tqdm
 
     state = process_state()
-    data_dir = prepare_output_dir(args, state)
+    precision = resolve_precision(args.mixed_precision, state.device)
+    if not args.overwrite_output_dir:
+        check_saved_arguments(args, saved_config(args))  # before loading a source that may be large
+    if args.train_dir is None and not args.streaming:
+        dataset, image_column, source = load_source(args)  # its identity is its length and fingerprint
+    else:
+        dataset, source = None, source_identity(args)  # a folder or a stream: checked before anything is loaded
+    data_dir = prepare_output_dir(args, state, source, precision)
     manifest_path = Path(args.output_dir) / MANIFEST_FILE
     if manifest_path.exists():
         logger.info("%s is complete (%s exists); nothing to do.", args.output_dir, MANIFEST_FILE)
@@ -536,7 +729,8 @@ def tokenize(args: TokenizeArguments) -> dict:
 
     model, processor = load_model_and_processor(args.model, args.revision, state.device)
     grid, feature_shape = token_grid(model, processor)
-    dataset, image_column = load_source(args)
+    if dataset is None:
+        dataset, image_column, _ = load_source(args, identity=source)
     features = output_features(args, grid, feature_shape, dataset.features)
     root = Path(args.train_dir).resolve() if args.train_dir is not None else None
     prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, root)
@@ -576,7 +770,7 @@ def tokenize(args: TokenizeArguments) -> dict:
             if args.streaming:
                 remove_stale_temporaries(data_dir, split, [shard])
             columns, skipped = encode_shard(
-                model, ShardBatches(rows, first_index, prepare), args, state.device, progress
+                model, ShardBatches(rows, first_index, prepare), args, state.device, progress, precision
             )
             shard_info = {"shard": shard, "first_index": first_index, "num_images": len(rows), "skipped": skipped}
             write_shard(shard_file(data_dir, split, shard), columns, features, shard_info)
@@ -592,7 +786,9 @@ def tokenize(args: TokenizeArguments) -> dict:
     summary = {"images": total_done, "seconds": wall, "images_per_second": total_done / wall if wall > 0 else 0.0}
     if state.is_main_process:
         num_images = max(count[2] for count in counts)
-        summary["manifest"] = write_manifest(args, data_dir, split, num_images, grid, model, features)
+        summary["manifest"] = write_manifest(
+            args, data_dir, split, num_images, grid, model, features, source=source, precision=precision
+        )
         logger.info(
             "Tokenized %d images in %.1f s (%.1f images/s) over %d process(es); %d rows in %s.",
             total_done,
@@ -620,9 +816,20 @@ class _StreamingShardSet:
 
 
 def write_manifest(
-    args: TokenizeArguments, data_dir: Path, split: str, num_images: int, grid, model, features
+    args: TokenizeArguments,
+    data_dir: Path,
+    split: str,
+    num_images: int,
+    grid,
+    model,
+    features,
+    *,
+    source: dict,
+    precision: str,
 ) -> dict:
-    """Check that every shard exists, then write `tokenize_manifest.json` and a dataset card (`README.md`)."""
+    """Check that every shard exists, then write `tokenize_manifest.json` and a dataset card (`README.md`). The
+    manifest holds the content arguments, the source's identity (`source`), the precision the encoder ran in
+    (`precision`: `"float32"` or `"bf16"`) and what was written."""
     num_shards = math.ceil(num_images / args.shard_size)
     missing = [shard for shard in range(num_shards) if not shard_is_complete(data_dir, split, shard)]
     if missing:
@@ -631,6 +838,8 @@ def write_manifest(
     skipped = [identifier for info in infos for identifier in info.get("skipped", [])]
     manifest = {
         **args.content_config(),
+        "source": source,
+        "precision": precision,
         "output_split": split,
         "num_images": num_images,
         "num_rows": sum(info["num_rows"] for info in infos),
@@ -663,7 +872,7 @@ def dataset_card(manifest: dict) -> str:
         f"Split `{manifest['split']}` of {source}, encoded by `{manifest['model']}` into "
         f"{manifest['token_grid'][0]} x {manifest['token_grid'][1]} tokens per image from a codebook of "
         f"{manifest['codebook_size']} codes: {manifest['num_rows']} rows ({manifest['num_skipped']} unreadable images "
-        "skipped).\n\n"
+        f"skipped).\n\n{_precision_sentence(manifest.get('precision'))}"
         "```python\n"
         "from vqrae.token_dataset import decode_token_rows, load_token_dataset\n"
         "tokens = load_token_dataset(path)\n"
@@ -672,16 +881,32 @@ def dataset_card(manifest: dict) -> str:
     )
 
 
+def _precision_sentence(precision: str | None) -> str:
+    if precision == "bf16":
+        return (
+            "The encoder ran in bf16 (autocast; the FSQ step itself in float32). bf16 tokens may differ from float32 "
+            "ones in a small share of tokens, because the encoder's features differ slightly in bf16.\n\n"
+        )
+    if precision == "float32":
+        return "The encoder ran in float32.\n\n"
+    return ""
+
+
 def _write_text_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(text)
     os.replace(temporary, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def _main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
     tokenize(parse_args(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`vqrae-tokenize`: a user error is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
+    return run_cli("vqrae-tokenize", _main, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token, is_offline_mode
 
+from ..cli_utils import UsageError, one_line_errors, run_cli, setup_logging
 from .model_card import EVAL_RESULTS_FILE, PICTURES, TRAINING_CONFIG_FILE, check_repo_id, render_model_card
 
 __all__ = ["HubPublishError", "files_to_publish", "main", "push_to_hub"]
@@ -136,8 +137,8 @@ def push_to_hub(
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`vqrae-push FOLDER --repo-id org/name [--private] [--revision BRANCH]`."""
+def _main(argv: list[str] | None = None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="vqrae-push",
         description="Publish a saved VQRAE model folder (weights, model code, model card, pictures, results) to the "
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, help="commit to this branch instead of main (created if missing)")
     parser.add_argument("--commit-message", default=None, help="the commit message")
-    args = parser.parse_args(argv)
+    args = one_line_errors(parser).parse_args(argv)
     try:
         info = push_to_hub(
             args.folder,
@@ -157,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             commit_message=args.commit_message,
         )
-    except (ValueError, HubPublishError) as error:
-        parser.exit(1, f"vqrae-push: error: {error}\n")
+    except (ValueError, HubPublishError) as error:  # a bad folder or repo id, offline, no token: nothing was sent
+        raise UsageError(str(error)) from error
     print(info.commit_url)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vqrae-push FOLDER --repo-id org/name [--private] [--revision BRANCH]`; a user error (a bad folder or repo id,
+    offline mode, no token) is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
+    return run_cli("vqrae-push", _main, argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ What is measured, on 8-bit RGB images (what a user gets back as a PNG):
 
 - `psnr`, `ssim`: mean over images of torchmetrics' PSNR and SSIM (data range 1, Gaussian window 11, sigma 1.5)
   between each image and its reconstruction through the tokens (`encode(...).indices` -> `decode_from_indices`);
+  each image's PSNR is capped at `PSNR_CAP_DB` (100 dB, as common tools do), so an exact copy counts as 100 dB,
+  not infinity, and `eval_results.json` stays valid JSON (it is written with `allow_nan=False`: a non-finite
+  value is refused rather than written);
 - `codebook_utilization`, `used_codes`, `perplexity`: how much of the codebook the validation tokens use
   (`vqrae.codebook_statistics` over all tokens of all images);
 - `bits_per_image`: `h * w * log2(codebook_size)` for an `h x w` token grid;
@@ -64,6 +67,8 @@ EVAL_RESULT_KEYS = (
 
 # torch-fidelity's Inception v3 weights (what torchmetrics' FID uses), looked up in the torch hub cache.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# An identical image has an infinite PSNR; 100 dB is the usual cap (e.g. skimage-style tools, libvmaf's PSNR).
+PSNR_CAP_DB = 100.0
 _rfid_unavailable_reported = False
 
 
@@ -115,10 +120,11 @@ def _unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def _image_quality(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image PSNR and SSIM `(B,)` of images in [0, 1], with torchmetrics."""
+    """Per-image PSNR (capped at `PSNR_CAP_DB`) and SSIM `(B,)` of images in [0, 1], with torchmetrics."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     psnr = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    psnr = psnr.clamp(max=PSNR_CAP_DB)
     ssim = structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none")
     return psnr.double(), ssim.double()
 
@@ -279,12 +285,20 @@ def evaluate_model(
 
 
 def save_eval_results(metrics: dict, path: str) -> None:
-    """Write `metrics` (the flat `eval_results.json` object) to `path`, atomically."""
+    """Write `metrics` (the flat `eval_results.json` object) to `path`, atomically, as strict JSON: a non-finite
+    value (which JSON cannot hold) raises a `ValueError` naming it, and nothing is written."""
     missing = [key for key in EVAL_RESULT_KEYS if key not in metrics]
     if missing:
         raise ValueError(f"`metrics` lacks the eval_results keys {missing}.")
+    results = {key: metrics[key] for key in EVAL_RESULT_KEYS}
+    try:
+        text = json.dumps(results, indent=2, allow_nan=False)
+    except ValueError as error:  # Infinity / NaN: Python's json would write them, but they are not JSON
+        non_finite = {
+            key: value for key, value in results.items() if isinstance(value, float) and not math.isfinite(value)
+        }
+        raise ValueError(f"`metrics` holds values that JSON cannot represent: {non_finite} ({error}).") from error
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
-        json.dump({key: metrics[key] for key in EVAL_RESULT_KEYS}, handle, indent=2)
-        handle.write("\n")
+        handle.write(text + "\n")
     os.replace(temporary, path)
