@@ -10,7 +10,7 @@ import vqrae.evaluate as evaluate_module
 import vqrae.tokenize as tokenize_module
 import vqrae.training.hub as hub_module
 from vqrae.cli_utils import UsageError
-from vqrae.tokenize import load_images
+from vqrae.training.data import load_image_dataset
 
 CASES = {
     # an option our own validation refuses
@@ -94,7 +94,10 @@ def test_a_bug_keeps_its_traceback(module, function, argv, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"dataset_name": "org/no-such-dataset"}, r"`--dataset_name` 'org/no-such-dataset' could not be loaded: "),
+        (
+            {"dataset_name": "org/no-such-dataset"},
+            r"`dataset_name` 'org/no-such-dataset' is not a folder here and could not be loaded from the Hub",
+        ),
         (
             {"validation_dir": "/no/such/folder"},
             r"`validation_dir` must be a folder of images \(got '/no/such/folder'",
@@ -103,4 +106,4 @@ def test_a_bug_keeps_its_traceback(module, function, argv, monkeypatch):
 )
 def test_a_source_that_cannot_be_loaded_is_a_usage_error(kwargs, match):
     with pytest.raises(UsageError, match=match):
-        load_images("validation", **kwargs)
+        load_image_dataset("validation", **kwargs)

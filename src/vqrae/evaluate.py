@@ -126,14 +126,14 @@ def evaluate(args: EvaluateArguments):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from .tokenize import load_images, load_model_and_processor
+    from .tokenize import load_model_and_processor
     from .training import plots
-    from .training.data import load_validation_images
+    from .training.data import load_image_dataset, load_validation_images
     from .training.metrics import evaluate_model, save_eval_results
 
     accelerator = Accelerator()
     model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
-    dataset, image_column = load_images(
+    dataset, image_column = load_image_dataset(
         args.split,
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,

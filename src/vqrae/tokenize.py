@@ -219,33 +219,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_images(split: str, **kwargs):
-    """`vqrae.training.data.load_image_dataset(split, **kwargs)` for a command-line tool: a source that cannot be
-    loaded (no such folder or dataset, no such split, no images, offline and not cached) is the user's to fix, so it
-    becomes a `UsageError` naming the option and the value."""
-    from .training.data import load_image_dataset
-
-    try:
-        return load_image_dataset(split, **kwargs)
-    except UsageError:
-        raise
-    except ValueError as error:  # load_image_dataset's own checks name the option already
-        raise UsageError(str(error)) from error
-    except (FileNotFoundError, ConnectionError) as error:  # datasets: no such dataset or data files; offline
-        option = next(
-            (name for name in ("train_dir", "validation_dir", "dataset_name") if kwargs.get(name) is not None),
-            "dataset_name",
-        )
-        raise UsageError(f"`--{option}` {kwargs.get(option)!r} could not be loaded: {error}") from error
-
-
 def load_source(args: TokenizeArguments, identity: dict | None = None):
     """The source split, through the training data loader (`vqrae.training.data.load_image_dataset`: a Hub id, the
     built-in photos, or an image folder; optionally streamed), with its image column *not* decoded, so the images
     of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column,
     identity)`, `identity` what `source_identity` records of the whole source (before `--max_images`), unless it is
     passed in (already computed: a folder is not walked twice)."""
-    dataset, image_column = load_images(
+    from .training.data import load_image_dataset
+
+    dataset, image_column = load_image_dataset(
         "train" if args.train_dir is not None else args.split,
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
