@@ -4,6 +4,7 @@ the same model in float32 on the same features."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, SiglipVisionConfig, SiglipVisionModel
@@ -132,3 +133,33 @@ def test_model_built_around_a_bf16_encoder(tmp_path):
     assert encoded.last_hidden_state.dtype == torch.bfloat16
     assert encoded.quantized.dtype == torch.float32 and reconstruction.dtype == torch.float32
     _train_step(model, torch.float32)
+
+
+def test_default_model_loaded_in_bf16_tokenizes_and_decodes_a_folder(tmp_path):
+    from tqdm import tqdm
+
+    from conftest import photo_folder
+    from vqrae.tokenize import ImagePreparation, ShardBatches, TokenizeArguments, encode_shard, load_source
+    from vqrae.training.args import parse_args
+    from vqrae.training.trainer import build_model
+
+    folder = tmp_path / "model"
+    build_model(parse_args([])[0]).save_pretrained(folder)  # the default run's model (untrained weights)
+    model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16)
+    reference = AutoModel.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16
+    args = TokenizeArguments(
+        model=str(folder), output_dir=str(tmp_path / "tokens"), train_dir=str(photo_folder(tmp_path / "photos", 6))
+    )
+    dataset, column, _ = load_source(args)
+    rows = [dataset[i] for i in range(len(dataset))]
+    prepare = ImagePreparation(model.get_image_processor(), column, [], "center", None)
+    tokens = {}
+    for name, tokenizer in (("bf16", model), ("float32", reference)):
+        columns, skipped = encode_shard(tokenizer, ShardBatches(rows, 0, prepare), args, "cpu", tqdm(disable=True))
+        tokens[name] = torch.as_tensor(np.stack(columns["indices"]))
+    assert tokens["bf16"].shape == (6, 8, 8) and not skipped
+    assert (tokens["bf16"] == tokens["float32"]).float().mean() > 0.9  # bf16 features: a few tokens move
+    with torch.no_grad():
+        images = model.decode_from_indices(tokens["bf16"].long()).reconstruction
+    assert images.dtype == torch.bfloat16 and images.shape == (6, 3, 64, 64) and torch.isfinite(images).all()
