@@ -36,7 +36,7 @@ import torch
 from _common import load_average, markdown_table, write_section
 
 from vqrae import VQRAEModel
-from vqrae.training.data import (
+from vqrae.image_data import (
     BUILTIN_DATASET_NAME,
     decode_image,
     load_image_dataset,

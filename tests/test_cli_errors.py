@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-import vqrae.evaluate as evaluate_module
 import vqrae.tokenize as tokenize_module
+import vqrae.training.evaluate as evaluate_module
 import vqrae.training.hub as hub_module
 from vqrae.cli_utils import UsageError
-from vqrae.training.data import load_image_dataset
+from vqrae.image_data import load_image_dataset
 
 CASES = {
     # an option our own validation refuses
@@ -21,7 +21,7 @@ CASES = {
     ),
     # a model folder that does not exist, relative to the working directory
     "evaluate_missing_model": (
-        "vqrae.evaluate",
+        "vqrae.training.evaluate",
         ["--model", "outputs/nope", "--output_dir", "{tmp}/eval"],
         "vqrae-evaluate: error: `--model` 'outputs/nope' is not a folder (looked for {tmp}/outputs/nope) and not a "
         "model in the Hub cache or reachable on the Hub: ",

@@ -6,17 +6,16 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from vqrae.training.data import (
+from vqrae.image_data import (
     BUILTIN_DATASET_NAME,
     BUILTIN_TRAIN_PHOTOS,
     BUILTIN_VALIDATION_PHOTOS,
-    StreamingTrainingBatches,
-    TrainingBatches,
     builtin_photos,
     load_image_dataset,
     load_validation_images,
     random_resized_crop_box,
 )
+from vqrae.training.data import StreamingTrainingBatches, TrainingBatches
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from PIL import Image
 
 from conftest import tiny_model
 from vqrae import to_pil_images
-from vqrae.evaluate import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE, evaluate, parse_args
+from vqrae.training.evaluate import evaluate, parse_args
 from vqrae.training.model_card import read_eval_results
+from vqrae.training.run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,8 @@ def test_encoder_preprocessing_travels_with_the_model(tmp_path):
     assert reloaded.get_image_processor().resample == Image.Resampling.BILINEAR
     # Trained from it, the run resizes bilinearly and its output says so.
     from conftest import run
-    from vqrae.training.data import TrainingBatches, load_image_dataset
+    from vqrae.image_data import load_image_dataset
+    from vqrae.training.data import TrainingBatches
 
     dataset, column = load_image_dataset("train")
     batches = TrainingBatches(dataset, column, model.get_image_processor(), batch_size=2, seed=0)

@@ -10,7 +10,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 import vqrae
 from conftest import tiny_model
-from vqrae.training.data import ValidationImages
+from vqrae.image_data import ValidationImages
 from vqrae.training.metrics import EVAL_RESULT_KEYS, bicubic_baseline, evaluate_model, save_eval_results
 
 

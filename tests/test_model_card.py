@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import SEED_PRESETS, tiny_model
 from vqrae import to_pil_images
-from vqrae.training.model_card import PICTURES, read_eval_results, render_model_card, write_model_card
+from vqrae.training.model_card import read_eval_results, render_model_card, write_model_card
+from vqrae.training.run_files import PICTURES
 
 EVAL_RESULTS = {
     "dataset_name": "org/photos",

@@ -40,7 +40,7 @@ def independent_psnr(output_dir, num_images=8):
     from PIL import Image
 
     from vqrae import VQRAEModel
-    from vqrae.training.data import builtin_photos
+    from vqrae.image_data import builtin_photos
 
     model = VQRAEModel.from_pretrained(output_dir).eval()
     processor = json.loads((output_dir / "preprocessor_config.json").read_text())
@@ -99,7 +99,7 @@ def test_each_preset_trains(preset, tmp_path):
 def test_output_folder_loads_and_its_results_match_a_fresh_evaluation(tmp_path):
     from transformers import AutoModel
 
-    from vqrae.training.data import load_image_dataset, load_validation_images
+    from vqrae.image_data import load_image_dataset, load_validation_images
     from vqrae.training.metrics import evaluate_model
 
     output = tmp_path / "out"
@@ -142,7 +142,7 @@ def encoder_features(folder, pixel_values):
 
 
 def test_stage2_distillation_holds_the_encoder_to_its_start(tmp_path):
-    from vqrae.training.data import load_image_dataset, load_validation_images
+    from vqrae.image_data import load_image_dataset, load_validation_images
 
     start = tmp_path / "start"
     tiny_model(seed=4).save_pretrained(start)

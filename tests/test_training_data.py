@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import photo_folder, records, run
-from vqrae.training.data import HOLD_OUT_SEED, hold_out, load_image_dataset
+from vqrae.image_data import HOLD_OUT_SEED, hold_out, load_image_dataset
 
 
 def test_hold_out_is_deterministic_disjoint_and_seed_independent(tmp_path):

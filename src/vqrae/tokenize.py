@@ -220,12 +220,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
 
 
 def load_source(args: TokenizeArguments, identity: dict | None = None):
-    """The source split, through the training data loader (`vqrae.training.data.load_image_dataset`: a Hub id, the
+    """The source split, through the library's loader (`vqrae.image_data.load_image_dataset`: a Hub id, the
     built-in photos, or an image folder; optionally streamed), with its image column *not* decoded, so the images
     of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column,
     identity)`, `identity` what `source_identity` records of the whole source (before `--max_images`), unless it is
     passed in (already computed: a folder is not walked twice)."""
-    from .training.data import load_image_dataset
+    from .image_data import load_image_dataset
 
     dataset, image_column = load_image_dataset(
         "train" if args.train_dir is not None else args.split,
@@ -341,7 +341,7 @@ def image_identifier(value, index: int, root: Path | None) -> str:
 
 @dataclass
 class ImagePreparation:
-    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.training.data.decode_image`), cut to its
+    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.image_data.decode_image`), cut to its
     largest centred square and resized to the model's resolution with the processor's resampling (`crop="center"`,
     as validation images are prepared) or left whole for the processor to resize (`crop="none"`), then passed
     through the model's image processor."""
@@ -353,20 +353,20 @@ class ImagePreparation:
     root: Path | None
 
     def __call__(self, row: dict, index: int):
-        from .training.data import _UNREADABLE_ERRORS, _processor_size, _resample, center_crop_box, decode_image
+        from .image_data import UNREADABLE_ERRORS, center_crop_box, decode_image, processor_resample, processor_size
 
         value = row[self.image_column]
         identifier = image_identifier(value, index, self.root)
         kept = {name: row[name] for name in self.keep_columns}
         try:
             image = decode_image(value)
-        except _UNREADABLE_ERRORS as error:
+        except UNREADABLE_ERRORS as error:
             logger.warning("Skipping unreadable image %s (index %d): %s", identifier, index, error)
             return index, identifier, None, kept
         if self.crop == "center":
-            side = _processor_size(self.processor, None)
+            side = processor_size(self.processor, None)
             box = center_crop_box(image.width, image.height)
-            image = image.resize((side, side), _resample(self.processor), box=box)
+            image = image.resize((side, side), processor_resample(self.processor), box=box)
         pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
         return index, identifier, pixel_values, kept
 

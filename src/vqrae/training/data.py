@@ -1,480 +1,31 @@
-"""Images for training and evaluating a VQRAE tokenizer, loaded with `datasets`.
-
-Sources (see `load_image_dataset`):
-
-- the built-in photographs (`BUILTIN_DATASET_NAME`): real photos that ship inside scikit-image and scikit-learn,
-  split *by photo* into training photos and held-out validation photos (`BUILTIN_TRAIN_PHOTOS`,
-  `BUILTIN_VALIDATION_PHOTOS`); the validation split holds fixed windows of the held-out photos;
-- a Hub dataset (`dataset_name`, `dataset_config_name`, a split, an image column), optionally streamed;
-- local folders of images (`train_dir` / `validation_dir`, through the `imagefolder` builder).
-
-Training images are random resized crops with random horizontal flips; validation images are fixed centre crops.
-Both go through the model's image processor (SigLIP: rescale to [0, 1], normalise with mean = std = 0.5).
-Grayscale, palette and RGBA images are converted to RGB; unreadable images are skipped and counted.
+"""The training streams of a VQRAE tokenizer: random resized crops, randomly flipped, of `datasets` images, batched
+per process.
 
 Every random choice of the training stream is a function of `(seed, position)`, where `position` counts the
 examples of the global batch stream. The stream can therefore restart at any step (resuming a run) and gives the
-same global batches with one or several processes.
+same global batches with one or several processes. Decoding, crop boxes and the sources are the library's
+(`vqrae.image_data`).
 """
 
 from __future__ import annotations
 
-import functools
-import io
-import logging
-import math
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..cli_utils import UsageError
-
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "BUILTIN_DATASET_NAME",
-    "BUILTIN_TRAIN_PHOTOS",
-    "BUILTIN_VALIDATION_PHOTOS",
-    "HOLD_OUT_SEED",
-    "ImageDecodeCounter",
-    "MissingSplitError",
-    "TrainingBatches",
-    "StreamingTrainingBatches",
-    "ValidationImages",
-    "builtin_photos",
-    "center_crop_box",
-    "dataset_identity",
-    "decode_image",
-    "hold_out",
-    "load_image_dataset",
-    "load_validation_images",
-    "random_resized_crop_box",
-    "resolve_image_column",
-]
-
-BUILTIN_DATASET_NAME = "builtin:photos"
-"""`dataset_name` of the built-in photographs (not a Hub id: the colon keeps it from clashing with one)."""
-
-# (package, file) of the real photographs shipped with scikit-image (`skimage/data`) and scikit-learn
-# (`sklearn/datasets/images`). Synthetic images (chessboard, logo, phantom, colour wheel, ...) are left out.
-# The two motorcycle frames are a stereo pair: they stay together, in training.
-BUILTIN_TRAIN_PHOTOS = (
-    ("skimage", "astronaut.png"),
-    ("skimage", "rocket.jpg"),
-    ("skimage", "motorcycle_left.png"),
-    ("skimage", "motorcycle_right.png"),
-    ("skimage", "hubble_deep_field.jpg"),
-    ("skimage", "ihc.png"),
-    ("skimage", "retina.jpg"),
-    ("skimage", "brick.png"),
-    ("skimage", "grass.png"),
-    ("skimage", "gravel.png"),
-    ("skimage", "coins.png"),
-    ("skimage", "moon.png"),
-    ("skimage", "clock_motion.png"),
-    ("skimage", "page.png"),
-    ("skimage", "text.png"),
-    ("sklearn", "china.jpg"),
+from ..image_data import (
+    ImageDecodeCounter,
+    processor_resample,
+    processor_size,
+    random_resized_crop_box,
+    to_pixel_values,
+    try_decode,
 )
-BUILTIN_VALIDATION_PHOTOS = (
-    ("skimage", "chelsea.png"),
-    ("skimage", "coffee.png"),
-    ("skimage", "camera.png"),
-    ("sklearn", "flower.jpg"),
-)
-# The built-in photos are stored with their shorter side at most this long (the largest is 1411 px): decoding
-# stays cheap, and a 10% crop of a 384 px photo still has ~120 px to shrink from at the default resolution.
-BUILTIN_MAX_SHORT_SIDE = 384
 
-_UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ImageDecodeCounter:
-    """How many images were decoded and how many were unreadable (skipped), on this process."""
-
-    decoded: int = 0
-    unreadable: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def record_failure(self, what: str) -> None:
-        self.unreadable += 1
-        if len(self.examples) < 5:
-            self.examples.append(what)
-        if self.unreadable == 1:
-            logger.warning("Skipping an unreadable image (%s); skipped images are counted and reported.", what)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white (RGBA, LA, palette images with a transparent colour)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale the format's range (not the image's own maximum, which would turn a uniform
-        # grey white) to 8 bits instead of clipping. Mode "I" holds 16-bit files in older Pillows.
-        array = np.asarray(image, dtype=np.float64)
-        top = float(array.max()) if array.size else 0.0
-        peak = 65535.0 if image.mode != "I" or 255 < top <= 65535 else max(top, 255.0)
-        return Image.fromarray((array * (255.0 / peak)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(value) -> Image.Image:
-    """An RGB PIL image from what a `datasets` image column holds: a PIL image, `{"bytes", "path"}`, a path or
-    raw bytes. Raises one of `OSError`/`ValueError`/`UnidentifiedImageError` when the image cannot be read."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") is not None else Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    else:
-        raise ValueError(f"not an image: {type(value).__name__}")
-    image.load()  # read the pixels now, so a truncated file fails here and not later
-    return _to_rgb(image)
-
-
-def _describe(value) -> str:
-    if isinstance(value, dict) and value.get("path"):
-        return str(value["path"])
-    if isinstance(value, (str, os.PathLike)):
-        return str(value)
-    return f"{type(value).__name__} value"
-
-
-def _try_decode(value, counter: ImageDecodeCounter) -> Image.Image | None:
-    try:
-        image = decode_image(value)
-    except _UNREADABLE_ERRORS as error:
-        counter.record_failure(f"{_describe(value)}: {error}")
-        return None
-    counter.decoded += 1
-    return image
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Crops
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """A crop box `(left, top, right, bottom)` covering a random share `scale` of the image's area with a random
-    aspect ratio in `ratio` (the Inception-style crop of torchvision's `RandomResizedCrop`, same algorithm)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        crop_w = int(round(math.sqrt(target_area * aspect)))
-        crop_h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            left = int(rng.integers(0, width - crop_w + 1))
-            top = int(rng.integers(0, height - crop_h + 1))
-            return left, top, left + crop_w, top + crop_h
-    # Fallback: the central crop with the ratio clamped to the allowed range.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        crop_w, crop_h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        crop_w, crop_h = int(round(height * ratio[1])), height
-    else:
-        crop_w, crop_h = width, height
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return left, top, left + crop_w, top + crop_h
-
-
-def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The largest centred square `(left, top, right, bottom)`."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
-def _resample(image_processor) -> int:
-    resample = getattr(image_processor, "resample", None)
-    return int(resample) if resample is not None else int(Image.Resampling.BICUBIC)
-
-
-def _processor_size(image_processor, image_size: int | None) -> int:
-    if image_size is not None:
-        return image_size
-    size = getattr(image_processor, "size", None) or {}
-    side = size.get("height") or size.get("shortest_edge")
-    if not side:
-        raise ValueError(f"Cannot read the image size from the image processor (size={size!r}); pass `image_size`.")
-    return int(side)
-
-
-def _pixel_values(image_processor, images: list[Image.Image]) -> torch.Tensor:
-    return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sources
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _builtin_photo_path(package: str, filename: str) -> str:
-    if package == "skimage":
-        import skimage.data
-
-        folder = os.path.dirname(skimage.data.__file__)
-    elif package == "sklearn":
-        import sklearn.datasets
-
-        folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
-    else:  # pragma: no cover - internal table
-        raise ValueError(f"unknown package {package!r}")
-    return os.path.join(folder, filename)
-
-
-def _validation_windows(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """Fixed square windows of a held-out photo: the central square and the four corners of half its side."""
-    left, top, right, bottom = center_crop_box(width, height)
-    side, half = right - left, (right - left) // 2
-    windows = [(left, top, right, bottom)]
-    for dx in (0, side - half):
-        for dy in (0, side - half):
-            windows.append((left + dx, top + dy, left + dx + half, top + dy + half))
-    return windows
-
-
-@functools.lru_cache(maxsize=2)
-def _builtin_photo_files(split: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
-    """PNG bytes and names of the built-in photos of `split` (decoded, resized and cut once per process)."""
-    photos = BUILTIN_TRAIN_PHOTOS if split == "train" else BUILTIN_VALIDATION_PHOTOS
-    images, names = [], []
-    for package, filename in photos:
-        try:
-            path = _builtin_photo_path(package, filename)
-        except ImportError as error:
-            raise ImportError(
-                f"The built-in photos ship with scikit-image and scikit-learn, which are not installed ({error}). "
-                'Install them with `pip install "vqrae[train]"`, or pass --dataset_name or --train_dir.'
-            ) from error
-        image = decode_image(path)
-        scale = BUILTIN_MAX_SHORT_SIDE / min(image.size)
-        if scale < 1:
-            size = (round(image.width * scale), round(image.height * scale))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-        name = filename.rsplit(".", 1)[0]
-        if split == "train":
-            crops = [(name, image)]
-        else:
-            crops = [(f"{name}#{i}", image.crop(box)) for i, box in enumerate(_validation_windows(*image.size))]
-        for crop_name, crop in crops:
-            buffer = io.BytesIO()
-            crop.save(buffer, format="PNG", compress_level=1)
-            images.append(buffer.getvalue())
-            names.append(crop_name)
-    return tuple(images), tuple(names)
-
-
-def builtin_photos(split: str = "train"):
-    """The built-in photographs as a `datasets.Dataset` with columns `image` (an `Image` feature) and `photo`.
-
-    `split="train"` gives the training photos (`BUILTIN_TRAIN_PHOTOS`), whole; `split="validation"` gives five
-    fixed windows of each held-out photo (`BUILTIN_VALIDATION_PHOTOS`): the central square and its four corner
-    quarters. No validation photo is ever seen in training. Requires scikit-image and scikit-learn
-    (`pip install "vqrae[train]"`).
-    """
-    import datasets
-
-    if split not in ("train", "validation"):
-        raise MissingSplitError(f"The built-in photos have the splits 'train' and 'validation' (got split={split!r}).")
-    images, names = _builtin_photo_files(split)
-    images = [{"bytes": data, "path": None} for data in images]
-    features = datasets.Features({"image": datasets.Image(), "photo": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": images, "photo": list(names)}, features=features, split=split)
-
-
-def resolve_image_column(dataset, image_column: str | None) -> str:
-    """The name of the image column: `image_column` if given (it must exist), else the only `Image` column."""
-    import datasets
-
-    features = dataset.features
-    columns = list(features) if features is not None else list(getattr(dataset, "column_names", None) or [])
-    if image_column is not None:
-        if columns and image_column not in columns:
-            raise UsageError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
-        return image_column
-    image_columns = [name for name, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
-    if len(image_columns) == 1:
-        return image_columns[0]
-    if "image" in columns:
-        return "image"
-    raise UsageError(
-        f"Cannot tell which column holds the images (columns: {columns}, of which Image columns: {image_columns}); "
-        "pass --image_column."
-    )
-
-
-def load_image_dataset(
-    split: str,
-    *,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_dir: str | None = None,
-    validation_dir: str | None = None,
-    image_column: str | None = None,
-    streaming: bool = False,
-    cache_dir: str | None = None,
-    revision: str | None = None,
-):
-    """Load one split of images as a `datasets` dataset whose image column is left undecoded
-    (`{"bytes", "path"}` values), so unreadable images can be skipped rather than crash the run.
-
-    Which source: `train_dir`/`validation_dir` (local image folders, `imagefolder`) when given, else
-    `dataset_name` (`None` or `BUILTIN_DATASET_NAME`: the built-in photos; anything else: a Hub dataset).
-    For folders, `split="train"` reads `train_dir` and any other split reads `validation_dir`.
-
-    Returns `(dataset, image_column)`. Raises `ValueError` for an unknown split, a missing image column or an
-    empty dataset.
-    """
-    import datasets
-
-    if train_dir is not None or validation_dir is not None:
-        folder = train_dir if split == "train" else validation_dir
-        option = "--train_dir" if split == "train" else "--validation_dir"
-        if folder is None:
-            raise UsageError(f"Loading the {split!r} split from local folders needs {option}.")
-        if not os.path.isdir(folder):
-            name = option.lstrip("-")
-            raise UsageError(f"`{name}` must be a folder of images (got {folder!r}, which is not a folder).")
-        try:
-            dataset = datasets.load_dataset(
-                "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=cache_dir
-            )
-        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, ValueError) as error:
-            # A folder of only non-image files gives datasets' 'Instruction "train" corresponds to no data!'.
-            if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
-                raise
-            raise UsageError(f"`{option.lstrip('-')}` {folder!r} holds no images ({error}).") from error
-        source = folder
-    elif dataset_name is None or dataset_name == BUILTIN_DATASET_NAME:
-        dataset = builtin_photos(split)
-        if streaming:
-            dataset = dataset.to_iterable_dataset(num_shards=1)
-        source = BUILTIN_DATASET_NAME
-    else:
-        try:
-            dataset = datasets.load_dataset(
-                dataset_name,
-                dataset_config_name,
-                split=split,
-                streaming=streaming,
-                cache_dir=cache_dir,
-                revision=revision,
-            )
-        except ValueError as error:
-            if "split" not in str(error).lower():
-                raise
-            raise MissingSplitError(
-                f"{dataset_name!r} has no split {split!r} ({error}); choose one with --train_split/--validation_split."
-            ) from error
-        except (FileNotFoundError, ConnectionError) as error:
-            # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
-            # ConnectionError.
-            where = "a folder here" if not os.path.exists(dataset_name) else "a dataset folder datasets can read"
-            raise UsageError(
-                f"`dataset_name` {dataset_name!r} is not {where} and could not be loaded from the Hub ({error})."
-            ) from error
-        source = dataset_name
-
-    column = resolve_image_column(dataset, image_column)
-    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise UsageError(f"The {split!r} split of {source!r} is empty: there are no images to use.")
-    features = dataset.features
-    if features is not None and isinstance(features.get(column), datasets.Image):
-        dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset, column
-
-
-class MissingSplitError(UsageError):
-    """The dataset has no split of the requested name (most image datasets have only `train`)."""
-
-
-# The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images.
-HOLD_OUT_SEED = 0x5EED_0DD5
-
-
-def hold_out(dataset, percentage: float):
-    """Split `dataset` into `(train, validation, info)`, holding out `percentage` % of its examples for validation.
-
-    Deterministic and independent of the training seed: a map-style dataset holds out exactly
-    `max(1, round(n * percentage / 100))` examples chosen by a permutation seeded with `HOLD_OUT_SEED` (both parts
-    keep the dataset's order); a streamed dataset holds out each example whose hash of its position in the stream
-    falls in the lowest `percentage` % (so about that share). `info` says what was held out (for the log and
-    `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
-    """
-    import datasets
-
-    if not 0 < percentage < 100:
-        raise UsageError(f"`validation_split_percentage` must be a number in (0, 100) (got {percentage!r}).")
-    if isinstance(dataset, datasets.IterableDataset):
-        threshold = int(percentage / 100 * 2**32)
-
-        def is_held_out(_, index):
-            return _position_hash(index) < threshold
-
-        def is_kept(_, index):
-            return _position_hash(index) >= threshold
-
-        info = {"percentage": float(percentage), "num_examples": None, "of": None}
-        kept = dataset.filter(is_kept, with_indices=True)
-        return kept, dataset.filter(is_held_out, with_indices=True), info
-    total = len(dataset)
-    count = max(1, round(total * percentage / 100))
-    if count >= total:
-        raise UsageError(
-            f"Holding out {percentage}% of {total} training images for validation leaves none to train on; pass a "
-            "larger dataset, a validation split or folder, or a smaller --validation_split_percentage."
-        )
-    chosen = np.zeros(total, dtype=bool)
-    chosen[np.random.default_rng(HOLD_OUT_SEED).permutation(total)[:count]] = True
-    info = {"percentage": float(percentage), "num_examples": count, "of": total}
-    return dataset.select(np.flatnonzero(~chosen)), dataset.select(np.flatnonzero(chosen)), info
-
-
-def _position_hash(index: int) -> int:
-    """A well-mixed 32-bit hash of a position (splitmix64's finaliser), the same in every process and run."""
-    z = (index + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 32
-
-
-def dataset_identity(dataset, **source) -> dict:
-    """What identifies the training data of a run: `source` (name or folder, config, revision, split, held-out
-    share, sample cap) plus, for a map-style dataset, its number of examples and `datasets`' fingerprint (which
-    changes when the files change: an image added to a folder, a new revision)."""
-    identity = {key: value for key, value in source.items() if value is not None}
-    if hasattr(dataset, "__len__"):
-        identity["num_examples"] = len(dataset)
-        identity["fingerprint"] = getattr(dataset, "_fingerprint", None)
-    return identity
-
+__all__ = ["StreamingTrainingBatches", "TrainingBatches"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training stream
@@ -508,8 +59,8 @@ class _TrainingCrops:
     ):
         self.image_column = image_column
         self.image_processor = image_processor
-        self.image_size = _processor_size(image_processor, image_size)
-        self.resample = _resample(image_processor)
+        self.image_size = processor_size(image_processor, image_size)
+        self.resample = processor_resample(image_processor)
         self.batch_size = batch_size
         self.seed = seed
         self.process_index = process_index
@@ -527,7 +78,7 @@ class _TrainingCrops:
         `worker`, the DataLoader worker it runs in (-1: the main process), so the count survives worker processes."""
         worker = torch.utils.data.get_worker_info()
         return {
-            "pixel_values": _pixel_values(self.image_processor, crops),
+            "pixel_values": to_pixel_values(self.image_processor, crops),
             "num_unreadable": torch.tensor(self.counter.unreadable),
             "worker": torch.tensor(-1 if worker is None else worker.id),
         }
@@ -570,7 +121,7 @@ class TrainingBatches(_TrainingCrops, torch.utils.data.Dataset):
     def _image(self, index: int) -> Image.Image | None:
         if index in self._cache:
             return self._cache[index]
-        image = _try_decode(self.dataset[int(index)][self.image_column], self.counter)
+        image = try_decode(self.dataset[int(index)][self.image_column], self.counter)
         if self.cache_images:
             self._cache[index] = image
         return image
@@ -632,84 +183,10 @@ class StreamingTrainingBatches(_TrainingCrops, torch.utils.data.IterableDataset)
             if position < self.start_example:
                 continue  # resuming: these examples were used before the checkpoint
             self.examples_read = position + 1
-            image = _try_decode(value, self.counter)
+            image = try_decode(value, self.counter)
             if image is None:
                 continue
             crops.append(self.crop(image, np.random.default_rng((self.seed, self.process_index, position))))
             if len(crops) == self.batch_size:
                 yield self.pixel_values(crops)
                 crops = []
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation images
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ValidationImages:
-    """This process's share of a validation set, ready to evaluate.
-
-    Args:
-        images: 8-bit RGB PIL images of `image_size` x `image_size` (fixed centre crops).
-        indices: the position of each image in the split; metrics are gathered and ordered by it, so any number of
-            processes gives the same figures.
-        num_unreadable: images of this process's share that could not be read (skipped).
-        dataset_name, dataset_split, image_size: where the images come from and their size.
-        total: how many examples of the split were read, over all processes (unreadable ones included); `None`
-            for a streamed split. Example pictures are spread over this range.
-        held_out: when the images were held out of the training split (`hold_out`), what was held out; else None.
-    """
-
-    images: list[Image.Image]
-    indices: list[int]
-    num_unreadable: int
-    dataset_name: str
-    dataset_split: str
-    image_size: int
-    total: int | None = None
-    held_out: dict | None = None
-
-
-def load_validation_images(
-    dataset,
-    image_column: str,
-    image_size: int,
-    *,
-    dataset_name: str,
-    dataset_split: str,
-    max_samples: int | None = None,
-    process_index: int = 0,
-    num_processes: int = 1,
-    resample: int = Image.Resampling.BICUBIC,
-    held_out: dict | None = None,
-) -> ValidationImages:
-    """Decode this process's share of the first `max_samples` examples of `dataset` (every `num_processes`-th
-    example, starting at `process_index`), each cut to its largest centred square and resized (with `resample`, the
-    image processor's filter) to `image_size`. Unreadable images are skipped and counted. `held_out` (from
-    `hold_out`) is carried into the results."""
-    counter = ImageDecodeCounter()
-    images, indices, total = [], [], None
-    if hasattr(dataset, "__len__"):
-        total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-        rows = ((i, dataset[i]) for i in range(process_index, total, num_processes))
-    else:
-        source = dataset.take(max_samples) if max_samples is not None else dataset
-        rows = ((i, row) for i, row in enumerate(source) if i % num_processes == process_index)
-    for index, row in rows:
-        image = _try_decode(row[image_column], counter)
-        if image is None:
-            continue
-        box = center_crop_box(image.width, image.height)
-        images.append(image.resize((image_size, image_size), resample, box=box))
-        indices.append(index)
-    return ValidationImages(
-        images=images,
-        indices=indices,
-        num_unreadable=counter.unreadable,
-        dataset_name=dataset_name,
-        dataset_split=dataset_split,
-        image_size=image_size,
-        total=total,
-        held_out=held_out,
-    )

@@ -25,7 +25,8 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token, is_offline_mode
 
 from ..cli_utils import UsageError, one_line_errors, run_cli, setup_logging
-from .model_card import EVAL_RESULTS_FILE, PICTURES, TRAINING_CONFIG_FILE, check_repo_id, render_model_card
+from .model_card import check_repo_id, render_model_card
+from .run_files import EVAL_RESULTS_FILE, PICTURES, TRAINING_CONFIG_FILE
 
 __all__ = ["HubPublishError", "files_to_publish", "main", "push_to_hub"]
 

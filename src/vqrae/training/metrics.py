@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_data import ValidationImages
 from ..quantizers import codebook_statistics
-from .data import ValidationImages
+from .run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ __all__ = [
     "evaluate_model",
     "find_inception_weights",
     "save_eval_results",
+    "write_evaluation",
 ]
 
 EVAL_RESULT_KEYS = (
@@ -282,6 +284,22 @@ def evaluate_model(
         reconstructions=[to_pil(item[2]) for item in picked],
         bicubic=[to_pil(item[3]) for item in picked],
     )
+
+
+def write_evaluation(folder, result: EvaluationResult) -> None:
+    """Write an evaluation's files into `folder`: `eval_results.json`, `reconstructions.png` and
+    `codebook_usage.png` (what the training run and `vqrae-evaluate` both write)."""
+    from . import plots
+
+    save_eval_results(result.metrics, os.path.join(folder, EVAL_RESULTS_FILE))
+    plots.plot_reconstructions(
+        os.path.join(folder, RECONSTRUCTIONS_FILE),
+        result.originals,
+        result.reconstructions,
+        result.bicubic,
+        result.metrics,
+    )
+    plots.plot_codebook_usage(os.path.join(folder, CODEBOOK_USAGE_FILE), result.code_counts, result.metrics)
 
 
 def save_eval_results(metrics: dict, path: str) -> None:

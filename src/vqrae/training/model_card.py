@@ -20,26 +20,29 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .run_files import (
+    CODEBOOK_USAGE_FILE,
+    EVAL_RESULTS_FILE,
+    RECONSTRUCTIONS_FILE,
+    TRAINING_CONFIG_FILE,
+    TRAINING_CURVES_FILE,
+)
+
 __all__ = [
-    "EVAL_RESULTS_FILE",
-    "PICTURES",
-    "TRAINING_CONFIG_FILE",
     "read_eval_results",
     "render_model_card",
     "write_model_card",
 ]
 
 TEMPLATE_NAME = "vqrae_card.md"
-EVAL_RESULTS_FILE = "eval_results.json"
-TRAINING_CONFIG_FILE = "training_config.yaml"
 # Picture file -> (title, caption), in the order they appear on the card.
-PICTURES = {
-    "reconstructions.png": (
+PICTURE_CAPTIONS = {
+    RECONSTRUCTIONS_FILE: (
         "Reconstructions",
         "Validation images (top row) above their reconstructions from the tokens (bottom row).",
     ),
-    "training_curves.png": ("Training curves", "Training losses and validation metrics over the run."),
-    "codebook_usage.png": ("Codebook usage", "How often each code is used on the validation images."),
+    TRAINING_CURVES_FILE: ("Training curves", "Training losses and validation metrics over the run."),
+    CODEBOOK_USAGE_FILE: ("Codebook usage", "How often each code is used on the validation images."),
 }
 
 _REAL = (int, float)
@@ -153,7 +156,7 @@ def render_model_card(
         evaluation=_evaluation(evaluation, config.codebook_size) if evaluation else None,
         pictures=[
             {"file": file, "title": title, "caption": caption}
-            for file, (title, caption) in PICTURES.items()
+            for file, (title, caption) in PICTURE_CAPTIONS.items()
             if (folder / file).is_file()
         ],
         has_training_config=(folder / TRAINING_CONFIG_FILE).is_file(),

@@ -36,6 +36,15 @@ from dataclasses import dataclass
 import torch
 
 from ..cli_utils import UsageError
+from ..image_data import (
+    BUILTIN_DATASET_NAME,
+    MissingSplitError,
+    ValidationImages,
+    dataset_identity,
+    hold_out,
+    load_image_dataset,
+    load_validation_images,
+)
 from .args import DataArguments, ModelArguments, VQRAETrainingArguments, options_to_dict, write_training_config
 from .checkpointing import (
     CHECKPOINTS_DIR,
@@ -48,27 +57,16 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
-from .data import (
-    BUILTIN_DATASET_NAME,
-    MissingSplitError,
-    StreamingTrainingBatches,
-    TrainingBatches,
-    ValidationImages,
-    dataset_identity,
-    hold_out,
-    load_image_dataset,
-    load_validation_images,
-)
+from .data import StreamingTrainingBatches, TrainingBatches
 from .losses import VQRAELoss, VQRAEPatchDiscriminator
-from .metrics import evaluate_model, save_eval_results
-from .model_card import EVAL_RESULTS_FILE, PICTURES, TRAINING_CONFIG_FILE
+from .metrics import evaluate_model, write_evaluation
+from .run_files import EVAL_RESULTS_FILE, METRICS_FILE, PICTURES, TRAINING_CONFIG_FILE, TRAINING_CURVES_FILE
 from .state import ExponentialMovingAverage, TrainingState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_model", "load_training_data", "resolve_stage", "train", "train_step"]
 
-METRICS_FILE = "metrics.jsonl"
 # What a run writes into output_dir (removed by --overwrite_output_dir).
 RUN_OUTPUTS = (
     CHECKPOINTS_DIR,
@@ -658,13 +656,8 @@ def _write_outputs(args: VQRAETrainingArguments, model, result, metrics_path: st
 
     output_dir = args.output_dir
     model.save_pretrained(output_dir)
-    pictures = list(PICTURES)
-    plots.plot_reconstructions(
-        os.path.join(output_dir, pictures[0]), result.originals, result.reconstructions, result.bicubic, result.metrics
-    )
-    plots.plot_training_curves(os.path.join(output_dir, pictures[1]), metrics_path)
-    plots.plot_codebook_usage(os.path.join(output_dir, pictures[2]), result.code_counts, result.metrics)
-    save_eval_results(result.metrics, os.path.join(output_dir, EVAL_RESULTS_FILE))
+    write_evaluation(output_dir, result)
+    plots.plot_training_curves(os.path.join(output_dir, TRAINING_CURVES_FILE), metrics_path)
     write_model_card(output_dir, repo_id=args.hub_model_id)
     metrics = result.metrics
     logger.info(

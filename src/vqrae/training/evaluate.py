@@ -1,12 +1,13 @@
-"""Measure a VQRAE tokenizer's reconstructions on a dataset or a folder: `vqrae-evaluate` / `python -m vqrae.evaluate`.
+"""Measure a VQRAE tokenizer's reconstructions on a dataset or a folder: `vqrae-evaluate`
+(`python -m vqrae.training.evaluate`).
 
     vqrae-evaluate --model out/stage1 --output_dir eval/                           # the built-in validation photos
     vqrae-evaluate --model org/vqrae-cosmos --validation_dir photos/ --output_dir eval/
     vqrae-evaluate --model out/stage1 --dataset_name org/images --split validation --output_dir eval/
-    accelerate launch -m vqrae.evaluate ...                                         # several processes, same figures
+    accelerate launch -m vqrae.training.evaluate ...                                # several processes, same figures
 
 The images are prepared and measured exactly as the training loop's evaluation does, by the same code
-(`vqrae.training.data.load_validation_images`, `vqrae.training.metrics.evaluate_model`): fixed centre crops at the
+(`vqrae.image_data.load_validation_images`, `vqrae.training.metrics.evaluate_model`): fixed centre crops at the
 model's resolution, PSNR and SSIM through the tokens, codebook utilisation and perplexity, the bicubic baseline of
 the same token grid, and rFID where torch-fidelity's Inception weights exist locally. So, on the same validation
 images, it reproduces a training run's `eval_results.json`.
@@ -29,13 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+from ..cli_utils import UsageError, one_line_errors, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
-
-EVAL_RESULTS_FILE = "eval_results.json"
-RECONSTRUCTIONS_FILE = "reconstructions.png"
-CODEBOOK_USAGE_FILE = "codebook_usage.png"
 
 
 @dataclass
@@ -78,7 +75,7 @@ class EvaluateArguments:
     @property
     def dataset_label(self) -> str:
         """What `eval_results.json` names as the dataset."""
-        from .training.data import BUILTIN_DATASET_NAME
+        from ..image_data import BUILTIN_DATASET_NAME
 
         if self.validation_dir is not None:
             return self.validation_dir
@@ -126,10 +123,9 @@ def evaluate(args: EvaluateArguments):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from .tokenize import load_model_and_processor
-    from .training import plots
-    from .training.data import load_image_dataset, load_validation_images
-    from .training.metrics import evaluate_model, save_eval_results
+    from ..image_data import load_image_dataset, load_validation_images
+    from ..tokenize import load_model_and_processor
+    from .metrics import evaluate_model, write_evaluation
 
     accelerator = Accelerator()
     model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
@@ -177,15 +173,7 @@ def evaluate(args: EvaluateArguments):
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_eval_results(result.metrics, str(output_dir / EVAL_RESULTS_FILE))
-        plots.plot_reconstructions(
-            str(output_dir / RECONSTRUCTIONS_FILE),
-            result.originals,
-            result.reconstructions,
-            result.bicubic,
-            result.metrics,
-        )
-        plots.plot_codebook_usage(str(output_dir / CODEBOOK_USAGE_FILE), result.code_counts, result.metrics)
+        write_evaluation(output_dir, result)
     accelerator.wait_for_everyone()
     return result
 
