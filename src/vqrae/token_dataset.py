@@ -1,4 +1,9 @@
-"""Reading a token dataset written by `vqrae-tokenize`, and turning its rows back into images.
+"""The token dataset format of `vqrae-tokenize`, in one place: writing its Parquet shards, its manifest and its
+dataset card, reading it back, and turning its rows into images.
+
+    tokens/data/train-00000.parquet, ...   shard k holds source rows [k S, (k + 1) S); written atomically
+    tokens/tokenize_manifest.json          what the shards hold; written last, once every shard exists
+    tokens/README.md                       the dataset card
 
 from vqrae.token_dataset import decode_token_rows, load_token_dataset
 
@@ -10,6 +15,7 @@ images = decode_token_rows(model, generated_indices)  # tokens from a generative
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,9 +23,186 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic_io import atomic_file, atomic_write
+from .cli_utils import UsageError
 from .image_utils import to_pil_images
 
-__all__ = ["decode_token_rows", "load_token_dataset", "token_rows_to_indices"]
+__all__ = [
+    "DATA_DIR",
+    "MANIFEST_FILE",
+    "dataset_card",
+    "decode_token_rows",
+    "load_token_dataset",
+    "output_features",
+    "read_shard_info",
+    "shard_file",
+    "shard_is_complete",
+    "token_rows_to_indices",
+    "write_manifest",
+    "write_shard",
+]
+
+MANIFEST_FILE = "tokenize_manifest.json"
+DATA_DIR = "data"
+SHARD_METADATA_KEY = b"vqrae_shard"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def shard_file(data_dir: Path, split: str, shard: int) -> Path:
+    return data_dir / f"{split}-{shard:05d}.parquet"
+
+
+def empty_shard_marker(path: Path) -> Path:
+    """Where a shard without rows (every image unreadable) is recorded instead: `datasets` cannot read a Parquet
+    file with no rows, and a hidden file is not picked up as data."""
+    return path.with_name(f".{path.name}.empty.json")
+
+
+def shard_is_complete(data_dir: Path, split: str, shard: int) -> bool:
+    path = shard_file(data_dir, split, shard)
+    return path.exists() or empty_shard_marker(path).exists()
+
+
+def output_features(
+    grid: tuple[int, int], feature_shape: tuple[int, int], source_features, keep_columns, features_dtype: str | None
+):
+    """The `datasets.Features` of every shard: `index`, `id`, `indices` (the `h x w` grid), the kept source columns
+    (with the source's own types) and, when `features_dtype` is given, the continuous `features`."""
+    import datasets
+
+    columns = {
+        "index": datasets.Value("int64"),
+        "id": datasets.Value("string"),
+        "indices": datasets.Array2D(shape=grid, dtype="int32"),
+    }
+    for name in keep_columns:
+        if source_features is None or name not in source_features:
+            # Every shard must have the same schema, so the type cannot be guessed from one shard's values.
+            raise UsageError(f"The source does not declare the type of `--keep_columns` column {name!r}.")
+        columns[name] = source_features[name]
+    if features_dtype:
+        columns["features"] = datasets.Array2D(shape=feature_shape, dtype=features_dtype)
+    return datasets.Features(columns)
+
+
+def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
+    """Write one shard atomically: a hidden temporary file, flushed to disk, then renamed into place.
+
+    A reader (or a resumed run) therefore sees either no file or a complete one. `shard_info` (first index,
+    number of source images, the skipped ones) travels in the Parquet metadata, for the manifest.
+    """
+    import datasets
+    import pyarrow.parquet as pq
+
+    if not columns["index"]:
+        atomic_write(empty_shard_marker(path), json.dumps(shard_info))
+        return
+    table = datasets.Dataset.from_dict(columns, features=features).data.table
+    metadata = dict(table.schema.metadata or {})
+    metadata[SHARD_METADATA_KEY] = json.dumps(shard_info).encode()
+    table = table.replace_schema_metadata(metadata)
+    with atomic_file(path) as temporary:
+        pq.write_table(table, temporary)
+
+
+def read_shard_info(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    if empty_shard_marker(path).exists():
+        return {**json.loads(empty_shard_marker(path).read_text()), "num_rows": 0}
+    schema = pq.read_schema(path)
+    info = json.loads((schema.metadata or {}).get(SHARD_METADATA_KEY, b"{}"))
+    info["num_rows"] = pq.read_metadata(path).num_rows
+    return info
+
+
+def remove_stale_temporaries(data_dir: Path, split: str, shards: list[int]) -> None:
+    """Delete the temporary files a killed run left for these shards."""
+    names = {shard_file(data_dir, split, shard).name for shard in shards}
+    for temporary in data_dir.glob(".*.tmp-*"):
+        if temporary.name[1:].split(".tmp-")[0] in names:
+            temporary.unlink(missing_ok=True)
+
+
+def write_manifest(
+    output_dir: Path,
+    config: dict,
+    *,
+    num_images: int,
+    shard_size: int,
+    token_grid: tuple[int, int],
+    codebook_size: int,
+    features,
+) -> dict:
+    """Check that every shard exists, then write `tokenize_manifest.json` and a dataset card (`README.md`). The
+    manifest holds `config` (the job's content arguments, the source's identity `source`, the `precision` the
+    encoder ran in, the `output_split`) and what was written."""
+    data_dir, split = output_dir / DATA_DIR, config["output_split"]
+    num_shards = math.ceil(num_images / shard_size)
+    missing = [shard for shard in range(num_shards) if not shard_is_complete(data_dir, split, shard)]
+    if missing:
+        raise RuntimeError(f"Shards {missing} of {output_dir} are missing after every process finished.")
+    infos = [read_shard_info(shard_file(data_dir, split, shard)) for shard in range(num_shards)]
+    skipped = [identifier for info in infos for identifier in info.get("skipped", [])]
+    manifest = {
+        **config,
+        "num_images": num_images,
+        "num_rows": sum(info["num_rows"] for info in infos),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "num_shards": num_shards,
+        "data_files": f"{DATA_DIR}/{split}-*.parquet",
+        "token_grid": list(token_grid),
+        "codebook_size": int(codebook_size),
+        "features": features.to_dict(),
+    }
+    atomic_write(output_dir / "README.md", dataset_card(manifest))
+    atomic_write(output_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def dataset_card(manifest: dict) -> str:
+    source = manifest["dataset_name"] or "a folder of images"
+    return (
+        "---\n"
+        "configs:\n"
+        "- config_name: default\n"
+        "  data_files:\n"
+        f"  - split: {manifest['output_split']}\n"
+        f"    path: {manifest['data_files']}\n"
+        "tags:\n- vqrae\n- image-tokens\n"
+        "---\n\n"
+        f"# VQRAE tokens of {source}\n\n"
+        f"Split `{manifest['split']}` of {source}, encoded by `{manifest['model']}` into "
+        f"{manifest['token_grid'][0]} x {manifest['token_grid'][1]} tokens per image from a codebook of "
+        f"{manifest['codebook_size']} codes: {manifest['num_rows']} rows ({manifest['num_skipped']} unreadable images "
+        f"skipped).\n\n{_precision_sentence(manifest.get('precision'))}"
+        "```python\n"
+        "from vqrae.token_dataset import decode_token_rows, load_token_dataset\n"
+        "tokens = load_token_dataset(path)\n"
+        "images = decode_token_rows(model, tokens[:4])\n"
+        "```\n"
+    )
+
+
+def _precision_sentence(precision: str | None) -> str:
+    if precision == "bf16":
+        return (
+            "The encoder ran in bf16 (autocast; the FSQ step itself in float32). bf16 tokens may differ from float32 "
+            "ones in a small share of tokens, because the encoder's features differ slightly in bf16.\n\n"
+        )
+    if precision == "float32":
+        return "The encoder ran in float32.\n\n"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def load_token_dataset(path: str | Path, split: str | None = None):
@@ -31,7 +214,7 @@ def load_token_dataset(path: str | Path, split: str | None = None):
     import datasets
 
     folder = Path(path)
-    manifest_path = folder / "tokenize_manifest.json"
+    manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         raise ValueError(
             f"{folder} is not a finished token dataset (no tokenize_manifest.json); run (or resume) vqrae-tokenize "

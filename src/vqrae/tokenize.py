@@ -56,14 +56,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic_io import atomic_write
 from .cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+from .token_dataset import (
+    DATA_DIR,
+    MANIFEST_FILE,
+    output_features,
+    remove_stale_temporaries,
+    shard_file,
+    shard_is_complete,
+    write_manifest,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "tokenize_config.json"
-MANIFEST_FILE = "tokenize_manifest.json"
-DATA_DIR = "data"
-SHARD_METADATA_KEY = b"vqrae_shard"
 # Arguments that decide the content of the shards: a resume must use the same values.
 CONTENT_ARGUMENTS = (
     "model",
@@ -394,86 +402,10 @@ def collate_rows(items):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def shard_file(data_dir: Path, split: str, shard: int) -> Path:
-    return data_dir / f"{split}-{shard:05d}.parquet"
-
-
-def empty_shard_marker(path: Path) -> Path:
-    """Where a shard without rows (every image unreadable) is recorded instead: `datasets` cannot read a Parquet
-    file with no rows, and a hidden file is not picked up as data."""
-    return path.with_name(f".{path.name}.empty.json")
-
-
-def shard_is_complete(data_dir: Path, split: str, shard: int) -> bool:
-    path = shard_file(data_dir, split, shard)
-    return path.exists() or empty_shard_marker(path).exists()
-
-
 def owned_shards(num_shards: int, process_index: int, num_processes: int) -> list[int]:
     """The shards process `process_index` of `num_processes` writes: a fixed round-robin over the global shard
     numbers, so the output never depends on how many processes made it."""
     return list(range(process_index, num_shards, num_processes))
-
-
-def output_features(args: TokenizeArguments, grid: tuple[int, int], feature_shape: tuple[int, int], source_features):
-    import datasets
-
-    columns = {
-        "index": datasets.Value("int64"),
-        "id": datasets.Value("string"),
-        "indices": datasets.Array2D(shape=grid, dtype="int32"),
-    }
-    for name in args.keep_columns:
-        if source_features is None or name not in source_features:
-            # Every shard must have the same schema, so the type cannot be guessed from one shard's values.
-            raise UsageError(f"The source does not declare the type of `--keep_columns` column {name!r}.")
-        columns[name] = source_features[name]
-    if args.save_features:
-        columns["features"] = datasets.Array2D(shape=feature_shape, dtype=args.features_dtype)
-    return datasets.Features(columns)
-
-
-def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
-    """Write one shard atomically: a hidden temporary file, flushed to disk, then renamed into place.
-
-    A reader (or a resumed run) therefore sees either no file or a complete one. `shard_info` (first index,
-    number of source images, the skipped ones) travels in the Parquet metadata, for the manifest.
-    """
-    import datasets
-    import pyarrow.parquet as pq
-
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if not columns["index"]:
-        temporary.write_text(json.dumps(shard_info))
-        os.replace(temporary, empty_shard_marker(path))
-        return
-    table = datasets.Dataset.from_dict(columns, features=features).data.table
-    metadata = dict(table.schema.metadata or {})
-    metadata[SHARD_METADATA_KEY] = json.dumps(shard_info).encode()
-    table = table.replace_schema_metadata(metadata)
-    pq.write_table(table, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def read_shard_info(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    if empty_shard_marker(path).exists():
-        return {**json.loads(empty_shard_marker(path).read_text()), "num_rows": 0}
-    schema = pq.read_schema(path)
-    info = json.loads((schema.metadata or {}).get(SHARD_METADATA_KEY, b"{}"))
-    info["num_rows"] = pq.read_metadata(path).num_rows
-    return info
-
-
-def remove_stale_temporaries(data_dir: Path, split: str, shards: list[int]) -> None:
-    """Delete the temporary files a killed run left for these shards."""
-    names = {shard_file(data_dir, split, shard).name for shard in shards}
-    for temporary in data_dir.glob(".*.tmp-*"):
-        if temporary.name[1:].split(".tmp-")[0] in names:
-            temporary.unlink(missing_ok=True)
 
 
 def iter_shard_rows(dataset, streaming: bool, shard_size: int, wanted) -> Iterator[tuple[int, list[dict]]]:
@@ -630,7 +562,7 @@ def prepare_output_dir(args: TokenizeArguments, state, source: dict, precision: 
         (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
         if not config_path.exists():
             config = {**args.content_config(), "source": source, "precision": precision}
-            _write_text_atomically(config_path, json.dumps(config, indent=2) + "\n")
+            atomic_write(config_path, json.dumps(config, indent=2) + "\n")
     state.wait_for_everyone()
     saved = saved_config(args)
     check_saved_arguments(args, saved)
@@ -713,7 +645,9 @@ def tokenize(args: TokenizeArguments) -> dict:
     grid, feature_shape = token_grid(model, processor)
     if dataset is None:
         dataset, image_column, _ = load_source(args, identity=source)
-    features = output_features(args, grid, feature_shape, dataset.features)
+    features = output_features(
+        grid, feature_shape, dataset.features, args.keep_columns, args.save_features and args.features_dtype
+    )
     root = Path(args.train_dir).resolve() if args.train_dir is not None else None
     prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, root)
     split = args.output_split
@@ -769,7 +703,13 @@ def tokenize(args: TokenizeArguments) -> dict:
     if state.is_main_process:
         num_images = max(count[2] for count in counts)
         summary["manifest"] = write_manifest(
-            args, data_dir, split, num_images, grid, model, features, source=source, precision=precision
+            Path(args.output_dir),
+            {**args.content_config(), "source": source, "precision": precision, "output_split": split},
+            num_images=num_images,
+            shard_size=args.shard_size,
+            token_grid=grid,
+            codebook_size=model.codebook_size,
+            features=features,
         )
         logger.info(
             "Tokenized %d images in %.1f s (%.1f images/s) over %d process(es); %d rows in %s.",
@@ -795,89 +735,6 @@ class _StreamingShardSet:
     def __contains__(self, shard: int) -> bool:
         owned = shard % self.num_processes == self.process_index
         return owned and not shard_is_complete(self.data_dir, self.split, shard)
-
-
-def write_manifest(
-    args: TokenizeArguments,
-    data_dir: Path,
-    split: str,
-    num_images: int,
-    grid,
-    model,
-    features,
-    *,
-    source: dict,
-    precision: str,
-) -> dict:
-    """Check that every shard exists, then write `tokenize_manifest.json` and a dataset card (`README.md`). The
-    manifest holds the content arguments, the source's identity (`source`), the precision the encoder ran in
-    (`precision`: `"float32"` or `"bf16"`) and what was written."""
-    num_shards = math.ceil(num_images / args.shard_size)
-    missing = [shard for shard in range(num_shards) if not shard_is_complete(data_dir, split, shard)]
-    if missing:
-        raise RuntimeError(f"Shards {missing} of {args.output_dir} are missing after every process finished.")
-    infos = [read_shard_info(shard_file(data_dir, split, shard)) for shard in range(num_shards)]
-    skipped = [identifier for info in infos for identifier in info.get("skipped", [])]
-    manifest = {
-        **args.content_config(),
-        "source": source,
-        "precision": precision,
-        "output_split": split,
-        "num_images": num_images,
-        "num_rows": sum(info["num_rows"] for info in infos),
-        "num_skipped": len(skipped),
-        "skipped": skipped,
-        "num_shards": num_shards,
-        "data_files": f"{DATA_DIR}/{split}-*.parquet",
-        "token_grid": list(grid),
-        "codebook_size": int(model.codebook_size),
-        "features": features.to_dict(),
-    }
-    output_dir = Path(args.output_dir)
-    _write_text_atomically(output_dir / "README.md", dataset_card(manifest))
-    _write_text_atomically(output_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def dataset_card(manifest: dict) -> str:
-    source = manifest["dataset_name"] or "a folder of images"
-    return (
-        "---\n"
-        "configs:\n"
-        "- config_name: default\n"
-        "  data_files:\n"
-        f"  - split: {manifest['output_split']}\n"
-        f"    path: {manifest['data_files']}\n"
-        "tags:\n- vqrae\n- image-tokens\n"
-        "---\n\n"
-        f"# VQRAE tokens of {source}\n\n"
-        f"Split `{manifest['split']}` of {source}, encoded by `{manifest['model']}` into "
-        f"{manifest['token_grid'][0]} x {manifest['token_grid'][1]} tokens per image from a codebook of "
-        f"{manifest['codebook_size']} codes: {manifest['num_rows']} rows ({manifest['num_skipped']} unreadable images "
-        f"skipped).\n\n{_precision_sentence(manifest.get('precision'))}"
-        "```python\n"
-        "from vqrae.token_dataset import decode_token_rows, load_token_dataset\n"
-        "tokens = load_token_dataset(path)\n"
-        "images = decode_token_rows(model, tokens[:4])\n"
-        "```\n"
-    )
-
-
-def _precision_sentence(precision: str | None) -> str:
-    if precision == "bf16":
-        return (
-            "The encoder ran in bf16 (autocast; the FSQ step itself in float32). bf16 tokens may differ from float32 "
-            "ones in a small share of tokens, because the encoder's features differ slightly in bf16.\n\n"
-        )
-    if precision == "float32":
-        return "The encoder ran in float32.\n\n"
-    return ""
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic_io import atomic_write
 from ..cli_utils import UsageError, one_line_errors
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
 
@@ -471,6 +472,4 @@ def write_training_config(path: str, options: dict) -> None:
         "# Every option of this run, resolved. `vqrae-train --config training_config.yaml --output_dir NEW_DIR`\n"
         "# trains it again (same seed, same data, same weights on CPU float32).\n"
     )
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(header)
-        yaml.safe_dump(options, handle, sort_keys=False)
+    atomic_write(path, header + yaml.safe_dump(options, sort_keys=False))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic_io import atomic_write
 from ..image_data import ValidationImages
 from ..quantizers import codebook_statistics
 from .run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
@@ -316,7 +317,4 @@ def save_eval_results(metrics: dict, path: str) -> None:
             key: value for key, value in results.items() if isinstance(value, float) and not math.isfinite(value)
         }
         raise ValueError(f"`metrics` holds values that JSON cannot represent: {non_finite} ({error}).") from error
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text + "\n")
-    os.replace(temporary, path)
+    atomic_write(path, text + "\n")

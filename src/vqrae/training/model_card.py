@@ -20,6 +20,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..atomic_io import atomic_write
 from .run_files import (
     CODEBOOK_USAGE_FILE,
     EVAL_RESULTS_FILE,
@@ -166,7 +167,7 @@ def render_model_card(
 def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, *, license: str = "apache-2.0") -> Path:
     """Render the folder's model card (see `render_model_card`) and write it to `folder/README.md`."""
     path = Path(folder) / "README.md"
-    render_model_card(folder, repo_id, license=license).save(path)
+    atomic_write(path, str(render_model_card(folder, repo_id, license=license)))
     return path
 
 
