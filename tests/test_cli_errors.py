@@ -60,7 +60,7 @@ def test_a_user_error_is_one_line_and_exit_status_2(case, tmp_path):
             ["--model", "m", "--output_dir", "o", "--batch_size", "two"],
             "vqrae-evaluate: error: argument --batch_size",
         ),
-        (hub_module, ["folder"], "vqrae-push: error: the following arguments are required: --repo-id"),
+        (hub_module, ["folder"], "vqrae-push: error: the following arguments are required: --repo_id/--repo-id"),
     ],
     ids=["tokenize", "evaluate", "push"],
 )

@@ -1,4 +1,6 @@
-"""What every vqrae command-line tool shares: one-line user errors, the logging set-up and Ctrl-C.
+"""What every vqrae command-line tool shares: one-line user errors, the logging set-up, Ctrl-C, and the argument
+dataclasses their `HfArgumentParser`s are built from (where the model comes from, where the images come from, how
+they are computed), so each option is declared once.
 
 A mistake in what the user gave (an option, a path, a dataset, a run folder) raises `UsageError`; `run_cli` prints
 it as one line, `PROG: error: ...`, on stderr and exits with status 2, as argparse does for a bad option. Anything
@@ -12,8 +14,21 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["UsageError", "one_line_errors", "run_cli", "setup_logging"]
+__all__ = [
+    "ComputeArguments",
+    "ImageSourceArguments",
+    "ModelSourceArguments",
+    "UsageError",
+    "check_at_least",
+    "check_output_dir",
+    "one_line_errors",
+    "parse_dataclasses",
+    "run_cli",
+    "setup_logging",
+]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -22,6 +37,73 @@ _NOISY_LOGGERS = ("accelerate", "httpx", "urllib3", "filelock", "fsspec")
 
 class UsageError(ValueError):
     """Bad input from the user: the message says which option or file, the value, and what is allowed."""
+
+
+def check_at_least(name: str, value, minimum: int, optional: bool = False) -> None:
+    """`UsageError` unless `value` is an integer >= `minimum` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or unset" if optional else "")
+        raise UsageError(f"`--{name}` must be {allowed} (got {value!r}).")
+
+
+def check_output_dir(output_dir: str) -> None:
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UsageError(f"`--output_dir` must be a folder (got {output_dir!r}, which is a file).")
+
+
+@dataclass(kw_only=True)
+class ModelSourceArguments:
+    """Which trained VQRAE model a tool runs."""
+
+    model: str = field(metadata={"help": "A VQRAE model: a local folder or a Hub id."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of `--model` on the Hub."})
+
+
+@dataclass(kw_only=True)
+class ImageSourceArguments:
+    """Where the images come from: a `datasets` dataset (a Hub id or a local dataset folder; by default the built-in
+    photos where a tool has them). Each tool adds its folder option and split."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A `datasets` Hub id or local dataset folder ('builtin:photos': the built-in photos)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it."})
+
+
+@dataclass(kw_only=True)
+class ComputeArguments:
+    """How the images are pushed through the model."""
+
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass (per process)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes that decode images."})
+
+    def __post_init__(self):
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("dataloader_num_workers", self.dataloader_num_workers, 0)
+
+
+def parse_dataclasses(dataclass_type, prog: str, description: str, argv: Sequence[str] | None, positional=()):
+    """Parse `argv` into one `dataclass_type` with `transformers.HfArgumentParser` (errors in one line); the
+    `positional` `(name, help)` arguments come back as a dict beside it."""
+    from transformers import HfArgumentParser
+
+    parser = one_line_errors(HfArgumentParser(dataclass_type, prog=prog, description=description))
+    for name, help_text in positional:
+        parser.add_argument(name, help=help_text)
+    *outputs, unused = parser.parse_args_into_dataclasses(
+        args=None if argv is None else list(argv), return_remaining_strings=True
+    )
+    if unused:
+        parser.error(f"unrecognized arguments: {' '.join(unused)}")
+    return outputs[0], (vars(outputs[1]) if len(outputs) > 1 else {})
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -38,7 +38,6 @@ features differ in bf16; the FSQ step itself is always float32); the dataset car
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -52,12 +51,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import count, islice
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from .atomic_io import atomic_write
-from .cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+from .cli_utils import (
+    ComputeArguments,
+    ImageSourceArguments,
+    ModelSourceArguments,
+    UsageError,
+    check_at_least,
+    check_output_dir,
+    parse_dataclasses,
+    run_cli,
+    setup_logging,
+)
 from .token_dataset import (
     DATA_DIR,
     MANIFEST_FILE,
@@ -100,32 +110,45 @@ CROP_CHOICES = ("center", "none")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TokenizeArguments:
-    """Arguments of `vqrae-tokenize` (see `--help`)."""
+@dataclass(kw_only=True)
+class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArguments):
+    """Arguments of `vqrae-tokenize` (see `--help`): the model, the source images (one of `--dataset_name` /
+    `--train_dir`), the output and the compute."""
 
-    model: str
-    output_dir: str
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_revision: str | None = None
-    train_dir: str | None = None
-    split: str = "train"
-    streaming: bool = False
-    image_column: str | None = None
-    keep_columns: list[str] = field(default_factory=list)
-    max_images: int | None = None
-    crop: str = "center"
-    revision: str | None = None
-    shard_size: int = 1000
-    batch_size: int = 64
-    dataloader_num_workers: int = 0
-    save_features: bool = False
-    features_dtype: str = "float16"
-    mixed_precision: str = "auto"
-    overwrite_output_dir: bool = False
+    output_dir: str = field(metadata={"help": "Where the token dataset is written."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "A folder of images (loaded as an `imagefolder`), instead of --dataset_name."}
+    )
+    split: str = field(default="train", metadata={"help": "Split to tokenize; slices such as `train[:1000]` work."})
+    keep_columns: list[str] = field(
+        default_factory=list, metadata={"help": "Source columns copied to the output (e.g. `label`)."}
+    )
+    max_images: int | None = field(default=None, metadata={"help": "Tokenize only the first N images."})
+    crop: Literal["center", "none"] = field(
+        default="center",
+        metadata={
+            "help": "`center`: the largest centred square, resized to the model's resolution (as validation images "
+            "are); `none`: the whole image, resized (squeezed) by the image processor."
+        },
+    )
+    shard_size: int = field(default=1000, metadata={"help": "Images per Parquet shard (the resume unit)."})
+    save_features: bool = field(default=False, metadata={"help": "Also store the continuous features."})
+    features_dtype: Literal["float16", "float32"] = field(
+        default="float16", metadata={"help": "dtype of the stored features."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete earlier output first."})
+    batch_size: int = field(default=64, metadata={"help": "Images per forward pass (per process)."})
+    mixed_precision: Literal["auto", "no", "bf16"] = field(
+        default="auto",
+        metadata={
+            "help": "`auto`: bf16 autocast on a GPU that supports it, float32 otherwise. FSQ indices are always "
+            "float32; bf16 features differ slightly, so a small share of tokens differs from a float32 run. The "
+            "manifest records the precision used."
+        },
+    )
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.dataset_name is None) == (self.train_dir is None):
             raise UsageError(
                 "Give exactly one source of images: `--dataset_name` (a Hub id or a local dataset folder) or "
@@ -134,22 +157,16 @@ class TokenizeArguments:
             )
         if self.train_dir is not None and not Path(self.train_dir).is_dir():
             raise UsageError(f"`--train_dir` must be an existing folder of images (got {self.train_dir!r}).")
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise UsageError(f"`--output_dir` must be a folder (got {self.output_dir!r}, which is a file).")
-        for name, minimum in (("shard_size", 1), ("batch_size", 1), ("dataloader_num_workers", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise UsageError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
-        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
-            raise UsageError(f"`--max_images` must be an integer >= 1 or unset (got {self.max_images!r}).")
-        if self.features_dtype not in FEATURES_DTYPES:
-            raise UsageError(f"`--features_dtype` must be one of {FEATURES_DTYPES} (got {self.features_dtype!r}).")
-        if self.crop not in CROP_CHOICES:
-            raise UsageError(f"`--crop` must be one of {CROP_CHOICES} (got {self.crop!r}).")
-        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            raise UsageError(
-                f"`--mixed_precision` must be one of {MIXED_PRECISION_CHOICES} (got {self.mixed_precision!r})."
-            )
+        check_output_dir(self.output_dir)
+        check_at_least("shard_size", self.shard_size, 1)
+        check_at_least("max_images", self.max_images, 1, optional=True)
+        for name, allowed in (
+            ("features_dtype", FEATURES_DTYPES),
+            ("crop", CROP_CHOICES),
+            ("mixed_precision", MIXED_PRECISION_CHOICES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"`--{name}` must be one of {allowed} (got {getattr(self, name)!r}).")
         reserved = {"index", "id", "indices", "features"}
         if reserved & set(self.keep_columns):
             raise UsageError(
@@ -170,56 +187,9 @@ class TokenizeArguments:
         return config
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vqrae-tokenize",
-        description="Encode every image of a dataset into VQRAE tokens, written as a resumable Parquet dataset.",
-    )
-    parser.add_argument("--model", required=True, help="A VQRAE model: a local folder or a Hub id.")
-    parser.add_argument("--revision", default=None, help="Revision of `--model` on the Hub.")
-    parser.add_argument("--output_dir", required=True, help="Where the token dataset is written.")
-    source = parser.add_argument_group("source images (one of --dataset_name / --train_dir)")
-    source.add_argument("--dataset_name", default=None, help="A `datasets` Hub id or local dataset folder.")
-    source.add_argument("--dataset_config_name", default=None)
-    source.add_argument(
-        "--dataset_revision", default=None, help="Revision of `--dataset_name` (pins a stream: see Resuming)."
-    )
-    source.add_argument("--train_dir", default=None, help="A folder of images (loaded as an `imagefolder`).")
-    source.add_argument("--split", default="train", help="Split to tokenize; slices such as `train[:1000]` work.")
-    source.add_argument("--streaming", action="store_true", help="Stream the source instead of downloading it.")
-    source.add_argument("--image_column", default=None, help="Default: the first Image column of the source.")
-    source.add_argument(
-        "--keep_columns", nargs="*", default=[], help="Source columns copied to the output (e.g. `label`)."
-    )
-    source.add_argument("--max_images", type=int, default=None, help="Tokenize only the first N images.")
-    source.add_argument(
-        "--crop",
-        default="center",
-        choices=CROP_CHOICES,
-        help="`center`: the largest centred square, resized to the model's resolution (as validation images are); "
-        "`none`: the whole image, resized (squeezed) by the image processor.",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument("--shard_size", type=int, default=1000, help="Images per Parquet shard (the resume unit).")
-    output.add_argument("--save_features", action="store_true", help="Also store the continuous features.")
-    output.add_argument("--features_dtype", default="float16", choices=FEATURES_DTYPES)
-    output.add_argument("--overwrite_output_dir", action="store_true", help="Delete earlier output first.")
-    compute = parser.add_argument_group("compute")
-    compute.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (per process).")
-    compute.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that decode images.")
-    compute.add_argument(
-        "--mixed_precision",
-        default="auto",
-        choices=MIXED_PRECISION_CHOICES,
-        help="`auto`: bf16 autocast on a GPU that supports it, float32 otherwise. FSQ indices are always float32; "
-        "bf16 features differ slightly, so a small share of tokens differs from a float32 run. The manifest records "
-        "the precision used.",
-    )
-    return one_line_errors(parser)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
-    return TokenizeArguments(**vars(build_parser().parse_args(argv)))
+    description = "Encode every image of a dataset into VQRAE tokens, written as a resumable Parquet dataset."
+    return parse_dataclasses(TokenizeArguments, "vqrae-tokenize", description, argv)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

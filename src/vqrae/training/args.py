@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic_io import atomic_write
-from ..cli_utils import UsageError, one_line_errors
+from ..cli_utils import ImageSourceArguments, UsageError, one_line_errors
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
 
 __all__ = [
@@ -184,24 +184,13 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Where the images come from and how they are cut."""
+class DataArguments(ImageSourceArguments):
+    """Where the images come from (by default the built-in photos) and how they are cut."""
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "A Hub dataset id; default (or 'builtin:photos'): the built-in photos of scikit-image/-learn."
-        },
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
     train_dir: str | None = field(default=None, metadata={"help": "A local folder of training images (imagefolder)."})
     validation_dir: str | None = field(default=None, metadata={"help": "A local folder of validation images."})
-    image_column: str | None = field(
-        default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
-    )
     validation_split_percentage: float = field(
         default=5.0,
         metadata={
@@ -212,7 +201,6 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on at most this many images (the first ones, after holding out)."}
     )
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset; each process reads its own shard."})
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many images."})
     min_crop_scale: float = field(

@@ -22,55 +22,61 @@ It writes to `--output_dir`:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+from ..cli_utils import (
+    ComputeArguments,
+    ImageSourceArguments,
+    ModelSourceArguments,
+    UsageError,
+    check_at_least,
+    check_output_dir,
+    parse_dataclasses,
+    run_cli,
+    setup_logging,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvaluateArguments:
-    """Arguments of `vqrae-evaluate` (see `--help`)."""
+@dataclass(kw_only=True)
+class EvaluateArguments(ModelSourceArguments, ImageSourceArguments, ComputeArguments):
+    """Arguments of `vqrae-evaluate` (see `--help`): the model, the images (default: the built-in validation
+    photos; or `--dataset_name` / `--validation_dir`), the evaluation."""
 
-    model: str
-    output_dir: str
-    revision: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_revision: str | None = None
-    validation_dir: str | None = None
-    split: str = "validation"
-    image_column: str | None = None
-    streaming: bool = False
-    max_eval_samples: int | None = 256
-    batch_size: int = 32
-    num_examples: int = 8
-    step: int = 0
-    compute_rfid: bool = True
-    inception_weights: str | None = None
+    output_dir: str = field(metadata={"help": "Where eval_results.json and the pictures are written."})
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "A folder of images (loaded as an `imagefolder`), instead of --dataset_name."}
+    )
+    split: str = field(default="validation", metadata={"help": "Split of `--dataset_name` to evaluate on."})
+    max_eval_samples: int | None = field(
+        default=256, metadata={"help": "Evaluate the first N images (the training default)."}
+    )
+    num_examples: int = field(default=8, metadata={"help": "Images shown in reconstructions.png."})
+    step: int = field(default=0, metadata={"help": "The training step recorded in eval_results.json."})
+    rfid: bool = field(
+        default=True, metadata={"help": "rFID where Inception weights exist locally (--no_rfid: skip it)."}
+    )
+    inception_weights: str | None = field(
+        default=None, metadata={"help": "A local torch-fidelity Inception weights file."}
+    )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dataset_name is not None and self.validation_dir is not None:
             raise UsageError(
                 "Give at most one source of images: `--dataset_name` or `--validation_dir` "
                 f"(got dataset_name={self.dataset_name!r}, validation_dir={self.validation_dir!r})."
             )
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise UsageError(f"`--output_dir` must be a folder (got {self.output_dir!r}, which is a file).")
-        for name, minimum in (("batch_size", 1), ("num_examples", 0), ("step", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise UsageError(f"`--{name}` must be an integer >= {minimum} (got {value!r}).")
-        samples = self.max_eval_samples
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-            raise UsageError(f"`--max_eval_samples` must be an integer >= 1 or unset (got {samples!r}).")
+        check_output_dir(self.output_dir)
+        check_at_least("num_examples", self.num_examples, 0)
+        check_at_least("step", self.step, 0)
+        check_at_least("max_eval_samples", self.max_eval_samples, 1, optional=True)
 
     @property
     def dataset_label(self) -> str:
@@ -82,38 +88,9 @@ class EvaluateArguments:
         return self.dataset_name or BUILTIN_DATASET_NAME
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vqrae-evaluate",
-        description="Reconstruction quality of a VQRAE model: PSNR, SSIM, codebook use, bicubic baseline, rFID.",
-    )
-    parser.add_argument("--model", required=True, help="A VQRAE model: a local folder or a Hub id.")
-    parser.add_argument("--revision", default=None, help="Revision of `--model` on the Hub.")
-    parser.add_argument("--output_dir", required=True, help="Where eval_results.json and the picture are written.")
-    source = parser.add_argument_group("images (default: the built-in validation photos)")
-    source.add_argument("--dataset_name", default=None, help="A `datasets` Hub id or local dataset folder.")
-    source.add_argument("--dataset_config_name", default=None)
-    source.add_argument("--dataset_revision", default=None)
-    source.add_argument("--validation_dir", default=None, help="A folder of images (loaded as an `imagefolder`).")
-    source.add_argument("--split", default="validation", help="Split of `--dataset_name` to evaluate on.")
-    source.add_argument("--image_column", default=None, help="Default: the dataset's only Image column.")
-    source.add_argument("--streaming", action="store_true", help="Stream the dataset instead of downloading it.")
-    source.add_argument(
-        "--max_eval_samples", type=int, default=256, help="Evaluate the first N images (the training default)."
-    )
-    compute = parser.add_argument_group("evaluation")
-    compute.add_argument("--batch_size", type=int, default=32, help="Images per forward pass (per process).")
-    compute.add_argument("--num_examples", type=int, default=8, help="Images shown in reconstructions.png.")
-    compute.add_argument("--step", type=int, default=0, help="The training step recorded in eval_results.json.")
-    compute.add_argument(
-        "--no_rfid", dest="compute_rfid", action="store_false", help="Skip rFID even where Inception weights exist."
-    )
-    compute.add_argument("--inception_weights", default=None, help="A local torch-fidelity Inception weights file.")
-    return one_line_errors(parser)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
-    return EvaluateArguments(**vars(build_parser().parse_args(argv)))
+    description = "Reconstruction quality of a VQRAE model: PSNR, SSIM, codebook use, bicubic baseline, rFID."
+    return parse_dataclasses(EvaluateArguments, "vqrae-evaluate", description, argv)[0]
 
 
 def evaluate(args: EvaluateArguments):
@@ -167,7 +144,7 @@ def evaluate(args: EvaluateArguments):
         step=args.step,
         accelerator=accelerator,
         num_examples=args.num_examples,
-        compute_rfid=args.compute_rfid,
+        compute_rfid=args.rfid,
         inception_weights=args.inception_weights,
     )
     if accelerator.is_main_process:

@@ -16,15 +16,15 @@ with `vqrae` installed, `import vqrae` and no `trust_remote_code`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token, is_offline_mode
 
-from ..cli_utils import UsageError, one_line_errors, run_cli, setup_logging
+from ..cli_utils import UsageError, parse_dataclasses, run_cli, setup_logging
 from .model_card import check_repo_id, render_model_card
 from .run_files import EVAL_RESULTS_FILE, PICTURES, TRAINING_CONFIG_FILE
 
@@ -138,22 +138,29 @@ def push_to_hub(
     return info
 
 
+@dataclass(kw_only=True)
+class PushArguments:
+    """Options of `vqrae-push FOLDER` (see `--help`)."""
+
+    repo_id: str = field(metadata={"help": "The Hub repository, org/name (created when missing)."})
+    private: bool = field(default=False, metadata={"help": "Create the repository private."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Commit to this branch instead of main (created if missing)."}
+    )
+    commit_message: str | None = field(default=None, metadata={"help": "The commit message."})
+
+
 def _main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = argparse.ArgumentParser(
-        prog="vqrae-push",
-        description="Publish a saved VQRAE model folder (weights, model code, model card, pictures, results) to the "
-        "Hugging Face Hub in one commit. Log in first with `hf auth login` or set HF_TOKEN.",
+    description = (
+        "Publish a saved VQRAE model folder (weights, model code, model card, pictures, results) to the Hugging Face "
+        "Hub in one commit. Log in first with `hf auth login` or set HF_TOKEN."
     )
-    parser.add_argument("folder", help="the folder written by save_pretrained / vqrae-train")
-    parser.add_argument("--repo-id", required=True, help="the Hub repository, org/name (created when missing)")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", default=None, help="commit to this branch instead of main (created if missing)")
-    parser.add_argument("--commit-message", default=None, help="the commit message")
-    args = one_line_errors(parser).parse_args(argv)
+    positional = [("folder", "the folder written by save_pretrained / vqrae-train")]
+    args, extra = parse_dataclasses(PushArguments, "vqrae-push", description, argv, positional)
     try:
         info = push_to_hub(
-            args.folder,
+            extra["folder"],
             args.repo_id,
             private=args.private,
             revision=args.revision,
