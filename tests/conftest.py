@@ -5,7 +5,7 @@ test module imports it.
 """
 
 import os
-import socket
+import runpy
 import tempfile
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="vqrae-tests-")
@@ -19,103 +19,17 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The network guard: one file, run here for this process and imported as `sitecustomize` by every process tests start.
+_GUARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "network_guard")
+NetworkBlockedError = runpy.run_path(os.path.join(_GUARD_DIR, "sitecustomize.py"))["NetworkBlockedError"]
+os.environ["PYTHONPATH"] = os.pathsep.join(path for path in (_GUARD_DIR, os.environ.get("PYTHONPATH")) if path)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vqrae.presets import QUANTIZER_PRESETS  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-_LOOPBACK = ("127.", "::1", "localhost")
-
-
-class NetworkBlockedError(RuntimeError):
-    pass
-
-
-def _is_local(address) -> bool:
-    if isinstance(address, (str, bytes)):  # AF_UNIX path
-        return True
-    host = str(address[0]) if address else ""
-    return host.startswith(_LOOPBACK) or host == ""
-
-
-_real_connect = socket.socket.connect
-_real_connect_ex = socket.socket.connect_ex
-_real_create_connection = socket.create_connection
-
-
-def _guarded_connect(self, address):
-    if not _is_local(address):
-        raise NetworkBlockedError(f"Tests may not reach the network (tried to connect to {address!r}).")
-    return _real_connect(self, address)
-
-
-def _guarded_connect_ex(self, address):
-    if not _is_local(address):
-        raise NetworkBlockedError(f"Tests may not reach the network (tried to connect to {address!r}).")
-    return _real_connect_ex(self, address)
-
-
-def _guarded_create_connection(address, *args, **kwargs):
-    if not _is_local(address):
-        raise NetworkBlockedError(f"Tests may not reach the network (tried to connect to {address!r}).")
-    return _real_create_connection(address, *args, **kwargs)
-
-
-def _guarded_getaddrinfo(host, *args, **kwargs):
-    if host is not None and not _is_local((host,)):
-        raise NetworkBlockedError(f"Tests may not reach the network (tried to resolve {host!r}).")
-    return _real_getaddrinfo(host, *args, **kwargs)
-
-
-_real_getaddrinfo = socket.getaddrinfo
-socket.socket.connect = _guarded_connect
-socket.socket.connect_ex = _guarded_connect_ex
-socket.create_connection = _guarded_create_connection
-socket.getaddrinfo = _guarded_getaddrinfo
-
-# Processes that tests start (CLIs, `accelerate launch`, the kill tests) get the same block from a sitecustomize.py
-# on PYTHONPATH, installed when their interpreter starts. The machine's own host name counts as local there, since
-# torchrun resolves it to set up its rendezvous.
-_SUBPROCESS_GUARD = """
-import socket
-
-_LOCAL_PREFIXES = ("127.", "::1", "localhost")
-_HOST_NAME = socket.gethostname()
-
-
-class NetworkBlockedError(RuntimeError):
-    pass
-
-
-def _is_local(address):
-    if isinstance(address, (str, bytes)):  # AF_UNIX path
-        return True
-    host = str(address[0]) if address else ""
-    return host in ("", _HOST_NAME) or host.startswith(_LOCAL_PREFIXES)
-
-
-def _guard(real, action, target_of):
-    def guarded(*args, **kwargs):
-        target = target_of(*args, **kwargs)
-        if target is not None and not _is_local(target):
-            raise NetworkBlockedError(f"Tests may not reach the network (tried to {action} {target!r}).")
-        return real(*args, **kwargs)
-
-    return guarded
-
-
-socket.socket.connect = _guard(socket.socket.connect, "connect to", lambda self, address, *a, **k: address)
-socket.socket.connect_ex = _guard(socket.socket.connect_ex, "connect to", lambda self, address, *a, **k: address)
-socket.create_connection = _guard(socket.create_connection, "connect to", lambda address, *a, **k: address)
-socket.getaddrinfo = _guard(socket.getaddrinfo, "resolve", lambda host, *a, **k: None if host is None else (host,))
-"""
-_GUARD_DIR = os.path.join(_SESSION_DIR, "network_guard")
-os.makedirs(_GUARD_DIR, exist_ok=True)
-with open(os.path.join(_GUARD_DIR, "sitecustomize.py"), "w") as _guard_file:
-    _guard_file.write(_SUBPROCESS_GUARD)
-os.environ["PYTHONPATH"] = os.pathsep.join(path for path in (_GUARD_DIR, os.environ.get("PYTHONPATH")) if path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
