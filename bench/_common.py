@@ -182,6 +182,14 @@ def write_section(
     return section
 
 
+def publish(name: str, title: str, body: str, start_load: float, no_write: bool) -> None:
+    """The ending every script shares: print the section (`--no_write`) or write it into BENCHMARKS.md."""
+    if no_write:
+        print(body)
+    else:
+        write_section(name, title, body, start_load)
+
+
 def write_subsection(
     key: str, title: str, intro: str, subsections: list[tuple[str, str]], sub_key: str, body: str, start_load: float
 ) -> str:

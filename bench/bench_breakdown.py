@@ -24,26 +24,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import compare, load_average, markdown_table, write_section
+from _common import compare, load_average, markdown_table, publish
 
 from vqrae import VQRAEConfig, VQRAEModel
-from vqrae.training.args import VISION_PRESETS
+from vqrae.presets import QUANTIZER_PRESETS, VISION_PRESETS
 
+COSMOS = QUANTIZER_PRESETS["cosmos_fsq"]
 VARIANTS = {
-    "FSQ 64,000 + post_quant_conv k=1": {
-        "use_fsq": True,
-        "fsq_levels": [8, 8, 8, 5, 5, 5],
-        "use_post_quant_conv": True,
-        "post_quant_conv_kernel_size": 1,
-    },
-    "FSQ 64,000 + post_quant_conv k=3": {
-        "use_fsq": True,
-        "fsq_levels": [8, 8, 8, 5, 5, 5],
-        "use_post_quant_conv": True,
-        "post_quant_conv_kernel_size": 3,
-    },
-    "FSQ 512, no post_quant_conv": {"use_fsq": True, "fsq_levels": [8, 8, 8], "use_post_quant_conv": False},
-    "VQ 16384, no post_quant_conv": {"use_fsq": False, "num_embeddings": 16384, "use_post_quant_conv": False},
+    "FSQ 64,000 + post_quant_conv k=1": COSMOS,
+    "FSQ 64,000 + post_quant_conv k=3": {**COSMOS, "post_quant_conv_kernel_size": 3},
+    "FSQ 512, no post_quant_conv": QUANTIZER_PRESETS["standard_fsq"],
+    "VQ 16384, no post_quant_conv": QUANTIZER_PRESETS["vq"],
 }
 BASELINE = "FSQ 64,000 + post_quant_conv k=1"
 
@@ -172,10 +163,7 @@ def main(argv=None):
         f"{vision['num_hidden_layers']} layers, {(vision['image_size'] // vision['patch_size']) ** 2} tokens per "
         "image, float32, inference mode.\n\n" + markdown_table(header, rows) + "\n\n" + verdict
     )
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_breakdown", "2. Where the time goes (SigLIP-B/16, 256 px)", body, start_load)
+    publish("bench_breakdown", "2. Where the time goes (SigLIP-B/16, 256 px)", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

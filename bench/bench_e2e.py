@@ -19,10 +19,11 @@ import argparse
 import copy
 
 import torch
-from _common import compare, load_average, markdown_table, peak_rss_mib, write_section
+from _common import compare, load_average, markdown_table, peak_rss_mib, publish
 
 from vqrae import VQRAEModel
-from vqrae.training.args import VISION_PRESETS, ModelArguments
+from vqrae.presets import VISION_PRESETS
+from vqrae.training.args import ModelArguments
 from vqrae.training.trainer import build_model
 
 
@@ -110,10 +111,7 @@ def main(argv=None):
                 f"{batch_size / decode:.1f} images/s decoded (SDPA)."
             )
     body = markdown_table(header, rows) + "\n\n" + "\n".join(lines) + "\n"
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_e2e", "3. End-to-end throughput and memory", body, start_load)
+    publish("bench_e2e", "3. End-to-end throughput and memory", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

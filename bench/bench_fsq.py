@@ -25,7 +25,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _common import compare, fmt_rate, load_average, markdown_table, time_once, write_section
+from _common import compare, fmt_rate, load_average, markdown_table, publish, time_once
 
 from vqrae import VQRAEFSQuantizer
 
@@ -204,10 +204,7 @@ def main(argv=None):
     if not args.no_profile and 768 in args.dims:
         ours, theirs = build_pair(768)
         body += "\nProfile:\n\n" + profile_table(ours, theirs, 768, max(args.tokens))
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_fsq", "1. FSQ operation vs vector-quantize-pytorch", body, start_load)
+    publish("bench_fsq", "1. FSQ operation vs vector-quantize-pytorch", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

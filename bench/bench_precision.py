@@ -33,7 +33,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from _common import load_average, markdown_table, write_section
+from _common import load_average, markdown_table, publish
 
 from vqrae import VQRAEModel
 from vqrae.image_data import (
@@ -326,10 +326,7 @@ def main(argv=None):
         f"- Run time {time.perf_counter() - started:.0f} s.",
     ]
     body = "\n".join(lines) + "\n"
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_precision", "9. bf16 vs float32, end to end on real photos", body, start_load)
+    publish("bench_precision", "9. bf16 vs float32, end to end on real photos", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

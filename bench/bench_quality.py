@@ -38,7 +38,8 @@ from pathlib import Path
 
 from _common import BENCH_DIR, load_average, markdown_table, run_and_sample_memory, write_section
 
-from vqrae.training.args import VISION_PRESETS, load_config_file
+from vqrae.presets import VISION_PRESETS
+from vqrae.training.args import load_config_file
 
 VARIANTS = {
     "a": ("FSQ 64,000 + post_quant_conv 3x3 (tiny preset)", ["--quantizer", "cosmos_fsq"]),

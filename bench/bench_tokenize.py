@@ -28,8 +28,8 @@ from _common import load_average, write_section
 from PIL import Image
 
 from vqrae import VQRAEConfig, VQRAEModel
+from vqrae.presets import QUANTIZER_PRESETS, VISION_PRESETS
 from vqrae.tokenize import parse_args, tokenize
-from vqrae.training.args import QUANTIZER_PRESETS, VISION_PRESETS
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import load_average, markdown_table, run_and_sample_memory, write_section
+from _common import load_average, markdown_table, publish, run_and_sample_memory
 
 from vqrae.training.args import ModelArguments, load_config_file
 from vqrae.training.trainer import build_model
@@ -162,10 +162,7 @@ def main(argv=None):
             "the comparisons above are within the noise; rerun on a quiet machine.\n"
         )
     body = markdown_table(header, rows) + "\n\n" + verdict
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_training", "5. Training throughput and memory (tiny preset)", body, start_load)
+    publish("bench_training", "5. Training throughput and memory (tiny preset)", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import compare, fmt_rate, load_average, markdown_table, peak_rss_mib, write_section
+from _common import compare, fmt_rate, load_average, markdown_table, peak_rss_mib, publish
 
 from vqrae import VQRAEVectorQuantizer
 
@@ -98,10 +98,7 @@ def main(argv=None):
         f"{100 * agree['torch.cdist']:.3f} % (a different rounding of a near-tie can pick another, equally near code)."
     )
     body = markdown_table(header, rows) + "\n\n" + verdict + "\n"
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_vq_search", "4. VQ nearest-neighbour search", body, start_load)
+    publish("bench_vq_search", "4. VQ nearest-neighbour search", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":
