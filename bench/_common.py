@@ -9,6 +9,7 @@ measured call, so both sides of a comparison are measured in the same process.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -180,6 +181,25 @@ def write_section(
     text = header.rstrip("\n") + "\n\n" + "\n".join(sections[name] for name in order)
     path.write_text(text)
     return section
+
+
+def bench_parser(description: str, repeats: int | None = None, threads: bool = True) -> argparse.ArgumentParser:
+    """The options every script shares: `--no-write` and, where it times things, `--repeats` and `--threads`."""
+    parser = argparse.ArgumentParser(description=description)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv=None):
+    """Parse, and set torch's threads when `--threads` is given."""
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def publish(name: str, title: str, body: str, start_load: float, no_write: bool) -> None:

@@ -21,10 +21,8 @@ indices_to_codes + post_quant_conv + decoder. The shares answer the seed's claim
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import compare, load_average, markdown_table, publish
+from _common import bench_parser, compare, load_average, markdown_table, parse_bench_args, publish
 
 from vqrae import VQRAEConfig, VQRAEModel
 from vqrae.presets import QUANTIZER_PRESETS, VISION_PRESETS
@@ -94,14 +92,9 @@ def claims_verdict(k1, k3, fsq512, vq, conv_weight_share: float) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0], repeats=5)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser, argv)
     start_load = load_average()
 
     vision = VISION_PRESETS["base"]

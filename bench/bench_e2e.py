@@ -15,11 +15,10 @@ with `"eager"`, alternating. Peak memory is the rise of the process's resident-s
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
-from _common import compare, load_average, markdown_table, peak_rss_mib, publish
+from _common import bench_parser, compare, load_average, markdown_table, parse_bench_args, peak_rss_mib, publish
 
 from vqrae import VQRAEModel
 from vqrae.presets import VISION_PRESETS
@@ -38,15 +37,10 @@ def build(size: str) -> dict[str, VQRAEModel]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0], repeats=3)
     parser.add_argument("--configs", nargs="+", default=["tiny", "base"], choices=sorted(VISION_PRESETS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser, argv)
     start_load = load_average()
 
     rows, weights, results = [], {}, {}

@@ -17,25 +17,27 @@ call and its rise over the resident size just before it, and the share of indice
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import compare, fmt_rate, load_average, markdown_table, peak_rss_mib, publish
+from _common import (
+    bench_parser,
+    compare,
+    fmt_rate,
+    load_average,
+    markdown_table,
+    parse_bench_args,
+    peak_rss_mib,
+    publish,
+)
 
 from vqrae import VQRAEVectorQuantizer
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0], repeats=3)
     parser.add_argument("--num-embeddings", type=int, default=16384)
     parser.add_argument("--codebook-dim", type=int, default=1536)
     parser.add_argument("--tokens", type=int, default=64 * 256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser, argv)
     start_load = load_average()
 
     torch.manual_seed(0)

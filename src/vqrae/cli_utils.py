@@ -77,6 +77,16 @@ class ImageSourceArguments:
     )
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it."})
 
+    def source_kwargs(self) -> dict:
+        """These options as the keyword arguments of `vqrae.image_data.load_image_dataset`."""
+        return {
+            "dataset_name": self.dataset_name,
+            "dataset_config_name": self.dataset_config_name,
+            "revision": self.dataset_revision,
+            "image_column": self.image_column,
+            "streaming": self.streaming,
+        }
+
 
 @dataclass(kw_only=True)
 class ComputeArguments:

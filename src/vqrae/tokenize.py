@@ -205,15 +205,8 @@ def load_source(args: TokenizeArguments, identity: dict | None = None):
     passed in (already computed: a folder is not walked twice)."""
     from .image_data import load_image_dataset
 
-    dataset, image_column = load_image_dataset(
-        "train" if args.train_dir is not None else args.split,
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_dir=args.train_dir,
-        image_column=args.image_column,
-        streaming=args.streaming,
-        revision=args.dataset_revision,
-    )
+    split = "train" if args.train_dir is not None else args.split
+    dataset, image_column = load_image_dataset(split, train_dir=args.train_dir, **args.source_kwargs())
     if identity is None:
         identity = source_identity(args, dataset)
     missing = [name for name in args.keep_columns if name not in (dataset.column_names or [])]

@@ -106,15 +106,7 @@ def evaluate(args: EvaluateArguments):
 
     accelerator = Accelerator()
     model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
-    dataset, image_column = load_image_dataset(
-        args.split,
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        validation_dir=args.validation_dir,
-        image_column=args.image_column,
-        streaming=args.streaming,
-        revision=args.dataset_revision,
-    )
+    dataset, image_column = load_image_dataset(args.split, validation_dir=args.validation_dir, **args.source_kwargs())
     # The same call as the training loop's, so the same images come out.
     validation = load_validation_images(
         dataset,

@@ -176,14 +176,10 @@ class TrainingData:
 def _load_splits(data_args: DataArguments):
     """`(train, column), (validation, column), dataset name, validation split, held-out info or None)`."""
     common = {
-        "dataset_name": data_args.dataset_name,
-        "dataset_config_name": data_args.dataset_config_name,
+        **data_args.source_kwargs(),
         "train_dir": data_args.train_dir,
         "validation_dir": data_args.validation_dir,
-        "image_column": data_args.image_column,
         "cache_dir": data_args.cache_dir,
-        "revision": data_args.dataset_revision,
-        "streaming": data_args.streaming,
     }
     builtin = data_args.train_dir is None and data_args.dataset_name in (None, BUILTIN_DATASET_NAME)
     train_split = "train" if builtin or data_args.train_dir else data_args.train_split
