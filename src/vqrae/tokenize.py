@@ -608,26 +608,13 @@ def tokenize(args: TokenizeArguments) -> dict:
     grid, feature_shape = token_grid(model, processor)
     if dataset is None:
         dataset, image_column, _ = load_source(args, identity=source)
-    features = output_features(
-        grid, feature_shape, dataset.features, args.keep_columns, args.save_features and args.features_dtype
-    )
+    features_dtype = args.features_dtype if args.save_features else None
+    features = output_features(grid, feature_shape, dataset.features, args.keep_columns, features_dtype)
     root = Path(args.train_dir).resolve() if args.train_dir is not None else None
     prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, root)
-    split = args.output_split
-
-    if args.streaming:
-        num_images = None  # known once the stream ends; every process reads it to the end
-        candidates = None
-    else:
-        num_images = len(dataset)
-        candidates = owned_shards(math.ceil(num_images / args.shard_size), state.process_index, state.num_processes)
-    remaining = None if candidates is None else [s for s in candidates if not shard_is_complete(data_dir, split, s)]
-    to_do = (
-        None if remaining is None else sum(min(args.shard_size, num_images - s * args.shard_size) for s in remaining)
-    )
-
+    job = _ShardJob(args, state, data_dir, model, prepare, features, precision)
+    wanted, to_do = job.shards_to_write(dataset)
     started = time.perf_counter()
-    done = 0
     with tqdm(
         total=to_do,
         unit="img",
@@ -635,40 +622,16 @@ def tokenize(args: TokenizeArguments) -> dict:
         disable=not state.is_local_main_process,
         dynamic_ncols=True,
     ) as progress:
-        if args.streaming:
-            wanted = _StreamingShardSet(data_dir, split, state.process_index, state.num_processes)
-        else:
-            wanted = set(remaining)
-            remove_stale_temporaries(data_dir, split, remaining)
-        streamed_images = 0
-        for shard, rows in iter_shard_rows(dataset, args.streaming, args.shard_size, wanted):
-            first_index = shard * args.shard_size
-            streamed_images = first_index + len(rows)
-            if shard not in wanted:  # streaming: a shard that is complete or another process's
-                continue
-            if args.streaming:
-                remove_stale_temporaries(data_dir, split, [shard])
-            columns, skipped = encode_shard(
-                model, ShardBatches(rows, first_index, prepare), args, state.device, progress, precision
-            )
-            shard_info = {"shard": shard, "first_index": first_index, "num_images": len(rows), "skipped": skipped}
-            write_shard(shard_file(data_dir, split, shard), columns, features, shard_info)
-            done += len(rows)
-        if args.streaming:
-            num_images = streamed_images
-
-    seconds = time.perf_counter() - started
-    counts = gather_object([(done, seconds, num_images)])
+        done, num_images = job.write(dataset, wanted, progress)
+    counts = gather_object([(done, time.perf_counter() - started, num_images)])
     state.wait_for_everyone()
-    total_done = sum(count[0] for count in counts)
-    wall = max(count[1] for count in counts)
+    total_done, wall = sum(count[0] for count in counts), max(count[1] for count in counts)
     summary = {"images": total_done, "seconds": wall, "images_per_second": total_done / wall if wall > 0 else 0.0}
     if state.is_main_process:
-        num_images = max(count[2] for count in counts)
         summary["manifest"] = write_manifest(
             Path(args.output_dir),
-            {**args.content_config(), "source": source, "precision": precision, "output_split": split},
-            num_images=num_images,
+            {**args.content_config(), "source": source, "precision": precision, "output_split": args.output_split},
+            num_images=max(count[2] for count in counts),
             shard_size=args.shard_size,
             token_grid=grid,
             codebook_size=model.codebook_size,
@@ -685,6 +648,51 @@ def tokenize(args: TokenizeArguments) -> dict:
         )
     state.wait_for_everyone()
     return summary
+
+
+@dataclass
+class _ShardJob:
+    """This process's part of the job: which shards it writes, and writing them."""
+
+    args: TokenizeArguments
+    state: object
+    data_dir: Path
+    model: object
+    prepare: ImagePreparation
+    features: object
+    precision: str
+
+    def shards_to_write(self, dataset):
+        """`(wanted, images to do)`: the shards of this process that are not complete yet (a set, or for a stream
+        of unknown length a `_StreamingShardSet`), and how many images they hold (None for a stream)."""
+        args, state, split = self.args, self.state, self.args.output_split
+        if args.streaming:
+            return _StreamingShardSet(self.data_dir, split, state.process_index, state.num_processes), None
+        num_images = len(dataset)
+        candidates = owned_shards(math.ceil(num_images / args.shard_size), state.process_index, state.num_processes)
+        remaining = [shard for shard in candidates if not shard_is_complete(self.data_dir, split, shard)]
+        remove_stale_temporaries(self.data_dir, split, remaining)
+        return set(remaining), sum(min(args.shard_size, num_images - s * args.shard_size) for s in remaining)
+
+    def write(self, dataset, wanted, progress) -> tuple[int, int]:
+        """Encode and write the `wanted` shards; returns the images done here and the source's number of images
+        (for a stream, known once it has been read to the end)."""
+        args, split = self.args, self.args.output_split
+        done, num_images = 0, None if args.streaming else len(dataset)
+        for shard, rows in iter_shard_rows(dataset, args.streaming, args.shard_size, wanted):
+            first_index = shard * args.shard_size
+            if args.streaming:
+                num_images = first_index + len(rows)
+            if shard not in wanted:  # streaming: a shard that is complete or another process's
+                continue
+            if args.streaming:
+                remove_stale_temporaries(self.data_dir, split, [shard])
+            batches = ShardBatches(rows, first_index, self.prepare)
+            columns, skipped = encode_shard(self.model, batches, args, self.state.device, progress, self.precision)
+            shard_info = {"shard": shard, "first_index": first_index, "num_images": len(rows), "skipped": skipped}
+            write_shard(shard_file(self.data_dir, split, shard), columns, self.features, shard_info)
+            done += len(rows)
+        return done, num_images or 0
 
 
 class _StreamingShardSet:
