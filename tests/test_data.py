@@ -14,6 +14,7 @@ from vqrae.image_data import (
     load_image_dataset,
     load_validation_images,
     random_resized_crop_box,
+    validation_tiles,
 )
 from vqrae.training.data import StreamingTrainingBatches, TrainingBatches
 
@@ -50,7 +51,7 @@ def image_folder(tmp_path):
 def test_builtin_photos_are_split_by_photo():
     train, validation = builtin_photos("train"), builtin_photos("validation")
     assert len(train) == len(BUILTIN_TRAIN_PHOTOS)
-    assert len(validation) == 5 * len(BUILTIN_VALIDATION_PHOTOS)  # five fixed windows per held-out photo
+    assert len(validation) >= 256  # tiles at three scales of the held-out photos
     held_out = {name.split("#")[0] for name in validation["photo"]}
     assert held_out == {filename.rsplit(".", 1)[0] for _, filename in BUILTIN_VALIDATION_PHOTOS}
     assert held_out.isdisjoint(train["photo"])
@@ -217,3 +218,30 @@ def test_random_resized_crop_box_stays_inside_the_image():
         for _ in range(20):
             left, top, right, bottom = random_resized_crop_box(width, height, rng)
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
+
+
+@pytest.mark.parametrize("size", [(512, 384), (384, 384), (384, 577), (100, 64)])
+def test_validation_tiles_cover_several_scales_and_overlap_at_most_half(size):
+    width, height = size
+    tiles = validation_tiles(width, height)
+    sides = sorted({right - left for left, top, right, bottom in tiles}, reverse=True)
+    assert sides == [int(min(size) * scale) for scale in (1.0, 0.5, 0.25)]
+    boxes = np.array(tiles, dtype=float)
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+    assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert all(right - left == bottom - top for left, top, right, bottom in tiles)
+    overlap_w = np.clip(
+        np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0]), 0, None
+    )
+    overlap_h = np.clip(
+        np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1]), 0, None
+    )
+    intersection = overlap_w * overlap_h
+    area = (boxes[:, 2] - boxes[:, 0]) ** 2
+    share_of_larger = intersection / np.maximum(area[:, None], area[None, :])
+    np.fill_diagonal(share_of_larger, 0)
+    assert share_of_larger.max() <= 0.5  # no two tiles share more than half of the larger one
+    same_side = area[:, None] == area[None, :]
+    assert share_of_larger[same_side].max() <= 0.5  # tiles of one scale: at most half of either
+    assert share_of_larger[same_side].max() > 0.2  # ... and neighbours do overlap (a grid at half strides)
+    assert len(set(tiles)) == len(tiles)

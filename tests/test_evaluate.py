@@ -117,3 +117,27 @@ def test_reproduces_the_eval_results_of_a_training_run(tmp_path):
 def test_bad_arguments_are_refused(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         parse_args(["--model", "unused", "--output_dir", str(tmp_path), *extra])
+
+
+def test_num_crops_measures_codebook_use_over_random_crops_of_the_whole_images(setup):
+    from vqrae.image_data import decode_images, load_image_dataset
+    from vqrae.training.metrics import codebook_use_on_crops
+    from vqrae.training.model_card import render_model_card
+
+    root, model, photos = setup
+    output = root / "eval-crops"
+    argv = ["--model", str(root / "model"), "--validation_dir", str(photos), "--output_dir", str(output)]
+    metrics = evaluate(parse_args([*argv, "--num_crops", "6"])).metrics
+    use = metrics["crop_codebook_use"]
+    assert use["crops"] == 6 and use["tokens"] == 6 * 16 and use["codebook_size"] == 64000
+    # The same crops of the same whole photos (the broken file skipped) give the same count.
+    dataset, column = load_image_dataset("validation", validation_dir=str(photos))
+    images, unreadable = decode_images(dataset, column)
+    assert len(images) == 5 and unreadable == 1 and images[0].size != (32, 32)
+    assert codebook_use_on_crops(model, images, model.get_image_processor(), 6) == use
+    assert read_eval_results(output)["crop_codebook_use"] == use
+    model.save_pretrained(output)
+    card = str(render_model_card(output))
+    row = f"over 6 random crops | {use['used_codes'] / 64000:.1%} ({use['used_codes']:,} codes over 96 tokens)"
+    assert row in card
+    assert evaluate(parse_args([*argv[:-1], str(root / "eval-no-crops")])).metrics["crop_codebook_use"] is None

@@ -11,7 +11,15 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 import vqrae
 from conftest import tiny_model
 from vqrae.image_data import ValidationImages
-from vqrae.training.metrics import EVAL_RESULT_KEYS, bicubic_baseline, evaluate_model, save_eval_results
+from vqrae.training.metrics import (
+    EVAL_RESULT_KEYS,
+    bicubic_baseline,
+    bootstrap_interval,
+    evaluate_model,
+    save_eval_results,
+    seam_score,
+    seam_sums,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +111,49 @@ def test_a_perfect_reconstruction_is_capped_at_100_db_and_saved_as_strict_json(t
     with pytest.raises(ValueError, match=r"JSON cannot represent: \{'bicubic_psnr': inf\}"):
         save_eval_results({**metrics, "bicubic_psnr": float("inf")}, str(tmp_path / "bad.json"))
     assert not (tmp_path / "bad.json").exists() and not (tmp_path / "bad.json.tmp").exists()
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(20, 2, 16), rng.normal(20, 2, 400)
+    low, high = bootstrap_interval(few)
+    assert low < few.mean() < high
+    assert bootstrap_interval(few) == [low, high]  # seeded: the same images give the same interval
+    many_low, many_high = bootstrap_interval(many)
+    assert many_high - many_low < (high - low) / 3  # ~ 1 / sqrt(n): 5x narrower for 25x the images
+    # The standard error of a mean of 400 draws of sigma 2 is 0.1: a 95 % interval is about +-0.2.
+    assert 0.3 < many_high - many_low < 0.5
+    assert bootstrap_interval(np.full(8, 3.0)) == [3.0, 3.0]
+
+
+def _uint8(array):
+    return torch.from_numpy(np.array(array)).permute(2, 0, 1)[None]
+
+
+def test_seam_score_is_one_for_the_photos_and_large_for_a_mosaic():
+    rng = np.random.default_rng(1)
+    # A smooth 32 x 32 image: a random 4 x 4 grid enlarged bicubically.
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((32, 32), 3))
+    # The mosaic of that image: every 8 x 8 patch flattened to its mean colour (what a blocky decoder produces).
+    mosaic = smooth.reshape(4, 8, 4, 8, 3).astype(float).mean(axis=(1, 3), keepdims=True)
+    mosaic = np.broadcast_to(mosaic, (4, 8, 4, 8, 3)).reshape(32, 32, 3).round().astype(np.uint8)
+    originals = seam_sums(_uint8(smooth), 8).numpy()
+    assert seam_score(originals, originals) == pytest.approx(1.0)
+    assert seam_score(seam_sums(_uint8(mosaic), 8).numpy(), originals) is None  # flat patches: no within-patch change
+    noisy = np.clip(mosaic + rng.integers(-3, 4, mosaic.shape), 0, 255).astype(np.uint8)  # a little texture inside
+    assert seam_score(seam_sums(_uint8(noisy), 8).numpy(), originals) > 2
+    # By hand: one 1 x 2 x 1 image with a border between its two pixels (patch 1): all change is across borders.
+    sums = seam_sums(torch.tensor([[[[10, 30]]]], dtype=torch.uint8), 1)
+    assert sums.tolist() == [[20.0, 1.0, 0.0, 0.0]]
+    sums = seam_sums(torch.tensor([[[[10, 30, 35, 45]]]], dtype=torch.uint8), 2)  # border between pixels 2 and 3
+    assert sums.tolist() == [[5.0, 1.0, 30.0, 2.0]]
+
+
+def test_evaluation_reports_intervals_seams_and_the_token_count(validation):
+    metrics = evaluate_model(tiny_model(seed=1), validation).metrics
+    for name in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
+        low, high = metrics[f"{name}_interval"]
+        assert low <= metrics[name] <= high
+    assert metrics["codebook_tokens"] == 5 * 16
+    assert metrics["seam_score"] > 0 and metrics["bicubic_seam_score"] > 0
+    assert metrics["crop_codebook_use"] is None  # only vqrae-evaluate --num_crops measures it

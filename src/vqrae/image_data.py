@@ -5,7 +5,8 @@ Sources (see `load_image_dataset`):
 
 - the built-in photographs (`BUILTIN_DATASET_NAME`): real photos that ship inside scikit-image and scikit-learn,
   split *by photo* into training photos and held-out validation photos (`BUILTIN_TRAIN_PHOTOS`,
-  `BUILTIN_VALIDATION_PHOTOS`); the validation split holds fixed windows of the held-out photos;
+  `BUILTIN_VALIDATION_PHOTOS`); the validation split holds fixed square tiles of the held-out photos at three scales
+  (`validation_tiles`: 313 tiles of the four photos);
 - a Hub dataset (`dataset_name`, `dataset_config_name`, a split, an image column), optionally streamed;
 - local folders of images (`train_dir` / `validation_dir`, through the `imagefolder` builder).
 
@@ -53,6 +54,7 @@ __all__ = [
     "resolve_image_column",
     "to_pixel_values",
     "try_decode",
+    "validation_tiles",
 ]
 
 BUILTIN_DATASET_NAME = "builtin:photos"
@@ -252,15 +254,26 @@ def _builtin_photo_path(package: str, filename: str) -> str:
     return os.path.join(folder, filename)
 
 
-def _validation_windows(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """Fixed square windows of a held-out photo: the central square and the four corners of half its side."""
-    left, top, right, bottom = center_crop_box(width, height)
-    side, half = right - left, (right - left) // 2
-    windows = [(left, top, right, bottom)]
-    for dx in (0, side - half):
-        for dy in (0, side - half):
-            windows.append((left + dx, top + dy, left + dx + half, top + dy + half))
-    return windows
+# Held-out tiles: squares of these shares of a photo's shorter side, on a grid with a stride of half the side.
+VALIDATION_TILE_SCALES = (1.0, 0.5, 0.25)
+
+
+def validation_tiles(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Fixed square tiles `(left, top, right, bottom)` of a held-out photo at several scales
+    (`VALIDATION_TILE_SCALES` of its shorter side), each scale's tiles on a grid centred on the photo with a stride
+    of half their side (rounded up). No two tiles share more than half of the larger one's area: tiles of one scale
+    overlap by at most half, and a tile lies within one of the next larger scale as a quarter of it."""
+    tiles = []
+    for scale in VALIDATION_TILE_SCALES:
+        side = int(min(width, height) * scale)
+        stride = -(-side // 2)  # at least half the side: neighbours overlap by at most half
+        grid = []
+        for extent in (width, height):
+            count = (extent - side) // stride + 1
+            margin = (extent - side - (count - 1) * stride) // 2  # the grid centred on the photo
+            grid.append([margin + i * stride for i in range(count)])
+        tiles += [(left, top, left + side, top + side) for top in grid[1] for left in grid[0]]
+    return tiles
 
 
 @functools.lru_cache(maxsize=2)
@@ -285,7 +298,7 @@ def _builtin_photo_files(split: str) -> tuple[tuple[bytes, ...], tuple[str, ...]
         if split == "train":
             crops = [(name, image)]
         else:
-            crops = [(f"{name}#{i}", image.crop(box)) for i, box in enumerate(_validation_windows(*image.size))]
+            crops = [(f"{name}#{i}", image.crop(box)) for i, box in enumerate(validation_tiles(*image.size))]
         for crop_name, crop in crops:
             buffer = io.BytesIO()
             crop.save(buffer, format="PNG", compress_level=1)
@@ -297,9 +310,9 @@ def _builtin_photo_files(split: str) -> tuple[tuple[bytes, ...], tuple[str, ...]
 def builtin_photos(split: str = "train"):
     """The built-in photographs as a `datasets.Dataset` with columns `image` (an `Image` feature) and `photo`.
 
-    `split="train"` gives the training photos (`BUILTIN_TRAIN_PHOTOS`), whole; `split="validation"` gives five
-    fixed windows of each held-out photo (`BUILTIN_VALIDATION_PHOTOS`): the central square and its four corner
-    quarters. No validation photo is ever seen in training. Requires scikit-image and scikit-learn
+    `split="train"` gives the training photos (`BUILTIN_TRAIN_PHOTOS`), whole; `split="validation"` gives fixed
+    square tiles of the held-out photos (`BUILTIN_VALIDATION_PHOTOS`) at three scales (`validation_tiles`), in photo
+    order. No validation photo is ever seen in training. Requires scikit-image and scikit-learn
     (`pip install "vqrae[train]"`).
     """
     import datasets
@@ -507,6 +520,21 @@ class ValidationImages:
     image_size: int
     total: int | None = None
     held_out: dict | None = None
+
+
+def decode_images(dataset, image_column: str, max_samples: int | None = None) -> tuple[list[Image.Image], int]:
+    """The first `max_samples` images of `dataset` (all when `None`), decoded whole as RGB, and the number of
+    unreadable ones skipped."""
+    counter = ImageDecodeCounter()
+    rows = dataset.take(max_samples) if max_samples is not None and not hasattr(dataset, "__len__") else dataset
+    images = []
+    for position, row in enumerate(rows):
+        if max_samples is not None and position >= max_samples:
+            break
+        image = try_decode(row[image_column], counter)
+        if image is not None:
+            images.append(image)
+    return images, counter.unreadable
 
 
 def load_validation_images(

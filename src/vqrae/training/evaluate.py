@@ -55,9 +55,17 @@ class EvaluateArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
     )
     split: str = field(default="validation", metadata={"help": "Split of `--dataset_name` to evaluate on."})
     max_eval_samples: int | None = field(
-        default=256, metadata={"help": "Evaluate the first N images (the training default)."}
+        default=512, metadata={"help": "Evaluate the first N images (the training default)."}
     )
     num_examples: int = field(default=8, metadata={"help": "Images shown in reconstructions.png."})
+    num_crops: int = field(
+        default=0,
+        metadata={
+            "help": "Also measure codebook use over this many random resized crops of the images (seeded; 0: skip). "
+            "Enough crops give at least twice as many tokens as the codebook has codes, which the validation "
+            "tokens alone may not."
+        },
+    )
     step: int = field(default=0, metadata={"help": "The training step recorded in eval_results.json."})
     rfid: bool = field(
         default=True, metadata={"help": "rFID where Inception weights exist locally (--no_rfid: skip it)."}
@@ -76,6 +84,7 @@ class EvaluateArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
         check_output_dir(self.output_dir)
         check_at_least("num_examples", self.num_examples, 0)
         check_at_least("step", self.step, 0)
+        check_at_least("num_crops", self.num_crops, 0)
         check_at_least("max_eval_samples", self.max_eval_samples, 1, optional=True)
 
     @property
@@ -100,9 +109,9 @@ def evaluate(args: EvaluateArguments):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from ..image_data import load_image_dataset, load_validation_images
+    from ..image_data import decode_images, load_image_dataset, load_validation_images
     from ..tokenize import load_model_and_processor
-    from .metrics import evaluate_model, write_evaluation
+    from .metrics import codebook_use_on_crops, evaluate_model, write_evaluation
 
     accelerator = Accelerator()
     model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
@@ -139,6 +148,10 @@ def evaluate(args: EvaluateArguments):
         compute_rfid=args.rfid,
         inception_weights=args.inception_weights,
     )
+    if args.num_crops and accelerator.is_main_process:
+        # The whole images (not the evaluated centre crops), on the main process: every image, one count.
+        images, _ = decode_images(dataset, image_column, args.max_eval_samples)
+        result.metrics["crop_codebook_use"] = codebook_use_on_crops(model, images, processor, args.num_crops)
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

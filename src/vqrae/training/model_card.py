@@ -85,7 +85,20 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
         if isinstance(value, bool) or not isinstance(value, types):
             allowed = " or ".join(t.__name__ for t in types)
             raise ValueError(f"`{name}` in {path} must be {allowed} (got {value!r}).")
-    held_out = results.setdefault("held_out", None)  # absent from results written before held-out shares existed
+    # Absent from results written before these were measured.
+    for name in ("psnr_interval", "ssim_interval", "bicubic_psnr_interval", "bicubic_ssim_interval"):
+        interval = results.setdefault(name, None)
+        if interval is not None and (not isinstance(interval, list) or len(interval) != 2):
+            raise ValueError(f"`{name}` in {path} must be null or a [low, high] pair (got {interval!r}).")
+    for name in ("seam_score", "bicubic_seam_score", "codebook_tokens"):
+        results.setdefault(name, None)
+    crops = results.setdefault("crop_codebook_use", None)
+    if crops is not None and (not isinstance(crops, dict) or not {"crops", "tokens", "used_codes"} <= set(crops)):
+        raise ValueError(
+            f"`crop_codebook_use` in {path} must be null or an object with `crops`, `tokens` and `used_codes` "
+            f"(got {crops!r})."
+        )
+    held_out = results.setdefault("held_out", None)
     if held_out is not None and (not isinstance(held_out, dict) or "percentage" not in held_out):
         raise ValueError(f"`held_out` in {path} must be null or an object with `percentage` (got {held_out!r}).")
     rfid = results.setdefault("rfid", None)
@@ -240,7 +253,10 @@ def _quantizer(config) -> dict:
     post_quant_conv = "off"
     if config.use_post_quant_conv:
         kernel = config.post_quant_conv_kernel_size
-        post_quant_conv = f"on ({kernel}×{kernel} convolution before the decoder)"
+        placement = "on the quantizer's codes, Cosmos-Tokenizer's placement" if config.post_quant_conv_on_codes else ""
+        post_quant_conv = (
+            f"on ({kernel}×{kernel} convolution before the decoder{', ' + placement if placement else ''})"
+        )
     return {
         "description": description,
         "grid": f"{grid_h} × {grid_w}",
@@ -312,15 +328,40 @@ def _split_label(evaluation: dict) -> str:
     return f"{evaluation['dataset_split']} ({held_out['percentage']:g}% held out, never trained on)"
 
 
+def _with_interval(value: float, interval, digits: int) -> str:
+    return (
+        f"{value:.{digits}f}"
+        if interval is None
+        else f"{value:.{digits}f} ({interval[0]:.{digits}f}–{interval[1]:.{digits}f})"
+    )
+
+
 def _evaluation(evaluation: dict, codebook_size: int) -> dict:
-    rfid = evaluation["rfid"]
+    rfid, tokens = evaluation["rfid"], evaluation["codebook_tokens"]
     utilization = f"{evaluation['codebook_utilization']:.1%} ({evaluation['used_codes']:,} of {codebook_size:,} codes)"
+    if tokens is not None:
+        cap = min(1.0, tokens / codebook_size)
+        utilization += f", over {tokens:,} tokens" + (f" (at most {cap:.1%} possible)" if cap < 1 else "")
+    seams = evaluation["seam_score"]
     return {
         **{name: evaluation[name] for name in ("step", "num_images", "dataset_name", "image_size")},
         "dataset_split": _split_label(evaluation),
         "rows": [
-            ("PSNR (dB) ↑", f"{evaluation['psnr']:.2f}", f"{evaluation['bicubic_psnr']:.2f}"),
-            ("SSIM ↑", f"{evaluation['ssim']:.4f}", f"{evaluation['bicubic_ssim']:.4f}"),
+            (
+                "PSNR (dB) ↑",
+                _with_interval(evaluation["psnr"], evaluation["psnr_interval"], 2),
+                _with_interval(evaluation["bicubic_psnr"], evaluation["bicubic_psnr_interval"], 2),
+            ),
+            (
+                "SSIM ↑",
+                _with_interval(evaluation["ssim"], evaluation["ssim_interval"], 4),
+                _with_interval(evaluation["bicubic_ssim"], evaluation["bicubic_ssim_interval"], 4),
+            ),
+            (
+                "Seam score (1 = as in the photos)",
+                "not measured" if seams is None else f"{seams:.2f}",
+                "—" if evaluation["bicubic_seam_score"] is None else f"{evaluation['bicubic_seam_score']:.2f}",
+            ),
             ("rFID ↓", "not measured" if rfid is None else f"{rfid:.2f}", "—"),
             (
                 "Bits per image",
@@ -329,5 +370,20 @@ def _evaluation(evaluation: dict, codebook_size: int) -> dict:
             ),
             ("Codebook utilisation", utilization, "—"),
             ("Codebook perplexity", f"{evaluation['perplexity']:,.1f}", "—"),
+            *_crop_rows(evaluation["crop_codebook_use"]),
         ],
     }
+
+
+def _crop_rows(crops: dict | None) -> list[tuple[str, str, str]]:
+    """The codebook use over random crops (`vqrae-evaluate --num_crops`), when measured."""
+    if crops is None:
+        return []
+    share = crops["used_codes"] / crops["codebook_size"]
+    return [
+        (
+            f"Codebook utilisation over {crops['crops']:,} random crops",
+            f"{share:.1%} ({crops['used_codes']:,} codes over {crops['tokens']:,} tokens)",
+            "—",
+        )
+    ]
