@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import vqrae.tokenize as tokenize_module
+import vqrae.training.cli as train_cli
 import vqrae.training.evaluate as evaluate_module
 import vqrae.training.hub as hub_module
 from vqrae.cli_utils import UsageError
@@ -70,6 +71,25 @@ def test_an_option_argparse_refuses_is_one_line_too(module, argv, expected, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.count("\n") == 1, err  # no usage block
+
+
+@pytest.mark.parametrize(
+    ("module", "prog"),
+    [
+        (train_cli, "vqrae-train"),
+        (tokenize_module, "vqrae-tokenize"),
+        (evaluate_module, "vqrae-evaluate"),
+        (hub_module, "vqrae-push"),
+    ],
+    ids=["train", "tokenize", "evaluate", "push"],
+)
+def test_help_prints_every_option_and_exits_0(module, prog, capsys):
+    """argparse %-formats help strings: a bare "%" in one made `--help` itself crash."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {prog}") and ("--output_dir" in out or "--repo_id" in out)
 
 
 def _bug(*args, **kwargs):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from conftest import SEED_PRESETS, tiny_model
+from conftest import SEED_PRESETS, tiny_config, tiny_model
 from vqrae import VQRAE, VQRAEConfig, VQRAEDecoderOutput, VQRAEEncoderOutput, VQRAEModel, VQRAEModelOutput
 
 PRESETS = sorted(SEED_PRESETS)
@@ -49,6 +49,8 @@ def test_decode_from_indices_equals_forward_in_eval(preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_gradients_reach_every_trainable_parameter(preset):
     model = tiny_model(**SEED_PRESETS[preset]).train()
+    with torch.no_grad():  # a new VQ codebook is placed on the first batch's latents (a zero codebook loss there)
+        model(images(seed=1))
     out = model(images())
     (out.reconstruction.pow(2).mean() + out.quantizer_loss).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -235,3 +237,62 @@ def test_bad_codes_and_kwargs(model):
         model.decode(torch.zeros(1, 16, 4, 4))
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         model(images(), pixel_mask=None)
+
+
+def test_the_decoder_conv_head_starts_as_the_identity_and_trains(tmp_path):
+    model = tiny_model(decoder_conv_head_channels=8)
+    head = model.decoder.conv_head
+    assert head is not None and tiny_model().decoder.conv_head is None  # off unless asked for
+    assert not head.conv_out.weight.any() and not head.conv_out.bias.any()
+    x = images()
+    with torch.no_grad():
+        with_head = model(x).reconstruction
+        model.decoder.conv_head = None
+        without = model(x).reconstruction
+        model.decoder.conv_head = head
+    torch.testing.assert_close(with_head, without, atol=0, rtol=0)
+    out = model.train()(x)
+    out.reconstruction.pow(2).mean().backward()
+    assert head.conv_out.weight.grad.abs().sum() > 0  # then conv_in, once conv_out has moved
+    with torch.no_grad():
+        head.conv_out.weight.normal_(std=0.1)
+    model.eval().save_pretrained(tmp_path)
+    loaded = VQRAEModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).reconstruction, model(x).reconstruction)
+        # It reaches across patch borders: a change inside one 8 x 8 patch moves pixels of the neighbouring patch.
+        pixels = torch.zeros(1, 3, 16, 16)
+        changed = pixels.clone()
+        changed[..., 7] = 1.0  # the last column of the left patches
+        difference = (head(changed) + changed - head(pixels) - pixels).abs().sum(dim=(0, 1, 2))
+    assert difference[8] > 0 and difference[10] == 0  # 5 x 5 receptive field: two pixels across the border
+
+
+@pytest.mark.parametrize("quantizer", [{"use_fsq": True}, {"use_fsq": False, "num_embeddings": 64, "codebook_dim": 8}])
+def test_cosmos_placement_puts_post_quant_conv_on_the_quantizers_codes(quantizer, tmp_path):
+    model = tiny_model(
+        use_post_quant_conv=True, post_quant_conv_kernel_size=3, post_quant_conv_on_codes=True, **quantizer
+    )
+    width = 6 if quantizer["use_fsq"] else 8  # the FSQ levels' count, or the VQ code width
+    assert model.post_quant_conv.in_channels == width and model.post_quant_conv.out_channels == 32
+    assert not [name for name, _ in model.named_parameters() if "project_out" in name]
+    model.eval()
+    x = images(batch=3)
+    with torch.no_grad():
+        encoded = model.encode(x)
+        assert encoded.quantized.shape == (3, width, 4, 4)
+        codes = model.indices_to_codes(encoded.indices)
+        torch.testing.assert_close(codes, encoded.quantized, atol=1e-6, rtol=0)
+        reconstruction = model.decode_from_indices(encoded.indices).reconstruction
+        torch.testing.assert_close(reconstruction, model(x).reconstruction, atol=1e-5, rtol=0)
+        if quantizer["use_fsq"]:  # the grid codes themselves, in [-1, 1]
+            assert torch.equal(
+                codes, model.quantizer.indices_to_codes(encoded.indices, project_out=False).permute(0, 3, 1, 2)
+            )
+    with pytest.raises(ValueError, match=rf"`codes` must have shape \(batch_size, {width}, h, w\)"):
+        model.decode(torch.zeros(1, 32, 4, 4))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(VQRAEModel.from_pretrained(tmp_path)(x).reconstruction, model(x).reconstruction)
+    with pytest.raises(ValueError, match="needs `use_post_quant_conv=True`"):
+        tiny_config(post_quant_conv_on_codes=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from conftest import records, run, tiny_model
+from conftest import TINY_RUN_ARGS, records, run, tiny_model
 from vqrae.training.args import parse_args, preset_config_dir
 from vqrae.training.losses import VQRAEPatchDiscriminator
 from vqrae.training.trainer import latest_checkpoint
@@ -94,6 +94,27 @@ def test_each_preset_trains(preset, tmp_path):
     expected_fsq = yaml.safe_load((preset_config_dir() / f"{preset}.yaml").read_text()).get("quantizer") != "vq"
     assert config["use_fsq"] is expected_fsq
     assert [r["step"] for r in records(tmp_path / preset)] == [1, 2]
+    # Each logging window's share of the codebook: at least one code, at most one per token of the window.
+    tokens_per_step = int(TINY_RUN_ARGS[TINY_RUN_ARGS.index("--per_device_train_batch_size") + 1]) * 16
+    codebook_size = int(np.prod(config["fsq_levels"])) if config["use_fsq"] else config["num_embeddings"]
+    for record in records(tmp_path / preset):
+        assert 1 <= round(record["codebook_usage"] * codebook_size) <= tokens_per_step
+
+
+def test_the_log_counts_the_codes_of_its_window_and_starts_a_new_one(tmp_path):
+    from accelerate import Accelerator
+
+    from vqrae.training.trainer import MetricsLog
+
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"), Accelerator(cpu=True), images_per_step=4)
+    window = torch.zeros(10, dtype=torch.bool)
+    window[[1, 4, 7]] = True
+    log.add({"loss": 1.0})
+    assert log.flush(1, 0.1, window)["codebook_usage"] == pytest.approx(0.3)
+    assert not window.any()  # the next window starts empty
+    log.add({"loss": 1.0})
+    assert log.flush(2, 0.1, window)["codebook_usage"] == 0.0
+    assert [r["codebook_usage"] for r in records(tmp_path)] == [pytest.approx(0.3), 0.0]
 
 
 def test_output_folder_loads_and_its_results_match_a_fresh_evaluation(tmp_path):

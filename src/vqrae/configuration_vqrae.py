@@ -84,10 +84,23 @@ class VQRAEConfig(PreTrainedConfig):
             Weight of the VQ commitment loss.
         use_simvq (`bool`, *optional*, defaults to `False`):
             Use SimVQ's codebook (a frozen random codebook times a learned linear map) for VQ.
+        vq_cosine_lookup (`bool`, *optional*, defaults to `False`):
+            VQ: l2-normalise the latents and the codes before the nearest-code search (and decode the normalised
+            codes). Changes what the model computes, so it is off unless asked for; the `vq` training preset
+            turns it on.
+        vq_restart_unused_steps (`int`, *optional*, defaults to 20):
+            VQ: restart a code at a latent of the current batch once it has gone unused for this many training
+            forward passes (a new model starts with every code unused, so the first batch initialises the codebook
+            from encoder outputs); 0 never restarts. Only training changes the codebook this way.
         use_post_quant_conv (`bool`, *optional*, defaults to `False`):
             Apply a learned `Conv2d(D, D, k)` to the codes before decoding (the Cosmos-Tokenizer flow).
         post_quant_conv_kernel_size (`int`, *optional*, defaults to 1):
             Kernel size `k` of `post_quant_conv`: a positive odd integer, so the token grid keeps its size.
+        post_quant_conv_on_codes (`bool`, *optional*, defaults to `False`):
+            Cosmos-Tokenizer's placement: `post_quant_conv` reads the quantizer's own codes (FSQ: `len(fsq_levels)`
+            wide; VQ: `codebook_dim`) and maps them to the encoder width, in place of the quantizer's `project_out`.
+            `False` (the seed's): it reads the codes after `project_out`, where a 1x1 kernel composes with
+            `project_out` into one affine map (see BENCHMARKS.md section 6). Needs `use_post_quant_conv`.
         normalize_codes (`bool`, *optional*, defaults to `False`):
             Apply a parameter-free LayerNorm over the channel dimension to the codes before the decoder.
         decoder_hidden_size (`int`, *optional*):
@@ -98,6 +111,9 @@ class VQRAEConfig(PreTrainedConfig):
             Attention heads per decoder block; must divide `decoder_hidden_size`. Not given, the encoder's.
         decoder_intermediate_size (`int`, *optional*):
             Width of the decoder MLPs; not given, the encoder's.
+        decoder_conv_head_channels (`int`, *optional*, defaults to 0):
+            Width of a small residual convolutional head on the decoded image (two 3x3 convolutions), which smooths
+            the borders between the patches the ViT decoder predicts one by one; 0: no head (the seed's decoder).
         decoder_hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
             Activation of the decoder MLPs (any name in `transformers.activations.ACT2FN`).
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -134,13 +150,17 @@ class VQRAEConfig(PreTrainedConfig):
     codebook_dim: int | None = None
     commitment_cost: int | float = 0.25
     use_simvq: bool = False
+    vq_cosine_lookup: bool = False
+    vq_restart_unused_steps: int = 20
     use_post_quant_conv: bool = False
     post_quant_conv_kernel_size: int = 1
+    post_quant_conv_on_codes: bool = False
     normalize_codes: bool = False
     decoder_hidden_size: int | None = None
     decoder_num_hidden_layers: int | None = None
     decoder_num_attention_heads: int | None = None
     decoder_intermediate_size: int | None = None
+    decoder_conv_head_channels: int = 0
     decoder_hidden_act: str = "gelu_pytorch_tanh"
     initializer_range: int | float = 0.02
     preprocessor_config: dict | None = None
@@ -217,6 +237,11 @@ class VQRAEConfig(PreTrainedConfig):
                 "`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` (got "
                 f"{self.decoder_hidden_size} and {self.decoder_num_attention_heads})."
             )
+        if self.decoder_conv_head_channels < 0:
+            raise ValueError(
+                "`decoder_conv_head_channels` must be an integer >= 0 (0: no convolutional head), got "
+                f"{self.decoder_conv_head_channels!r}."
+            )
         if self.decoder_hidden_act not in ACT2FN:
             raise ValueError(
                 f"`decoder_hidden_act` must be one of {sorted(ACT2FN)} (got {self.decoder_hidden_act!r})."
@@ -230,6 +255,16 @@ class VQRAEConfig(PreTrainedConfig):
             raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {self.fsq_levels!r}).")
         _check_at_least("num_embeddings", self.num_embeddings, 2)
         _check_at_least("codebook_dim", self.codebook_dim, 1)
+        if self.post_quant_conv_on_codes and not self.use_post_quant_conv:
+            raise ValueError(
+                "`post_quant_conv_on_codes=True` places `post_quant_conv` on the quantizer's codes, so it needs "
+                "`use_post_quant_conv=True` (got use_post_quant_conv=False)."
+            )
+        if self.vq_restart_unused_steps < 0:
+            raise ValueError(
+                "`vq_restart_unused_steps` must be an integer >= 0 (0: never restart unused codes), got "
+                f"{self.vq_restart_unused_steps!r}."
+            )
         if not 0 <= self.commitment_cost < math.inf:
             raise ValueError(f"`commitment_cost` must be a finite number >= 0 (got {self.commitment_cost!r}).")
         kernel = self.post_quant_conv_kernel_size

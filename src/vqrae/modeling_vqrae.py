@@ -5,6 +5,8 @@ The file reads in the order of the data flow:
     pixel_values -> encoder (SiglipVisionModel)           -> continuous features (B, N, D)
                  -> quantizer (project_in, FSQ/VQ, project_out) -> indices (B, h, w), codes (B, D, h, w)
                  -> post_quant_conv (optional)              -> normalisation (optional)
+                    (with `post_quant_conv_on_codes`, Cosmos-Tokenizer's placement: no project_out, and
+                    post_quant_conv maps the quantizer's own codes (B, d, h, w) to D)
                  -> decoder (ViT, unpatchify)               -> reconstruction (B, 3, H, W)
 
 It imports only torch and transformers (and the two sibling files), because `save_pretrained` copies it to the
@@ -50,8 +52,9 @@ class VQRAEEncoderOutput(ModelOutput):
         indices (`torch.LongTensor` of shape `(batch_size, h, w)`):
             The discrete tokens: one code index per patch, `h = H / patch_size`, `w = W / patch_size`.
         quantized (`torch.FloatTensor` of shape `(batch_size, hidden_size, h, w)`):
-            The codes of `indices` projected back to the encoder width, before `post_quant_conv`. In training they
-            carry straight-through gradients to the encoder.
+            The codes of `indices` projected back to the encoder width, before `post_quant_conv` (with
+            `config.post_quant_conv_on_codes`, the quantizer's own codes, `quantizer.output_dim` wide). In training
+            they carry straight-through gradients to the encoder.
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, h * w, hidden_size)`):
             The encoder's continuous semantic features (the input of the quantizer).
         quantizer_loss (`torch.FloatTensor`, scalar):
@@ -184,12 +187,30 @@ class VQRAEDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
+class VQRAEDecoderConvHead(nn.Module):
+    """A residual refinement of the unpatchified image: `conv(3x3, C -> n) -> GELU -> conv(3x3, n -> C)`, added to its
+    input. Its second convolution starts at zero, so a new head is the identity. It sees 5x5 pixels around each one,
+    across patch borders, where the ViT decoder's per-patch output layer leaves a visible grid (the seam score of
+    `eval_results.json` measures it)."""
+
+    def __init__(self, num_channels: int, hidden_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(num_channels, hidden_channels, 3, padding=1)
+        self.act = nn.GELU()
+        self.conv_out = nn.Conv2d(hidden_channels, num_channels, 3, padding=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.act(self.conv_in(pixels)))
+
+
 class VQRAEDecoder(nn.Module):
     """ViT decoder, the mirror of the SigLIP encoder: tokens `(B, h * w, D)` -> pixels `(B, C, h * p, w * p)`.
 
     `in_proj` maps the encoder width to the decoder width, a learned position embedding (interpolated for other
     grids) marks where each token sits, `L` pre-norm blocks mix the tokens, and `out_proj` predicts the `p * p * C`
-    pixel values of each patch, which are then put back in place (unpatchify).
+    pixel values of each patch, which are then put back in place (unpatchify). With
+    `config.decoder_conv_head_channels`, a small residual convolutional head (`conv_head`) then works on the whole
+    image, across the patch borders that the per-patch `out_proj` cannot see.
     """
 
     def __init__(self, config: VQRAEConfig):
@@ -204,6 +225,8 @@ class VQRAEDecoder(nn.Module):
         self.layers = nn.ModuleList([VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers)])
         self.norm = nn.LayerNorm(width, eps=vision.layer_norm_eps)
         self.out_proj = nn.Linear(width, self.patch_size * self.patch_size * self.num_channels)
+        channels = config.decoder_conv_head_channels
+        self.conv_head = VQRAEDecoderConvHead(self.num_channels, channels) if channels else None
 
     def position_embedding_for(self, height: int, width: int) -> torch.Tensor:
         """Position embedding `(1, height * width, D)` for a grid of `height x width` tokens."""
@@ -221,7 +244,8 @@ class VQRAEDecoder(nn.Module):
         batch_size, p, c = patches.shape[0], self.patch_size, self.num_channels
         # (B, h*w, p*p*C) -> (B, C, h*p, w*p)
         patches = patches.reshape(batch_size, height, width, p, p, c)
-        return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, c, height * p, width * p)
+        pixels = patches.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, c, height * p, width * p)
+        return pixels if self.conv_head is None else pixels + self.conv_head(pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +273,9 @@ class VQRAEPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, VQRAEDecoder):
             init.normal_(module.position_embedding, std=std)
+            if module.conv_head is not None:  # (a module without weights of its own is not visited: done here)
+                init.zeros_(module.conv_head.conv_out.weight)
+                init.zeros_(module.conv_head.conv_out.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             init.normal_(module.weight, std=std)
             if module.bias is not None:
@@ -261,8 +288,14 @@ class VQRAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VQRAEFSQuantizer):
             for name, table in module.level_tables().items():
                 init.copy_(getattr(module, name), table)
-        elif isinstance(module, VQRAEVectorQuantizer) and module.use_simvq:
-            init.normal_(module.frozen_codebook, std=module.codebook_dim**-0.5)
+        elif isinstance(module, VQRAEVectorQuantizer):
+            # Every code starts unused: with restarts on, the first training batch places the codes on encoder outputs.
+            init.constant_(module.steps_unused, module.restart_unused_steps)
+            if module.use_simvq:
+                # SimVQ: a Gaussian codebook of unit-norm rows behind an identity map (the Linear default above, std
+                # 0.02, would shrink every code to a fiftieth of the features' scale).
+                init.normal_(module.frozen_codebook, std=module.codebook_dim**-0.5)
+                init.eye_(module.codebook_transform.weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,8 +335,10 @@ class VQRAEModel(VQRAEPreTrainedModel):
             )
         self.encoder = encoder
 
+        # Cosmos-Tokenizer's placement: post_quant_conv reads the quantizer's own codes, in place of its project_out.
+        project_out = not config.post_quant_conv_on_codes
         if config.use_fsq:
-            self.quantizer = VQRAEFSQuantizer(levels=config.fsq_levels, dim=hidden_size)
+            self.quantizer = VQRAEFSQuantizer(levels=config.fsq_levels, dim=hidden_size, project_out=project_out)
         else:
             self.quantizer = VQRAEVectorQuantizer(
                 num_embeddings=config.num_embeddings,
@@ -311,10 +346,13 @@ class VQRAEModel(VQRAEPreTrainedModel):
                 codebook_dim=config.codebook_dim,
                 commitment_cost=config.commitment_cost,
                 use_simvq=config.use_simvq,
+                cosine_lookup=config.vq_cosine_lookup,
+                restart_unused_steps=config.vq_restart_unused_steps,
+                project_out=project_out,
             )
         if config.use_post_quant_conv:
             kernel = config.post_quant_conv_kernel_size
-            self.post_quant_conv = nn.Conv2d(hidden_size, hidden_size, kernel, padding=kernel // 2)
+            self.post_quant_conv = nn.Conv2d(self.quantizer.output_dim, hidden_size, kernel, padding=kernel // 2)
         else:
             self.post_quant_conv = None
         self.decoder = VQRAEDecoder(config)
@@ -445,17 +483,18 @@ class VQRAEModel(VQRAEPreTrainedModel):
     # -- decode ----------------------------------------------------------------------------------------------------
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Token indices `(B, h, w)` to codes `(B, D, h, w)` (codebook lookup and `project_out`)."""
+        """Token indices `(B, h, w)` to codes `(B, D, h, w)` (codebook lookup and `project_out`; `D` is
+        `quantizer.output_dim`)."""
         self._check_indices(indices)
         codes = self.quantizer.indices_to_codes(indices)
         return codes.permute(0, 3, 1, 2).to(self._codes_dtype)
 
     def decode(self, codes: torch.Tensor, return_dict: bool | None = None) -> VQRAEDecoderOutput | tuple:
         """Codes `(B, D, h, w)` -> `post_quant_conv` -> normalisation -> decoder -> images `(B, C, h p, w p)`."""
-        hidden_size = self.config.vision_config.hidden_size
-        if not isinstance(codes, torch.Tensor) or codes.ndim != 4 or codes.shape[1] != hidden_size:
+        hidden_size, width = self.config.vision_config.hidden_size, self.quantizer.output_dim
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 4 or codes.shape[1] != width:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"`codes` must have shape (batch_size, {hidden_size}, h, w) (got {shape}).")
+            raise ValueError(f"`codes` must have shape (batch_size, {width}, h, w) (got {shape}).")
         if self.post_quant_conv is not None:
             codes = self.post_quant_conv(codes.to(self.post_quant_conv.weight.dtype))
         batch_size, _, height, width = codes.shape

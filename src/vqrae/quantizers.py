@@ -3,8 +3,9 @@
 This file depends on torch only, so it can travel with a model to the Hub and be used on its own.
 
 Both quantizers share one surface: ``forward(z)`` returns a :class:`VQRAEQuantizerOutput` with the
-straight-through ``quantized`` vectors (same width as ``z``), the integer ``indices`` and a scalar ``loss``;
-``indices_to_codes(indices)`` maps indices back to vectors of the same width; ``codebook_size`` counts the codes.
+straight-through ``quantized`` vectors (``output_dim`` wide: the width of ``z``, or the codes' own width for a
+quantizer built with ``project_out=False``), the integer ``indices`` and a scalar ``loss``;
+``indices_to_codes(indices)`` maps indices back to vectors of that width; ``codebook_size`` counts the codes.
 """
 
 from __future__ import annotations
@@ -150,9 +151,12 @@ class VQRAEFSQuantizer(_Float32Module):
         levels (`list[int]`): number of levels per dimension, each >= 2.
         dim (`int`): width of the vectors to quantize. When it differs from `len(levels)`, `project_in`
             and `project_out` are learned `nn.Linear` maps; otherwise they are identities.
+        project_out (`bool`, *optional*, defaults to `True`): map the codes back to `dim`. `False` hands on the
+            grid codes themselves (`len(levels)` wide), for a model whose next layer reads them (Cosmos-Tokenizer's
+            `post_quant_conv`).
     """
 
-    def __init__(self, levels: list[int] | tuple[int, ...], dim: int):
+    def __init__(self, levels: list[int] | tuple[int, ...], dim: int, project_out: bool = True):
         super().__init__()
         levels = list(levels) if isinstance(levels, (list, tuple)) else levels
         if (
@@ -176,7 +180,9 @@ class VQRAEFSQuantizer(_Float32Module):
 
         needs_projection = dim != self.codebook_dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, dim) if needs_projection else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if needs_projection and project_out else nn.Identity()
+        # The width of `quantized` and of `indices_to_codes` (with `project_out=True`).
+        self.output_dim = dim if project_out else self.codebook_dim
 
     def level_tables(self) -> dict[str, torch.Tensor]:
         """The constant tables of the grid, kept as non-persistent buffers. A model loaded with
@@ -344,8 +350,22 @@ class VQRAEVectorQuantizer(_Float32Module):
 
     With `use_simvq=True` the codebook is SimVQ's reparameterisation (Zhu et al., 2024, "Addressing Representation
     Collapse in Vector Quantized Models with One Linear Layer"), the setting of the VQRAE paper: a frozen random
-    codebook `C` times a learned linear map `W`, so every code moves with every update and the codebook does not
-    collapse onto a few entries.
+    Gaussian codebook `C` times a learned linear map `W` (initialised to the identity, so the codes start as `C`),
+    so every code moves with every update. The effective codebook `C W^T` is computed once per weight update
+    outside training (cached), not on every `indices_to_codes` call.
+
+    Two techniques keep a learned codebook from collapsing onto a few codes (measured in BENCHMARKS.md section 6):
+
+    - `cosine_lookup`: the latents and the codes are l2-normalised before the search, so the nearest code is the one
+      of the closest direction and no code is out of reach for its norm (Yu et al., 2022, "Vector-quantized Image
+      Modeling with Improved VQGAN").
+    - `restart_unused_steps`: a usage counter (the buffer `steps_unused`, saved with the weights) counts the
+      training forward passes since each code was last chosen; a code unused for that many passes is restarted at
+      a latent of the current batch (Dhariwal et al., 2020, "Jukebox"; Zeghidour et al., 2021, "SoundStream").
+      A new quantizer starts with every code counted unused, so the first training batch initialises the whole
+      codebook from encoder outputs. Under `torch.distributed` the usage is summed over processes and the
+      replacement latents come from process 0, so every process keeps the same codebook. For SimVQ, the restarted
+      rows of `C` are solved for so that `C W^T` holds the latents.
 
     The nearest-code search is one matmul per chunk of tokens, each chunk's distance matrix holding at most
     `max_distance_elements` numbers, so a 16384 x 1536 codebook against 16384 tokens never allocates the
@@ -358,6 +378,11 @@ class VQRAEVectorQuantizer(_Float32Module):
             differs from `dim`. Defaults to `dim`.
         commitment_cost (`float`, *optional*, defaults to 0.25): weight of the commitment loss.
         use_simvq (`bool`, *optional*, defaults to `False`): use the SimVQ codebook.
+        cosine_lookup (`bool`, *optional*, defaults to `False`): l2-normalised latents and codes.
+        restart_unused_steps (`int`, *optional*, defaults to 0): restart a code unused for this many training
+            forward passes (0: never, and no initialisation from data).
+        project_out (`bool`, *optional*, defaults to `True`): map the codes back to `dim`; `False` hands on the
+            `codebook_dim`-wide codes themselves.
         max_distance_elements (`int`, *optional*, defaults to 2**24): bound on the size of one chunk's distance
             matrix (64 MiB in float32).
     """
@@ -369,6 +394,9 @@ class VQRAEVectorQuantizer(_Float32Module):
         codebook_dim: int | None = None,
         commitment_cost: float = 0.25,
         use_simvq: bool = False,
+        cosine_lookup: bool = False,
+        restart_unused_steps: int = 0,
+        project_out: bool = True,
         max_distance_elements: int = 2**24,
     ):
         super().__init__()
@@ -381,6 +409,12 @@ class VQRAEVectorQuantizer(_Float32Module):
             raise ValueError(f"`codebook_dim` must be a positive integer or None (got {codebook_dim!r}).")
         if not isinstance(commitment_cost, (int, float)) or isinstance(commitment_cost, bool) or commitment_cost < 0:
             raise ValueError(f"`commitment_cost` must be a number >= 0 (got {commitment_cost!r}).")
+        if (
+            not isinstance(restart_unused_steps, int)
+            or isinstance(restart_unused_steps, bool)
+            or restart_unused_steps < 0
+        ):
+            raise ValueError(f"`restart_unused_steps` must be an integer >= 0 (got {restart_unused_steps!r}).")
         if not isinstance(max_distance_elements, int) or max_distance_elements < 1:
             raise ValueError(f"`max_distance_elements` must be a positive integer (got {max_distance_elements!r}).")
         self.num_embeddings = num_embeddings
@@ -389,36 +423,58 @@ class VQRAEVectorQuantizer(_Float32Module):
         self.codebook_dim = codebook_dim
         self.commitment_cost = float(commitment_cost)
         self.use_simvq = bool(use_simvq)
+        self.cosine_lookup = bool(cosine_lookup)
+        self.restart_unused_steps = restart_unused_steps
         self.max_distance_elements = max_distance_elements
 
         needs_projection = dim != codebook_dim
         self.project_in = nn.Linear(dim, codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if needs_projection and project_out else nn.Identity()
+        self.output_dim = dim if project_out else codebook_dim
         if self.use_simvq:
             # Saved with the weights (persistent) so a reloaded model has the very same codebook.
             self.register_buffer("frozen_codebook", torch.randn(num_embeddings, codebook_dim) * codebook_dim**-0.5)
             self.codebook_transform = nn.Linear(codebook_dim, codebook_dim, bias=False)
+            nn.init.eye_(self.codebook_transform.weight)
             self.embedding = None
         else:
             self.embedding = nn.Embedding(num_embeddings, codebook_dim)
             self.codebook_transform = None
+        # Training forward passes since each code was last chosen; every code starts unused, so the first training
+        # batch initialises the codebook (when restarts are on). Saved with the weights: a resumed or fine-tuned
+        # model keeps its counts.
+        self.register_buffer("steps_unused", torch.full((num_embeddings,), restart_unused_steps, dtype=torch.int64))
+        self._codebook_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return (
             f"num_embeddings={self.num_embeddings}, dim={self.dim}, codebook_dim={self.codebook_dim}, "
-            f"use_simvq={self.use_simvq}"
+            f"use_simvq={self.use_simvq}, cosine_lookup={self.cosine_lookup}, "
+            f"restart_unused_steps={self.restart_unused_steps}"
         )
 
     @property
     def codebook(self) -> torch.Tensor:
-        """The effective codebook, `(num_embeddings, codebook_dim)`."""
-        if self.use_simvq:
-            return self.codebook_transform(self.frozen_codebook)
-        return self.embedding.weight
+        """The effective codebook, `(num_embeddings, codebook_dim)` (l2-normalised rows with `cosine_lookup`).
+        Outside autograd it is computed once per weight update and cached (SimVQ's `C W^T` is a 16384 x D x D
+        product, cosine lookup normalises every row)."""
+        if torch.is_grad_enabled():
+            return self._compute_codebook()
+        tensors = [self.frozen_codebook, self.codebook_transform.weight] if self.use_simvq else [self.embedding.weight]
+        key = tuple((tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype) for tensor in tensors)
+        if self._codebook_cache is None or self._codebook_cache[0] != key:
+            self._codebook_cache = (key, self._compute_codebook())
+        return self._codebook_cache[1]
+
+    def _compute_codebook(self) -> torch.Tensor:
+        codebook = self.codebook_transform(self.frozen_codebook) if self.use_simvq else self.embedding.weight
+        return F.normalize(codebook.float(), dim=-1) if self.cosine_lookup else codebook
 
     @torch.no_grad()
     def nearest_indices(self, vectors: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
-        """Index of the nearest code (L2) for each row of `vectors` `(n, codebook_dim)`, in bounded-memory chunks."""
+        """Index of the nearest code (L2) for each row of `vectors` `(n, codebook_dim)`, in bounded-memory chunks.
+        With `cosine_lookup`, pass normalised vectors (as `forward` does): the nearest code is then the closest in
+        angle."""
         codebook = (self.codebook if codebook is None else codebook).float()
         vectors = vectors.float()
         # argmin ||x - e||^2 = argmin (||e||^2 - 2 x.e): the ||x||^2 term is the same for every code.
@@ -446,15 +502,54 @@ class VQRAEVectorQuantizer(_Float32Module):
                 codes = self.project_out(codes)
         return codes
 
+    @torch.no_grad()
+    def restart_unused_codes(self, latents: torch.Tensor) -> int:
+        """Move every code unused for `restart_unused_steps` training passes to a latent of `latents`
+        `(n, codebook_dim)`, drawn at random (with replacement when there are fewer latents than such codes), and
+        reset its count. Returns the number of codes restarted."""
+        dead = self.steps_unused >= self.restart_unused_steps
+        count = int(dead.sum())
+        if count == 0:
+            return 0
+        picks = torch.randint(latents.shape[0], (count,), device=latents.device)
+        replacements = latents[picks].float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(replacements, src=0)  # the same codebook on every process
+        if self.use_simvq:
+            # Rows X of the frozen codebook with X W^T = replacements: solve W X^T = replacements^T.
+            weight = self.codebook_transform.weight.float()
+            rows = torch.linalg.lstsq(weight, replacements.t()).solution.t()
+            self.frozen_codebook[dead] = rows.to(self.frozen_codebook.dtype)
+        else:
+            self.embedding.weight[dead] = replacements.to(self.embedding.weight.dtype)
+        self.steps_unused[dead] = 0
+        return count
+
+    @torch.no_grad()
+    def _count_usage(self, indices: torch.Tensor) -> None:
+        used = torch.zeros(self.num_embeddings, dtype=torch.int64, device=indices.device)
+        used.index_fill_(0, indices, 1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(used)
+        self.steps_unused.add_(1).masked_fill_(used > 0, 0)
+
     def forward(self, z: torch.Tensor) -> VQRAEQuantizerOutput:
-        """Quantize `z` of shape `(..., dim)`."""
+        """Quantize `z` of shape `(..., dim)`. In training mode, with `restart_unused_steps`, first restart the
+        codes unused for that long, then count this pass's usage."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"The quantizer expects vectors of width {self.dim} (got shape {tuple(z.shape)}).")
         with _float32_region(z.device.type):
             latents = self.project_in(z.float())
-            codebook = self.codebook.float()
+            if self.cosine_lookup:
+                latents = F.normalize(latents, dim=-1)
             flat = latents.reshape(-1, self.codebook_dim)
+            restarting = self.training and self.restart_unused_steps > 0
+            if restarting:
+                self.restart_unused_codes(flat.detach())
+            codebook = self.codebook.float()
             indices = self.nearest_indices(flat.detach(), codebook.detach())
+            if restarting:
+                self._count_usage(indices)
             codes = F.embedding(indices, codebook).view_as(latents)
             loss = F.mse_loss(codes, latents.detach()) + self.commitment_cost * F.mse_loss(latents, codes.detach())
             if torch.is_grad_enabled():

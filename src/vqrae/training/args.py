@@ -45,13 +45,17 @@ MODEL_CONFIG_FIELDS = (
     "codebook_dim",
     "commitment_cost",
     "use_simvq",
+    "vq_cosine_lookup",
+    "vq_restart_unused_steps",
     "use_post_quant_conv",
     "post_quant_conv_kernel_size",
+    "post_quant_conv_on_codes",
     "normalize_codes",
     "decoder_hidden_size",
     "decoder_num_hidden_layers",
     "decoder_num_attention_heads",
     "decoder_intermediate_size",
+    "decoder_conv_head_channels",
 )
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "all")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -118,8 +122,17 @@ class ModelArguments:
     codebook_dim: int | None = field(default=None, metadata={"help": "VQ code width (default: encoder width)."})
     commitment_cost: float | None = field(default=None, metadata={"help": "VQ commitment loss weight."})
     use_simvq: bool | None = field(default=None, metadata={"help": "SimVQ codebook for VQ."})
+    vq_cosine_lookup: bool | None = field(
+        default=None, metadata={"help": "VQ: l2-normalised latents and codes in the nearest-code search."}
+    )
+    vq_restart_unused_steps: int | None = field(
+        default=None, metadata={"help": "VQ: restart codes unused for this many steps (0: never; default 20)."}
+    )
     use_post_quant_conv: bool | None = field(default=None, metadata={"help": "Conv2d on the codes before decoding."})
     post_quant_conv_kernel_size: int | None = field(default=None, metadata={"help": "Its (odd) kernel size."})
+    post_quant_conv_on_codes: bool | None = field(
+        default=None, metadata={"help": "Cosmos placement: post_quant_conv on the FSQ-width codes, no project_out."}
+    )
     normalize_codes: bool | None = field(default=None, metadata={"help": "LayerNorm the codes before the decoder."})
     decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (default: encoder's)."})
     decoder_num_hidden_layers: int | None = field(
@@ -127,6 +140,9 @@ class ModelArguments:
     )
     decoder_num_attention_heads: int | None = field(default=None, metadata={"help": "Decoder heads."})
     decoder_intermediate_size: int | None = field(default=None, metadata={"help": "Decoder MLP width."})
+    decoder_conv_head_channels: int | None = field(
+        default=None, metadata={"help": "Width of the decoder's residual conv head on the image (0: none)."}
+    )
 
     def __post_init__(self):
         if self.encoder_name_or_path is not None and self.init_from is not None:
@@ -194,7 +210,7 @@ class DataArguments(ImageSourceArguments):
     validation_split_percentage: float = field(
         default=5.0,
         metadata={
-            "help": "Share (%) of the training examples held out for validation when the data has no validation "
+            "help": "Percentage of the training examples held out for validation when the data has no validation "
             "split (--dataset_name) or folder (--train_dir); fixed by a seed of its own, not --seed."
         },
     )
@@ -202,7 +218,7 @@ class DataArguments(ImageSourceArguments):
         default=None, metadata={"help": "Train on at most this many images (the first ones, after holding out)."}
     )
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
-    max_eval_samples: int | None = field(default=256, metadata={"help": "Evaluate on at most this many images."})
+    max_eval_samples: int | None = field(default=512, metadata={"help": "Evaluate on at most this many images."})
     min_crop_scale: float = field(
         default=0.08, metadata={"help": "Smallest share of an image's area a random training crop covers."}
     )

@@ -72,12 +72,13 @@ def _read_records(metrics_path: str) -> list[dict]:
 
 
 def plot_training_curves(path: str, metrics_path: str) -> None:
-    """Training losses (left) and validation PSNR / SSIM against the bicubic baseline (right), from metrics.jsonl."""
+    """Training losses (left), validation PSNR / SSIM against the bicubic baseline (middle) and the share of the
+    codebook each logging window's training batches used (right), from metrics.jsonl."""
     records = _read_records(metrics_path)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
     plt = _pyplot()
-    figure, (loss_axis, psnr_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure, (loss_axis, psnr_axis, usage_axis) = plt.subplots(1, 3, figsize=(14, 3.6))
     steps = [r["step"] for r in train]
     for name in ("loss", "l1", "mse", "ssim", "lpips", "distillation", "quantizer", "generator", "discriminator"):
         values = [r.get(name) for r in train]
@@ -101,7 +102,14 @@ def plot_training_curves(path: str, metrics_path: str) -> None:
         psnr_axis.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
     psnr_axis.set_xlabel("step")
     psnr_axis.set_title("validation")
-    figure.subplots_adjust(left=0.07, right=0.93, bottom=0.14, top=0.9, wspace=0.35)
+    usage = [(r["step"], 100 * r["codebook_usage"]) for r in train if r.get("codebook_usage") is not None]
+    if usage:
+        usage_axis.plot(*zip(*usage), linewidth=1, color="C2")
+    usage_axis.set_ylim(bottom=0)
+    usage_axis.set_xlabel("step")
+    usage_axis.set_ylabel("% of the codes")
+    usage_axis.set_title("codes used in each logging window", fontsize=10)
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.14, top=0.9, wspace=0.38)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

@@ -13,7 +13,9 @@ __all__ = ["ExponentialMovingAverage", "TrainingState"]
 
 class ExponentialMovingAverage:
     """An exponential moving average of a model's floating-point parameters and buffers, kept in a copy of the
-    model (`self.model`) that can be evaluated and saved. The decay warms up as `min(decay, (1 + n) / (10 + n))`."""
+    model (`self.model`) that can be evaluated and saved. The decay warms up as `min(decay, (1 + n) / (10 + n))`.
+    Integer buffers (such as a VQ codebook's usage counts) are copied as they are: they cannot be averaged, and the
+    saved model must carry the trained model's."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -28,6 +30,8 @@ class ExponentialMovingAverage:
         for name, shadow in self.model.state_dict().items():
             if shadow.dtype.is_floating_point:
                 shadow.lerp_(source[name].to(shadow.dtype), 1 - decay)
+            else:
+                shadow.copy_(source[name])
 
 
 @dataclass
@@ -48,6 +52,8 @@ class TrainingState:
     discriminator_optimizer: torch.optim.Optimizer | None = None
     ema: ExponentialMovingAverage | None = None
     step: int = 0
+    # Which codes the training batches chose since the last logging window (bool, one per code).
+    window_codes: torch.Tensor | None = None
     unreadable_by_worker: dict[int, int] = field(default_factory=dict)
 
     @property

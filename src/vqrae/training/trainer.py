@@ -283,12 +283,22 @@ def _batch_iterator(data: TrainingData, args: VQRAETrainingArguments, num_worker
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Parameters that weight decay would pull towards zero for no gain: the position embeddings and a VQ codebook (decay
+# shrinks the codes no batch chooses, which then fall further out of reach: a cause of codebook collapse).
+NO_DECAY_SUFFIXES = (
+    "position_embedding",
+    "position_embedding.weight",
+    "quantizer.embedding.weight",
+    "quantizer.codebook_transform.weight",
+)
+
+
 def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        is_vector = parameter.ndim <= 1 or name.endswith(("position_embedding", "position_embedding.weight"))
+        is_vector = parameter.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
         (no_decay if is_vector else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -342,6 +352,7 @@ def build_training_state(model, args: VQRAETrainingArguments, accelerator, stage
         discriminator=discriminator,
         discriminator_optimizer=discriminator_optimizer,
         ema=ExponentialMovingAverage(unwrapped, args.ema_decay) if args.ema_decay is not None else None,
+        window_codes=torch.zeros(unwrapped.codebook_size, dtype=torch.bool, device=accelerator.device),
     )
 
 
@@ -367,6 +378,7 @@ def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> dict[str, f
                 if state.teacher is not None:
                     with torch.no_grad():
                         teacher_features = state.teacher(pixel_values=pixel_values).last_hidden_state
+            state.window_codes[output.indices.flatten()] = True
             loss, terms = loss_fn.generator_loss(
                 output,
                 pixel_values,
@@ -421,13 +433,17 @@ class MetricsLog:
         numbers = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.accelerator.log(numbers, step=record["step"])
 
-    def flush(self, step: int, learning_rate: float) -> dict:
-        """Write the window's means as a `train` record (averaged over processes) and start a new window."""
+    def flush(self, step: int, learning_rate: float, window_codes: torch.Tensor) -> dict:
+        """Write the window's means as a `train` record (averaged over processes), with the share of the codebook
+        the window's batches used (over all processes), and start a new window (clearing `window_codes`)."""
         names = list(self.sums)
         means = torch.tensor([self.sums[name] / self.steps for name in names], device=self.accelerator.device)
         means = dict(zip(names, self.accelerator.reduce(means, "mean").tolist()))
+        used = int((self.accelerator.reduce(window_codes.int(), "sum") > 0).sum())
+        window_codes.zero_()
         elapsed = time.perf_counter() - self.started
         record = {"type": "train", "step": step, **means, "learning_rate": learning_rate}
+        record["codebook_usage"] = used / len(window_codes)
         record["grad_norm"] = record.get("grad_norm")
         record["steps_per_second"] = self.steps / elapsed
         record["images_per_second"] = self.steps * self.images_per_step / elapsed
@@ -523,7 +539,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
             step = state.step
             progress.update(1)
             if step % args.logging_steps == 0 or step == args.max_steps:
-                means = log.flush(step, state.scheduler.get_last_lr()[0])
+                means = log.flush(step, state.scheduler.get_last_lr()[0], state.window_codes)
                 progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
             if step % args.eval_steps == 0 and step < args.max_steps:
                 progress.write(_summary(_evaluate(state, data.validation, args, log).metrics, step))
