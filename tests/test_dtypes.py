@@ -20,6 +20,9 @@ PRESETS = {
         "post_quant_conv_kernel_size": 3,
     },
     "standard_fsq": {"fsq_levels": [8, 8, 8], "normalize_codes": True},
+    # The tiny preset's decoder: overlapping patches blended by F.fold, and the conv head.
+    "blended_decoder": {"use_post_quant_conv": True, "decoder_patch_overlap": 3, "decoder_conv_head_channels": 8},
+    "cosmos_on_codes": {"use_post_quant_conv": True, "post_quant_conv_on_codes": True},
     "vq": {"use_fsq": False, "num_embeddings": 256},
     "simvq": {"use_fsq": False, "num_embeddings": 256, "use_simvq": True, "codebook_dim": 8},
 }

@@ -58,3 +58,17 @@ def test_weights_and_schedule():
     assert not loss_fn.uses_gan(9) and loss_fn.uses_gan(10)
     with pytest.raises(ValueError, match="perceptual"):
         reconstruction_losses(pixels, pixels, perceptual_weight=1.0)
+
+
+def test_gradient_loss_compares_neighbouring_pixel_differences():
+    target = torch.zeros(1, 1, 2, 3)
+    target[..., 1:] = 0.5  # a step between columns 0 and 1
+    shifted = target + 0.2  # the same changes from pixel to pixel, a constant offset
+    terms = reconstruction_losses(shifted, target, l1_weight=0.0, gradient_weight=1.0)
+    assert terms["gradient"] == 0 and terms["reconstruction"] == 0
+    flat = torch.full_like(target, 0.25)  # the step smoothed away: horizontal differences 0.5 and 0 are lost
+    terms = reconstruction_losses(flat, target, l1_weight=1.0, gradient_weight=2.0)
+    horizontal = (0.5 + 0.0) / 2  # mean |difference| over the 2 x 2 horizontal pairs: one column of 0.5s, one of 0s
+    vertical = 0.0
+    assert float(terms["gradient"]) == pytest.approx((horizontal + vertical) / 2)
+    assert float(terms["reconstruction"]) == pytest.approx(0.25 + 2 * (horizontal + vertical) / 2)

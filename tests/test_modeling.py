@@ -296,3 +296,35 @@ def test_cosmos_placement_puts_post_quant_conv_on_the_quantizers_codes(quantizer
         torch.testing.assert_close(VQRAEModel.from_pretrained(tmp_path)(x).reconstruction, model(x).reconstruction)
     with pytest.raises(ValueError, match="needs `use_post_quant_conv=True`"):
         tiny_config(post_quant_conv_on_codes=True)
+
+
+@pytest.mark.parametrize("overlap", [1, 2, 4])
+def test_overlapping_patches_blend_into_a_partition_of_unity(overlap, tmp_path):
+    model = tiny_model(decoder_patch_overlap=overlap)
+    decoder = model.decoder
+    side = 8 + 2 * overlap
+    assert decoder.out_proj.out_features == 3 * side * side
+    # Every token predicting one constant: the image is that constant everywhere, borders and edges included.
+    constant = torch.full((2, 16, 3 * side * side), 0.7)
+    torch.testing.assert_close(decoder._overlap_add(constant, 4, 4), torch.full((2, 3, 32, 32), 0.7))
+    # Tokens with different constants: far from any neighbour's reach a pixel is its own token's value, and across
+    # a border the image ramps from one to the other in steps no larger than the jump over the blended width.
+    values = torch.arange(16.0).view(1, 16, 1).expand(1, 16, 3 * side * side)
+    image = decoder._overlap_add(values, 4, 4)[0, 0]
+    if overlap < 4:
+        assert image[12, 12] == 5.0  # token (1, 1), 4 pixels from each border of its patch
+    row = image[12, 8:24]  # across the border between tokens 5 and 6
+    assert (row.diff() >= 0).all() and row.diff().max() <= 1.0 / (2 * overlap) + 1e-6
+    x = images()
+    with torch.no_grad():
+        eval_model = model.eval()
+        torch.testing.assert_close(
+            eval_model.decode_from_indices(eval_model.encode(x).indices).reconstruction, eval_model(x).reconstruction
+        )
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(VQRAEModel.from_pretrained(tmp_path)(x).reconstruction, model(x).reconstruction)
+    with pytest.raises(
+        ValueError, match=r"`decoder_patch_overlap` must be an integer from 0 to half the patch size \(4\)"
+    ):
+        tiny_config(decoder_patch_overlap=5)

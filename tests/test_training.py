@@ -428,7 +428,8 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
         records(tmp_path / "accumulated"), records(tmp_path / "large"), strict=True
     ):
         assert logged_accumulated["loss"] == pytest.approx(logged_large["loss"], rel=1e-5)
-        assert logged_accumulated["grad_norm"] == pytest.approx(logged_large["grad_norm"], rel=1e-5)
+        # float32 sums in another order (two halves, then one mean): ~1e-5 apart through the decoder's overlap-add
+        assert logged_accumulated["grad_norm"] == pytest.approx(logged_large["grad_norm"], rel=1e-4)
         assert logged_accumulated["step"] == logged_large["step"]
 
 

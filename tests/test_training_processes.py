@@ -74,20 +74,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    single = tmp_path / "single"
-    run(single, "--per_device_train_batch_size", "4", max_steps=3)
-
-    two = tmp_path / "two"
+def _launch_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the training script in two CPU processes."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
     ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launch, str(TRAIN_SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    single = tmp_path / "single"
+    run(single, "--per_device_train_batch_size", "4", max_steps=3)
+
+    two = tmp_path / "two"
     argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--per_device_train_batch_size", "2", "--max_steps", "3"]
     argv += ["--eval_steps", "100", "--save_steps", "100", "--output_dir", str(two)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, str(TRAIN_SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300)
+    done = _launch_two_processes(argv)
     assert done.returncode == 0, done.stderr[-3000:]
 
     # One output folder, written once; the same figures as one process with the same global batch.
@@ -119,3 +124,27 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert line.startswith("vqrae-train: error: The checkpoint") and "Traceback" not in resumed.stderr
     assert "2 process(es), and this run has 1" in line and "--num_processes 2" in line
     assert resumed.stderr.strip().splitlines()[-1] == line
+
+
+def test_two_cpu_processes_keep_one_vq_codebook(tmp_path):
+    """Code restarts run collectives inside the forward pass of every process (usage summed, process 0's latents;
+    `test_codebook` checks that the codebooks agree): a real two-process run finishes (no process waits in a
+    collective another one skipped) and restarts every code left idle."""
+    output = tmp_path / "vq"
+    argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--quantizer", "vq", "--num_embeddings", "64", "--max_steps", "4"]
+    argv += [
+        "--vq_restart_unused_steps",
+        "1",
+        "--eval_steps",
+        "100",
+        "--save_steps",
+        "100",
+        "--output_dir",
+        str(output),
+    ]
+    done = _launch_two_processes(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in records(output)] == [1, 2, 3, 4]
+    assert all(0 < r["codebook_usage"] <= 1 for r in records(output))
+    model = weights(output)
+    assert (model["quantizer.steps_unused"] <= 1).all()  # restarted or used at the last step: never two steps idle

@@ -111,6 +111,10 @@ class VQRAEConfig(PreTrainedConfig):
             Attention heads per decoder block; must divide `decoder_hidden_size`. Not given, the encoder's.
         decoder_intermediate_size (`int`, *optional*):
             Width of the decoder MLPs; not given, the encoder's.
+        decoder_patch_overlap (`int`, *optional*, defaults to 0):
+            Pixels by which each token's decoded square reaches into its neighbours' patches on every side; the
+            overlapping squares are blended with linear ramps (overlap-add), so neighbouring patches meet without a
+            step. 0 (the seed's decoder): each token decodes exactly its patch. At most half the patch size.
         decoder_conv_head_channels (`int`, *optional*, defaults to 0):
             Width of a small residual convolutional head on the decoded image (two 3x3 convolutions), which smooths
             the borders between the patches the ViT decoder predicts one by one; 0: no head (the seed's decoder).
@@ -160,6 +164,7 @@ class VQRAEConfig(PreTrainedConfig):
     decoder_num_hidden_layers: int | None = None
     decoder_num_attention_heads: int | None = None
     decoder_intermediate_size: int | None = None
+    decoder_patch_overlap: int = 0
     decoder_conv_head_channels: int = 0
     decoder_hidden_act: str = "gelu_pytorch_tanh"
     initializer_range: int | float = 0.02
@@ -236,6 +241,12 @@ class VQRAEConfig(PreTrainedConfig):
             raise ValueError(
                 "`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` (got "
                 f"{self.decoder_hidden_size} and {self.decoder_num_attention_heads})."
+            )
+        half = vision.patch_size // 2
+        if not 0 <= self.decoder_patch_overlap <= half:
+            raise ValueError(
+                f"`decoder_patch_overlap` must be an integer from 0 to half the patch size ({half}), got "
+                f"{self.decoder_patch_overlap!r}."
             )
         if self.decoder_conv_head_channels < 0:
             raise ValueError(

@@ -6,7 +6,7 @@ Sources (see `load_image_dataset`):
 - the built-in photographs (`BUILTIN_DATASET_NAME`): real photos that ship inside scikit-image and scikit-learn,
   split *by photo* into training photos and held-out validation photos (`BUILTIN_TRAIN_PHOTOS`,
   `BUILTIN_VALIDATION_PHOTOS`); the validation split holds fixed square tiles of the held-out photos at three scales
-  (`validation_tiles`: 313 tiles of the four photos);
+  (`validation_tiles`: 324 tiles of the four photos);
 - a Hub dataset (`dataset_name`, `dataset_config_name`, a split, an image column), optionally streamed;
 - local folders of images (`train_dir` / `validation_dir`, through the `imagefolder` builder).
 

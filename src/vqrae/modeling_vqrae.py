@@ -208,9 +208,14 @@ class VQRAEDecoder(nn.Module):
 
     `in_proj` maps the encoder width to the decoder width, a learned position embedding (interpolated for other
     grids) marks where each token sits, `L` pre-norm blocks mix the tokens, and `out_proj` predicts the `p * p * C`
-    pixel values of each patch, which are then put back in place (unpatchify). With
+    pixel values of each patch, which are then put back in place (unpatchify).
+
+    With `config.decoder_patch_overlap = o > 0`, each token predicts a larger `(p + 2 o)` square centred on its
+    patch instead, weighted by a window that ramps linearly over the `2 o` pixels it shares with each neighbour; the
+    squares are added up in place (overlap-add) and divided by the summed windows, so every pixel near a border is
+    a smooth blend of the tokens on both sides rather than a step between them. With
     `config.decoder_conv_head_channels`, a small residual convolutional head (`conv_head`) then works on the whole
-    image, across the patch borders that the per-patch `out_proj` cannot see.
+    image, across the patch borders.
     """
 
     def __init__(self, config: VQRAEConfig):
@@ -224,7 +229,9 @@ class VQRAEDecoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.empty(1, self.grid_size * self.grid_size, width))
         self.layers = nn.ModuleList([VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers)])
         self.norm = nn.LayerNorm(width, eps=vision.layer_norm_eps)
-        self.out_proj = nn.Linear(width, self.patch_size * self.patch_size * self.num_channels)
+        self.patch_overlap = config.decoder_patch_overlap
+        window = self.patch_size + 2 * self.patch_overlap
+        self.out_proj = nn.Linear(width, window * window * self.num_channels)
         channels = config.decoder_conv_head_channels
         self.conv_head = VQRAEDecoderConvHead(self.num_channels, channels) if channels else None
 
@@ -241,11 +248,34 @@ class VQRAEDecoder(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states)
         patches = self.out_proj(self.norm(hidden_states))
-        batch_size, p, c = patches.shape[0], self.patch_size, self.num_channels
-        # (B, h*w, p*p*C) -> (B, C, h*p, w*p)
-        patches = patches.reshape(batch_size, height, width, p, p, c)
-        pixels = patches.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, c, height * p, width * p)
+        pixels = (
+            self._unpatchify(patches, height, width)
+            if self.patch_overlap == 0
+            else self._overlap_add(patches, height, width)
+        )
         return pixels if self.conv_head is None else pixels + self.conv_head(pixels)
+
+    def _unpatchify(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, h*w, p*p*C) -> (B, C, h*p, w*p)"""
+        batch_size, p, c = patches.shape[0], self.patch_size, self.num_channels
+        patches = patches.reshape(batch_size, height, width, p, p, c)
+        return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, c, height * p, width * p)
+
+    def _overlap_add(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, h*w, C*k*k) squares of side k = p + 2 o, centred on their patches -> (B, C, h*p, w*p), each pixel the
+        window-weighted mean of the squares that cover it."""
+        p, o, c = self.patch_size, self.patch_overlap, self.num_channels
+        side = p + 2 * o
+        # Trapezoid window: 1 in the middle, a linear ramp over the 2 o pixels shared with a neighbour, where the two
+        # ramps add up to 1.
+        ramp = torch.arange(side, device=patches.device, dtype=torch.float32) + 0.5
+        line = torch.minimum(ramp, side - ramp).div(2 * o).clamp(max=1.0)
+        window = (line[:, None] * line[None, :]).to(patches.dtype).flatten()  # (k*k,)
+        columns = patches.transpose(1, 2).reshape(patches.shape[0], c, side * side, -1) * window[:, None]
+        fold = dict(output_size=(height * p, width * p), kernel_size=side, stride=p, padding=o)
+        summed = F.fold(columns.reshape(patches.shape[0], c * side * side, -1), **fold)
+        weights = F.fold(window[None, :, None].expand(1, -1, height * width), **fold)
+        return summed / weights
 
 
 # ---------------------------------------------------------------------------------------------------------------

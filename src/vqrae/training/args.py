@@ -55,6 +55,7 @@ MODEL_CONFIG_FIELDS = (
     "decoder_num_hidden_layers",
     "decoder_num_attention_heads",
     "decoder_intermediate_size",
+    "decoder_patch_overlap",
     "decoder_conv_head_channels",
 )
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "all")
@@ -140,6 +141,9 @@ class ModelArguments:
     )
     decoder_num_attention_heads: int | None = field(default=None, metadata={"help": "Decoder heads."})
     decoder_intermediate_size: int | None = field(default=None, metadata={"help": "Decoder MLP width."})
+    decoder_patch_overlap: int | None = field(
+        default=None, metadata={"help": "Pixels each decoded patch overlaps its neighbours, blended (0: none)."}
+    )
     decoder_conv_head_channels: int | None = field(
         default=None, metadata={"help": "Width of the decoder's residual conv head on the image (0: none)."}
     )
@@ -281,6 +285,10 @@ class VQRAETrainingArguments:
     l1_weight: float = field(default=1.0, metadata={"help": "Weight of the L1 pixel loss."})
     mse_weight: float = field(default=0.0, metadata={"help": "Weight of the MSE pixel loss."})
     ssim_weight: float = field(default=0.0, metadata={"help": "Weight of the 1 - SSIM loss (torchmetrics)."})
+    gradient_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the L1 loss on neighbouring-pixel differences (against patch seams)."},
+    )
     quantizer_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the quantizer's own loss."})
     distillation_weight: float = field(
         default=1.0, metadata={"help": "Stage 2: weight of ||f(x) - f_teacher(x)||^2 on the encoder features."}
@@ -363,6 +371,7 @@ class VQRAETrainingArguments:
             "l1_weight",
             "mse_weight",
             "ssim_weight",
+            "gradient_weight",
             "quantizer_loss_weight",
             "distillation_weight",
             "perceptual_weight",

@@ -31,7 +31,8 @@ __all__ = [
 class VQRAELoss(nn.Module):
     """Every term of a VQRAE tokenizer's objective, with its weight.
 
-    `generator_loss` = `reconstruction` (weighted L1, MSE, 1 - SSIM and LPIPS between the images in [0, 1])
+    `generator_loss` = `reconstruction` (weighted L1, MSE, 1 - SSIM, image-gradient L1 and LPIPS between the images
+    in [0, 1])
     + `quantizer_weight` * the quantizer's loss + `distillation_weight` * `||f(x) - f_teacher(x)||^2` (stage 2)
     + the adaptive GAN weight times `gan_weight` times the generator's hinge loss, from step `gan_start_step` on.
     `discriminator_loss` is the hinge loss of the patch discriminator on real images and reconstructions.
@@ -49,6 +50,7 @@ class VQRAELoss(nn.Module):
         l1_weight: float = 1.0,
         mse_weight: float = 0.0,
         ssim_weight: float = 0.0,
+        gradient_weight: float = 0.0,
         perceptual_weight: float = 0.0,
         lpips_weights: str | None = None,
         quantizer_weight: float = 1.0,
@@ -57,8 +59,14 @@ class VQRAELoss(nn.Module):
         gan_start_step: int = 0,
     ):
         super().__init__()
-        self.l1_weight, self.mse_weight, self.ssim_weight = l1_weight, mse_weight, ssim_weight
-        self.perceptual_weight = perceptual_weight
+        # The weights of the pixel losses, as `reconstruction_losses` takes them.
+        self.pixel_weights = {
+            "l1_weight": l1_weight,
+            "mse_weight": mse_weight,
+            "ssim_weight": ssim_weight,
+            "gradient_weight": gradient_weight,
+            "perceptual_weight": perceptual_weight,
+        }
         self.quantizer_weight, self.distillation_weight = quantizer_weight, distillation_weight
         self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
         self.perceptual = LPIPS(lpips_weights) if perceptual_weight > 0 else None
@@ -88,15 +96,7 @@ class VQRAELoss(nn.Module):
         with torch.autocast(pixel_values.device.type, enabled=False):
             target = self.to_unit(pixel_values)
             reconstruction = self.to_unit(output.reconstruction)
-            terms = reconstruction_losses(
-                reconstruction,
-                target,
-                l1_weight=self.l1_weight,
-                mse_weight=self.mse_weight,
-                ssim_weight=self.ssim_weight,
-                perceptual_weight=self.perceptual_weight,
-                perceptual=self.perceptual,
-            )
+            terms = reconstruction_losses(reconstruction, target, **self.pixel_weights, perceptual=self.perceptual)
             terms["quantizer"] = output.quantizer_loss.float()
             loss = terms["reconstruction"] + self.quantizer_weight * terms["quantizer"]
             if teacher_features is not None:
@@ -129,11 +129,16 @@ def reconstruction_losses(
     l1_weight: float = 1.0,
     mse_weight: float = 0.0,
     ssim_weight: float = 0.0,
+    gradient_weight: float = 0.0,
     perceptual_weight: float = 0.0,
     perceptual: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted pixel losses between two image batches in [0, 1] (`(B, 3, H, W)`); terms with weight 0 are
-    not computed. Returns `{name: unweighted value}` and `"reconstruction"`, their weighted sum."""
+    not computed. Returns `{name: unweighted value}` and `"reconstruction"`, their weighted sum.
+
+    `gradient` is the L1 distance between the images' differences of horizontally and vertically neighbouring
+    pixels: it asks the reconstruction to change from pixel to pixel as the image does, across the decoder's patch
+    borders too (where a per-patch decoder otherwise leaves steps: a visible grid)."""
     reconstruction, target = reconstruction.float(), target.float()
     terms, total = {}, reconstruction.new_zeros(())
     if l1_weight > 0:
@@ -147,6 +152,9 @@ def reconstruction_losses(
 
         terms["ssim"] = 1 - structural_similarity_index_measure(reconstruction, target, data_range=1.0)
         total = total + ssim_weight * terms["ssim"]
+    if gradient_weight > 0:
+        terms["gradient"] = sum(F.l1_loss(reconstruction.diff(dim=dim), target.diff(dim=dim)) for dim in (-1, -2)) / 2
+        total = total + gradient_weight * terms["gradient"]
     if perceptual_weight > 0:
         if perceptual is None:
             raise ValueError("`perceptual_weight` > 0 needs the `perceptual` (LPIPS) module.")

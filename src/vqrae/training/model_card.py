@@ -42,7 +42,10 @@ PICTURE_CAPTIONS = {
         "Reconstructions",
         "Validation images (top row) above their reconstructions from the tokens (bottom row).",
     ),
-    TRAINING_CURVES_FILE: ("Training curves", "Training losses and validation metrics over the run."),
+    TRAINING_CURVES_FILE: (
+        "Training curves",
+        "Training losses, validation metrics and the share of the codebook each logging window used, over the run.",
+    ),
     CODEBOOK_USAGE_FILE: ("Codebook usage", "How often each code is used on the validation images."),
 }
 

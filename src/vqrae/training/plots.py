@@ -80,7 +80,18 @@ def plot_training_curves(path: str, metrics_path: str) -> None:
     plt = _pyplot()
     figure, (loss_axis, psnr_axis, usage_axis) = plt.subplots(1, 3, figsize=(14, 3.6))
     steps = [r["step"] for r in train]
-    for name in ("loss", "l1", "mse", "ssim", "lpips", "distillation", "quantizer", "generator", "discriminator"):
+    for name in (
+        "loss",
+        "l1",
+        "mse",
+        "ssim",
+        "gradient",
+        "lpips",
+        "distillation",
+        "quantizer",
+        "generator",
+        "discriminator",
+    ):
         values = [r.get(name) for r in train]
         if any(v is not None and v > 0 for v in values):
             loss_axis.plot(steps, values, label=name if name != "ssim" else "1 - ssim", linewidth=1)

@@ -562,6 +562,7 @@ def _build_loss(args: VQRAETrainingArguments, image_processor, stage: str) -> VQ
         l1_weight=args.l1_weight,
         mse_weight=args.mse_weight,
         ssim_weight=args.ssim_weight,
+        gradient_weight=args.gradient_weight,
         perceptual_weight=args.perceptual_weight,
         lpips_weights=args.lpips_weights,
         quantizer_weight=args.quantizer_loss_weight,
