@@ -142,9 +142,18 @@ def test_untrained_vq_model_card_has_no_results_pictures_or_training(tmp_path):
     assert "model-index" not in card.content
     assert "| Codebook | 16,384 vectors of dimension 32 |" in card.text
     assert "| post_quant_conv | off |" in card.text
+    assert "| Decoder | ViT: 2 layers, width 32, 4 heads, MLP 37 |" in card.text  # the seed's decoder
     assert "## Evaluation" not in card.text and "## Training" not in card.text
     assert picture_links(card.text) == []
     assert "no evaluation results" in card.text
+
+
+def test_architecture_names_the_decoders_blending_and_conv_head(tmp_path):
+    folder = tmp_path / "blended"
+    tiny_model(0, decoder_patch_overlap=3, decoder_conv_head_channels=8).save_pretrained(folder)
+    decoder = "| Decoder | ViT: 2 layers, width 32, 4 heads, MLP 37; patches overlap by 3 px, blended; "
+    decoder += "a 8-channel conv head |"
+    assert decoder in render_model_card(folder).text
 
 
 def test_picture_links_point_at_the_folder_pictures(tmp_path):

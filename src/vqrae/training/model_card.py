@@ -288,7 +288,17 @@ def _architecture(config, folder: Path) -> list[tuple[str, str]]:
         (
             "Decoder",
             f"ViT: {config.decoder_num_hidden_layers} layers, width {config.decoder_hidden_size}, "
-            f"{config.decoder_num_attention_heads} heads, MLP {config.decoder_intermediate_size}",
+            f"{config.decoder_num_attention_heads} heads, MLP {config.decoder_intermediate_size}"
+            + (
+                f"; patches overlap by {config.decoder_patch_overlap} px, blended"
+                if config.decoder_patch_overlap
+                else ""
+            )
+            + (
+                f"; a {config.decoder_conv_head_channels}-channel conv head"
+                if config.decoder_conv_head_channels
+                else ""
+            ),
         ),
     ]
     counts = _parameter_counts(folder)
