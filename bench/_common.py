@@ -33,9 +33,12 @@ SECTION_ORDER = [
     "bench_vq_search",
     "bench_training",
     "bench_quality",
+    "bench_codebook",
+    "bench_heldout",
     "bench_tokenize",
     "bench_gpu",
     "bench_precision",
+    "bench_stage2",
 ]
 
 _HEADER = """# vqrae benchmarks

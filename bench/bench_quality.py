@@ -1,59 +1,59 @@
-"""Reconstruction quality at an equal wall-clock budget: the seed's quantizer claims, with the spread over seeds.
+"""Reconstruction quality of the quantizer variants at an equal number of steps, over several seeds.
 
-    python bench/bench_quality.py                   # 7 variants x 2 seeds x 75 s (~25 min on 2 cores)
-    python bench/bench_quality.py --budget 20 --seeds 1 --variants a c --no-write
+    python bench/bench_quality.py                               # 9 variants x 3 seeds x 600 steps (~45 min, 2 cores)
+    python bench/bench_quality.py --steps 100 --seeds 1 2 --variants a b --no-write
 
-Every run is `vqrae-train --config tiny_cpu` (the built-in CPU recipe: random tiny model, 64-px crops of the
-built-in photos, its batch, learning rate and L1 loss; the warm-up is the preset's, at most a quarter of the run)
-with one quantizer:
+Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`: random tiny model, 64-px crops of
+the built-in photos, its batch, learning rate and L1 loss; the warm-up is the preset's, at most a quarter of the
+run) and one change, the variant. Every variant trains the same number of steps with each seed (equal steps, not
+equal seconds: a shared machine's speed varies); the seed sets the initialisation and the order of the crops, so
+runs of one seed are paired. What is measured, on the built-in held-out set (`eval_results.json` of the run):
+PSNR, SSIM and the seam score; and, from the saved model, codebook use over 2048 random crops of the training
+photos (131,072 tokens: twice a 64,000-code codebook, eight times a 16384-code one;
+`vqrae.training.metrics.codebook_use_on_crops`).
 
-- a: FSQ [8, 8, 8, 5, 5, 5] (64,000 codes) + post_quant_conv with the tiny preset's 3x3 kernel;
-- a-k1: the same with the seed's Cosmos-Tokenizer 1x1 kernel;
-- b: the same without post_quant_conv;
-- c: FSQ [8, 8, 8] (512 codes);
-- d: VQ with 16384 codes, plain and SimVQ;
-- e: no quantizer, the continuous upper bound: the same loop with the quantizer replaced by the identity (a
-  patch applied by this script in its worker process only, since the model has no such option), so the decoder
-  reads the encoder's features directly (`model.decode` on the reshaped `last_hidden_state`); the trainer's own
-  evaluation then decodes those features instead of indices.
+Each difference to the reference variant `a` is the mean over seeds of the paired per-seed differences, with its 95 %
+t interval over seeds (the seed-to-seed spread of training, which dominates): a difference whose interval holds 0
+is reported as inside the noise.
 
-Equal budget: two rounds of short calibration runs measure each variant's steps per second on this machine (the
-fastest logging window counts: the speed with the least interference from other work), and its runs get
-`round(budget x steps/s)` steps (the learning-rate schedule spans them). The final evaluation on the
-held-out photos is the trainer's (`eval_results.json`: PSNR, SSIM, codebook utilisation, perplexity, bits per
-image, and the bicubic thumbnail of the same number of tokens' worth of pixels). Each variant runs once per seed;
-seed rounds alternate in order. The curves (training L1 and validation PSNR against training seconds) go to
-bench/quality_curves.png.
+The continuous variant `e` bypasses the quantizer (a patch applied by this script in its worker process only, since
+the model has no such option), so the decoder reads the encoder's features directly: the price of tokens.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
-import math
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import BENCH_DIR, load_average, markdown_table, run_and_sample_memory, write_section
+from _common import BENCH_DIR, bench_parser, load_average, markdown_table, publish, run_and_sample_memory
 
-from vqrae.presets import VISION_PRESETS
 from vqrae.training.args import load_config_file
 
+# name -> (label, options added to the tiny CPU recipe)
 VARIANTS = {
-    "a": ("FSQ 64,000 + post_quant_conv 3x3 (tiny preset)", ["--quantizer", "cosmos_fsq"]),
-    "a-k1": (
-        "FSQ 64,000 + post_quant_conv 1x1 (seed)",
-        ["--quantizer", "cosmos_fsq", "--post_quant_conv_kernel_size", "1"],
+    "a": ("FSQ 64,000, 3x3 post_quant_conv, overlapping patches, conv head (tiny preset)", []),
+    "a-seed-decoder": (
+        "a with the seed's decoder (no overlap, no conv head)",
+        ["--decoder_patch_overlap", "0", "--decoder_conv_head_channels", "0"],
     ),
-    "b": ("FSQ 64,000, no post_quant_conv", ["--quantizer", "cosmos_fsq", "--use_post_quant_conv", "false"]),
-    "c": ("FSQ 512 ([8, 8, 8])", ["--quantizer", "standard_fsq"]),
-    "d": ("VQ 16384", ["--quantizer", "vq"]),
-    "d-simvq": ("SimVQ 16384", ["--quantizer", "vq", "--use_simvq", "true"]),
+    "a-k1": ("a with the seed's 1x1 post_quant_conv (after project_out)", ["--post_quant_conv_kernel_size", "1"]),
+    "a-cosmos": (
+        "a-k1 with Cosmos-Tokenizer's placement (1x1 conv on the FSQ codes, no project_out)",
+        ["--post_quant_conv_kernel_size", "1", "--post_quant_conv_on_codes", "true"],
+    ),
+    "b": ("a without post_quant_conv", ["--use_post_quant_conv", "false"]),
+    "c": ("FSQ 512 ([8, 8, 8]), no post_quant_conv", ["--quantizer", "standard_fsq"]),
+    "d": ("VQ 16384 (vq preset: restarts of unused codes)", ["--quantizer", "vq"]),
+    "d-simvq": ("SimVQ 16384 (vq preset + SimVQ)", ["--quantizer", "vq", "--use_simvq", "true"]),
     "e": ("no quantizer (continuous bound)", ["--quantizer", "standard_fsq"]),
 }
+REFERENCE = "a"
 CONTINUOUS = "e"
+CROPS = 2048
 CURVES_PNG = BENCH_DIR / "quality_curves.png"
 
 
@@ -96,235 +96,226 @@ def continuous_worker(cli_args: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train_command(variant: str, output_dir: Path, options: list[str]) -> list[str]:
-    common = [
-        "--config", "tiny_cpu", "--output_dir", str(output_dir), "--overwrite_output_dir", "true",
-        "--disable_tqdm", "true", "--num_reconstructions", "0", *VARIANTS[variant][1], *options,
-    ]  # fmt: skip
-    if variant == CONTINUOUS:
+def add_keep_option(parser) -> None:
+    parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temporary folder)")
+
+
+@contextlib.contextmanager
+def run_folders(keep: str | None, name: str):
+    """The folder the runs of a benchmark go to: `keep` (kept), else a temporary folder (removed at the end)."""
+    with tempfile.TemporaryDirectory(prefix=f"vqrae-{name}-") as scratch:
+        folder = Path(keep or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+
+
+def train_command(options: list[str], continuous: bool = False) -> list[str]:
+    common = ["--config", "tiny_cpu", "--overwrite_output_dir", "true", "--disable_tqdm", "true", *options]
+    if continuous:
         return [sys.executable, str(Path(__file__).resolve()), "--continuous-worker", *common]
     return [sys.executable, "-m", "vqrae.training.cli", *common]
 
 
-def run(variant: str, output_dir: Path, options: list[str], log_path: Path) -> float:
+def train_run(
+    output_dir: Path, options: list[str], steps: int, seed: int, continuous: bool = False, reuse: bool = False
+) -> dict:
+    """Train one run of `steps` steps and return its records, final evaluation and (quantized runs) the codebook
+    use over random crops of the training photos. `reuse`: a finished run of the same arguments already in
+    `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of trained again."""
+    warmup = load_config_file("tiny_cpu")["warmup_steps"]
+    schedule = [
+        "--output_dir", str(output_dir), "--seed", str(seed), "--max_steps", str(steps),
+        "--warmup_steps", str(min(warmup, steps // 4)), "--logging_steps", str(max(1, steps // 30)),
+        "--eval_steps", str(max(1, steps // 4)), "--save_steps", str(steps), "--num_reconstructions", "0",
+    ]  # fmt: skip
+    log_path = output_dir.with_suffix(".log")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if reuse and _finished(output_dir, [*options, *schedule], steps):
+        print(f"{output_dir.name}: reusing the finished run", flush=True)
+        wall = float("nan")
+    else:
+        wall = _train(output_dir, [*options, *schedule], continuous, log_path)
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = json.loads((output_dir / "eval_results.json").read_text())
+    return {"records": records, "final": final, "wall": wall, "crops": None if continuous else crop_use(output_dir)}
+
+
+def _finished(output_dir: Path, arguments: list[str], steps: int) -> bool:
+    """Whether `output_dir` holds a finished run of exactly these arguments."""
+    results, command = output_dir / "eval_results.json", output_dir / "bench_command.json"
+    if not (results.is_file() and command.is_file()):
+        return False
+    return json.loads(command.read_text()) == arguments and json.loads(results.read_text())["step"] == steps
+
+
+def _train(output_dir: Path, arguments: list[str], continuous: bool, log_path: Path) -> float:
     with open(log_path, "w") as log:
-        code, wall, _, _ = run_and_sample_memory(train_command(variant, output_dir, options), stdout=log, stderr=log)
+        code, wall, _, _ = run_and_sample_memory(train_command(arguments, continuous), stdout=log, stderr=log)
     if code != 0:
-        raise RuntimeError(f"variant {variant} failed:\n{log_path.read_text()[-3000:]}")
+        raise RuntimeError(f"{output_dir.name} failed:\n{log_path.read_text()[-3000:]}")
+    (output_dir / "bench_command.json").write_text(json.dumps(arguments))
     return wall
 
 
-def read_records(output_dir: Path) -> list[dict]:
-    path = output_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def crop_use(folder: Path) -> dict:
+    import torch
 
+    from vqrae import VQRAEModel
+    from vqrae.image_data import builtin_photos
+    from vqrae.training.metrics import codebook_use_on_crops
 
-def training_clock(records: list[dict]) -> list[tuple[int, float]]:
-    """(step, training seconds so far) at each logged step, from the windows' steps per second."""
-    clock, previous_step, elapsed = [(0, 0.0)], 0, 0.0
-    for record in records:
-        if record.get("type") == "train":
-            elapsed += (record["step"] - previous_step) / record["steps_per_second"]
-            previous_step = record["step"]
-            clock.append((record["step"], elapsed))
-    return clock
-
-
-def calibrate(variant: str, tmp: Path, steps: int) -> float:
-    """Steps per second of one short run: the fastest of its logging windows after the first, i.e. the speed with
-    the least interference from other work on the machine."""
-    output_dir = tmp / f"calibrate-{variant}"
-    options = ["--max_steps", str(steps), "--logging_steps", str(max(1, steps // 4)), "--eval_steps",
-               str(10 * steps), "--save_steps", str(10 * steps), "--max_eval_samples", "4"]  # fmt: skip
-    run(variant, output_dir, options, tmp / "log.txt")
-    rates = [r["steps_per_second"] for r in read_records(output_dir) if r.get("type") == "train"]
-    return max(rates[1:] or rates)
+    torch.set_num_threads(2)
+    model = VQRAEModel.from_pretrained(folder).eval()
+    photos = [example["image"].convert("RGB") for example in builtin_photos("train")]
+    return codebook_use_on_crops(model, photos, model.get_image_processor(), CROPS, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Report
+# Statistics and report
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def spread_cell(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t interval of the mean (nan bounds for a single value)."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
 
 
-def plot_curves(runs: dict, rates: dict, path: Path) -> None:
-    """Training L1 and validation PSNR against training time at each variant's calibrated speed (step / steps per
-    second), so that a spell of other work on the machine does not bend the curves."""
+def cell(values: list[float], digits: int, sign: bool = False) -> str:
+    mean, low, high = t_interval(values)
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if low != low:  # one seed
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def paired(runs: dict, variant: str, seeds: list[int], metric: str) -> list[float]:
+    return [runs[(variant, s)]["final"][metric] - runs[(REFERENCE, s)]["final"][metric] for s in seeds]
+
+
+def verdict_word(differences: list[float]) -> str:
+    _, low, high = t_interval(differences)
+    if low != low:
+        return "one seed: no interval"
+    return "inside the noise" if low <= 0 <= high else ("better" if low > 0 else "worse")
+
+
+def plot_curves(runs: dict, variants: list[str], path: Path) -> None:
+    """Validation PSNR and the training windows' codebook use against the step, every seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, psnr_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (psnr_axis, usage_axis) = plt.subplots(1, 2, figsize=(12, 4))
     bicubic = None
-    for color_index, variant in enumerate(VARIANTS):
-        seeds = sorted(seed for (name, seed) in runs if name == variant)
-        for seed_index, result in enumerate(runs[(variant, seed)] for seed in seeds):
-            train = [r for r in result["records"] if r.get("type") == "train"]
+    for color, variant in enumerate(variants):
+        for seed_index, ((name, _), result) in enumerate((k, v) for k, v in runs.items() if k[0] == variant):
+            style = dict(color=f"C{color}", linewidth=1, alpha=1 if seed_index == 0 else 0.5)
+            label = variant if seed_index == 0 else None
             evals = [r for r in result["records"] if r.get("type") == "eval"]
-            style = dict(color=f"C{color_index}", linestyle="-" if seed_index == 0 else "--", linewidth=1)
-            label = f"{variant}: {VARIANTS[variant][0]}" if seed_index == 0 else None
-            seconds = [r["step"] / rates[variant] for r in train]
-            loss_axis.plot(seconds, [r["l1"] for r in train], label=label, **style)
-            seconds = [r["step"] / rates[variant] for r in evals]
-            psnr_axis.plot(seconds, [r["psnr"] for r in evals], marker="o", markersize=3, **style)
+            steps, psnr = [r["step"] for r in evals], [r["psnr"] for r in evals]
+            psnr_axis.plot(steps, psnr, marker="o", ms=3, label=label, **style)
+            train = [r for r in result["records"] if r.get("type") == "train" and "codebook_usage" in r]
+            if name != CONTINUOUS:
+                usage_axis.plot([r["step"] for r in train], [100 * r["codebook_usage"] for r in train], **style)
             bicubic = result["final"]["bicubic_psnr"]
     if bicubic is not None:
         psnr_axis.axhline(bicubic, color="grey", linestyle=":", label="bicubic thumbnail")
-    xlabel = "training seconds (step / calibrated steps per second)"
-    loss_axis.set(xlabel=xlabel, ylabel="training L1", yscale="log", title="training loss")
-    psnr_axis.set(xlabel=xlabel, ylabel="PSNR (dB)", title="held-out photos (solid/dashed: seeds)")
-    loss_axis.legend(fontsize=7)
+    psnr_axis.set(xlabel="step", ylabel="PSNR (dB)", title="held-out set (one line per seed)")
+    usage_axis.set(xlabel="step", ylabel="% of the codes", title="codes used in each logging window (training)")
     psnr_axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def verdict(summary: dict) -> str:
-    """Claims compared with a simple noise rule: a difference counts when the means differ by more than the
-    larger of the two seed spreads (max - min)."""
-
-    def compare(first: str, second: str, metric: str = "psnr") -> tuple[float, float, bool]:
-        a, b = summary[first][metric], summary[second][metric]
-        noise = max(max(a) - min(a), max(b) - min(b))
-        delta = statistics.mean(a) - statistics.mean(b)
-        return delta, noise, len(a) > 1 and abs(delta) > noise
-
-    lines = ["Rule: a difference counts when the means differ by more than the larger seed spread (max - min)."]
-    for with_conv, kernel in (("a-k1", "1x1 (seed)"), ("a", "3x3 (tiny preset)")):
-        if {with_conv, "b"} <= summary.keys():
-            delta, noise, real = compare(with_conv, "b")
-            lines.append(
-                f'- post_quant_conv {kernel} "potentially improves reconstruction": {delta:+.2f} dB PSNR with it '
-                f"(spread {noise:.2f} dB): {'a real difference' if real else 'not distinguishable from noise'} at "
-                "this budget."
-            )
-    if {"b", "c"} <= summary.keys():
-        delta, noise, real = compare("b", "c")
-        lines.append(
-            f"- 64,000 vs 512 codes (both without post_quant_conv): {delta:+.2f} dB PSNR for 64,000 (spread "
-            f"{noise:.2f} dB): {'a real difference' if real else 'not distinguishable from noise'}; 64,000 codes "
-            f"carry {summary['b']['bits'][0] - summary['c']['bits'][0]:.0f} more bits per image."
-        )
-    for key in ("d", "d-simvq"):
-        if key in summary:
-            used = summary[key]["used_codes"]
-            collapsed = statistics.mean(used) < 0.01 * 16384
-            lines.append(
-                f"- {VARIANTS[key][0]}: {statistics.mean(used):.0f} of 16384 codes in use on the held-out photos"
-                f"{' (collapsed)' if collapsed else ''}, {statistics.mean(summary[key]['psnr']):.2f} dB."
-            )
-    if {"a", CONTINUOUS} <= summary.keys():
-        delta, noise, _ = compare(CONTINUOUS, "a")
-        lines.append(
-            f"- The continuous bound is {delta:+.2f} dB above variant a (spread {noise:.2f} dB): the price of tokens."
-        )
-    best = max((k for k in summary if k != CONTINUOUS), key=lambda k: statistics.mean(summary[k]["psnr"]))
-    bicubic = statistics.mean(summary[best]["bicubic_psnr"])
-    lines.append(
-        f"- Best quantized variant: {best} ({VARIANTS[best][0]}), {statistics.mean(summary[best]['psnr']):.2f} dB "
-        f"against {bicubic:.2f} dB for the bicubic thumbnail."
+def report(runs: dict, variants: list[str], seeds: list[int], steps: int) -> str:
+    rows = []
+    for variant in variants:
+        finals = [runs[(variant, s)]["final"] for s in seeds]
+        crops = [runs[(variant, s)]["crops"] for s in seeds]
+        continuous = variant == CONTINUOUS
+        vs_reference = "—" if variant == REFERENCE or REFERENCE not in variants else (
+            f"{cell(paired(runs, variant, seeds, 'psnr'), 2, sign=True)}: "
+            f"{verdict_word(paired(runs, variant, seeds, 'psnr'))}"
+        )  # fmt: skip
+        seams = [f["seam_score"] for f in finals if f["seam_score"] is not None]
+        rows.append([
+            f"{variant}: {VARIANTS[variant][0]}",
+            cell([f["psnr"] for f in finals], 2),
+            vs_reference,
+            cell([f["ssim"] for f in finals], 3),
+            cell(seams, 2) if seams else "—",
+            "—" if continuous else cell([100 * c["codebook_utilization"] for c in crops], 1) + " %",
+            "—" if continuous else cell([c["perplexity"] for c in crops], 0),
+            "float" if continuous else f"{finals[0]['bits_per_image']:.0f}",
+        ])  # fmt: skip
+    first = runs[(variants[0], seeds[0])]["final"]
+    rows.append([
+        "bicubic thumbnail (same token grid)", f"{first['bicubic_psnr']:.2f}", "—", f"{first['bicubic_ssim']:.3f}",
+        f"{first['bicubic_seam_score']:.2f}", "—", "—", f"{first['bicubic_bits_per_image']:.0f}",
+    ])  # fmt: skip
+    header = ["variant", "PSNR dB [95 % CI]", f"Δ PSNR vs {REFERENCE}, paired [95 % CI]", "SSIM [95 % CI]",
+              "seam score", f"codebook use, {CROPS} crops", "perplexity", "bits/image"]  # fmt: skip
+    return (
+        f"{steps} steps per run for every variant, seeds {seeds} (a seed's runs are paired: same crops, same "
+        "initialisation where the layers agree); cells are the mean over seeds [95 % t interval over seeds]. "
+        f"Held-out set: {first['num_images']} tiles of the held-out photos, {first['image_size']} px. Codebook use: "
+        f"{CROPS} random crops of the training photos ({CROPS * 64:,} tokens). Seam score: 1 = patch borders no more "
+        "visible than in the photos.\n\n" + markdown_table(header, rows) + "\n\n" + ALGEBRA
     )
-    return "\n".join(lines) + "\n"
+
+
+ALGEBRA = """**The seed's 1x1 `post_quant_conv`, by algebra.** FSQ's `project_out` is a Linear from the FSQ width (6)
+to D; a 1x1 D -> D convolution after it is another affine map of each token, and the two compose into one:
+`W2 (W1 c + b1) + b2 = (W2 W1) c + (W2 b1 + b2)`, a Linear from 6 to D like `project_out` alone. It adds
+parameters but no function the model could not already compute, so any difference it makes (row `a-k1` against
+`b`) is one of optimisation, not of capacity. Cosmos-Tokenizer applies the convolution to the 6-wide codes instead,
+in place of `project_out` (row `a-cosmos`): for a 1x1 kernel the same function class again, with fewer parameters.
+A 3x3 kernel (the tiny preset, row `a`) is not such a composition: it mixes each token with its neighbours.
+"""
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--continuous-worker"]:
         return continuous_worker(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=75.0, help="training seconds per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
+    parser.add_argument("--steps", type=int, default=600, help="training steps of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--calibration-steps", type=int, default=40)
-    parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temporary folder)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and the PNG alone")
+    add_keep_option(parser)
+    parser.add_argument(
+        "--reuse", action="store_true", help="read finished runs of the same options found in --keep, train the rest"
+    )
     args = parser.parse_args(argv)
     start_load = load_average()
-
-    with tempfile.TemporaryDirectory(prefix="vqrae-bench-quality-") as scratch:
-        tmp = Path(args.keep or scratch)
-        tmp.mkdir(parents=True, exist_ok=True)
-        steps, rates = {}, {}
-        for round_index in range(2):  # two rounds, the second reversed; the faster of the two counts
-            for variant in args.variants if round_index == 0 else args.variants[::-1]:
-                rates[variant] = max(rates.get(variant, 0.0), calibrate(variant, tmp, args.calibration_steps))
-        for variant in args.variants:
-            steps[variant] = max(20, round(args.budget * rates[variant]))
-            print(f"calibration {variant}: {rates[variant]:.2f} steps/s -> {steps[variant]} steps", flush=True)
-        runs, warmup = {}, load_config_file("tiny_cpu")["warmup_steps"]
+    runs = {}
+    with run_folders(args.keep, "bench-quality") as tmp:
         for seed_index, seed in enumerate(args.seeds):
             for variant in args.variants if seed_index % 2 == 0 else args.variants[::-1]:
-                output_dir = tmp / f"{variant}-seed{seed}"
-                n = steps[variant]
-                options = [
-                    "--seed", str(seed), "--max_steps", str(n), "--warmup_steps", str(min(warmup, n // 4)),
-                    "--logging_steps", str(max(1, n // 20)), "--eval_steps", str(max(1, n // 4)),
-                    "--save_steps", str(n),
-                ]  # fmt: skip
-                wall = run(variant, output_dir, options, tmp / "log.txt")
-                final = json.loads((output_dir / "eval_results.json").read_text())
-                records = read_records(output_dir)
-                runs[(variant, seed)] = {"final": final, "records": records, "wall": wall}
-                print(variant, seed, f"{final['psnr']:.2f} dB, {training_clock(records)[-1][1]:.0f} s", flush=True)
-
-    summary, rows = {}, []
-    for variant in args.variants:
-        results = [runs[(variant, seed)] for seed in args.seeds]
-        finals = [r["final"] for r in results]
-        continuous = variant == CONTINUOUS
-        summary[variant] = {
-            "psnr": [f["psnr"] for f in finals],
-            "ssim": [f["ssim"] for f in finals],
-            "used_codes": [f["used_codes"] for f in finals],
-            "bits": [f["bits_per_image"] for f in finals],
-            "bicubic_psnr": [f["bicubic_psnr"] for f in finals],
-        }
-        # The continuous run uses standard_fsq's model (512 codes) with the quantizer bypassed: its decoder reads
-        # `tokens` float32 vectors of the encoder's width.
-        tokens = round(finals[0]["bits_per_image"] / math.log2(512))
-        rows.append(
-            [
-                f"{variant}: {VARIANTS[variant][0]}",
-                spread_cell(summary[variant]["psnr"], 2),
-                spread_cell(summary[variant]["ssim"], 3),
-                "-" if continuous else spread_cell([100 * f["codebook_utilization"] for f in finals], 1) + " %",
-                "-" if continuous else spread_cell([f["perplexity"] for f in finals], 0),
-                f"{tokens * VISION_PRESETS['tiny']['hidden_size'] * 32} (float32)"
-                if continuous
-                else f"{finals[0]['bits_per_image']:.0f}",
-                steps[variant],
-                f"{rates[variant]:.2f}",
-                spread_cell([training_clock(r["records"])[-1][1] for r in results], 0),
-            ]
-        )
-    first = runs[(args.variants[0], args.seeds[0])]["final"]
-    rows.append([
-        "bicubic thumbnail (same token grid)", f"{first['bicubic_psnr']:.2f}", f"{first['bicubic_ssim']:.3f}", "-",
-        "-", f"{first['bicubic_bits_per_image']:.0f}", "-", "-", "-",
-    ])  # fmt: skip
-    header = ["variant", "PSNR dB", "SSIM", "codebook use", "perplexity", "bits/image", "steps",
-              "calibrated steps/s", "train s measured"]  # fmt: skip
-    body = (
-        f"Budget {args.budget:.0f} training seconds per run at each variant's calibrated speed (so every seed of a "
-        f"variant trains the same steps; the measured seconds show how busy the machine was), seeds {args.seeds}; "
-        f"cells are mean (min-max over seeds). {first['num_images']} held-out photos, {first['image_size']} px.\n\n"
-        + markdown_table(header, rows)
-        + "\n\n"
-        + verdict(summary)
-    )
-    if args.no_write:
-        print(body)
-    else:
-        plot_curves(runs, rates, CURVES_PNG)
-        body += f"\n![training and validation curves]({CURVES_PNG.name})\n"
-        write_section("bench_quality", "6. Quality at an equal wall-clock budget", body, start_load)
+                result = train_run(
+                    tmp / f"{variant}-seed{seed}", VARIANTS[variant][1], args.steps, seed, variant == CONTINUOUS,
+                    reuse=args.reuse,
+                )  # fmt: skip
+                runs[(variant, seed)] = result
+                use = result["crops"]
+                print(
+                    f"{variant} seed {seed}: {result['final']['psnr']:.2f} dB"
+                    + ("" if use is None else f", {use['used_codes']} of {use['codebook_size']} codes"),
+                    flush=True,
+                )
+    body = report(runs, args.variants, args.seeds, args.steps)
+    if not args.no_write:
+        plot_curves(runs, args.variants, CURVES_PNG)
+        body += f"\n![validation PSNR and codebook use over training]({CURVES_PNG.name})\n"
+    publish("bench_quality", "6. Quality of the variants at an equal number of steps", body, start_load, args.no_write)
     return 0
 
 

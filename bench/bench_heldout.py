@@ -1,0 +1,107 @@
+"""The default model against the bicubic thumbnail on the built-in held-out tiles, scale by scale.
+
+    python bench/bench_heldout.py                          # the output of `vqrae-train` (outputs/vqrae-tiny-cpu)
+    python bench/bench_heldout.py --model out/stage1 --no-write
+
+The held-out set is square tiles of the held-out photos at three scales (`vqrae.image_data.validation_tiles`: the
+photo's shorter side, a half and a quarter of it, each resized to the model's resolution). A quarter-side tile is a
+close-up: smooth, with little beyond its colours, which an 8-bit RGB thumbnail of the token grid (24 bits per patch,
+bicubically enlarged) holds almost exactly, while a token carries about 16 bits. PSNR and SSIM per scale show where
+the tokens win and where the thumbnail does; intervals are 95 % bootstrap intervals over the tiles of a scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from _common import bench_parser, load_average, markdown_table, publish
+
+
+def per_tile(model_path: str) -> tuple[dict, list[str]]:
+    """PSNR and SSIM of every held-out tile through the tokens and through the bicubic thumbnail, and its scale."""
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from vqrae import VQRAEModel, to_pil_images
+    from vqrae.image_data import (
+        VALIDATION_TILE_SCALES,
+        builtin_photos,
+        load_validation_images,
+        processor_resample,
+        to_pixel_values,
+    )
+    from vqrae.training.metrics import bicubic_baseline
+
+    torch.set_num_threads(2)
+    model = VQRAEModel.from_pretrained(model_path).eval()
+    processor = model.get_image_processor()
+    dataset = builtin_photos("validation")
+    validation = load_validation_images(
+        dataset, "image", model.config.vision_config.image_size, dataset_name="builtin", dataset_split="validation",
+        resample=processor_resample(processor),
+    )  # fmt: skip
+    # The scale of each tile, from its size before resizing: per photo, the largest tiles are scale 1, and so on.
+    photos, sides = [name.split("#")[0] for name in dataset["photo"]], [image.width for image in dataset["image"]]
+    scales = []
+    for photo, side in zip(photos, sides):
+        ranked = sorted({s for p, s in zip(photos, sides) if p == photo}, reverse=True)
+        scales.append(VALIDATION_TILE_SCALES[ranked.index(side)])
+
+    def unit(images):
+        return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2) / 255.0
+
+    grid = model.config.token_grid_size
+    values = {"psnr": [], "ssim": [], "bicubic_psnr": [], "bicubic_ssim": []}
+    with torch.no_grad():
+        for start in range(0, len(validation.images), 64):
+            images = validation.images[start : start + 64]
+            indices = model.encode(to_pixel_values(processor, images)).indices
+            ours = unit(to_pil_images(model.decode_from_indices(indices).reconstruction))
+            theirs = unit([bicubic_baseline(image, grid) for image in images])
+            target = unit(images)
+            for prefix, prediction in (("", ours), ("bicubic_", theirs)):
+                psnr = peak_signal_noise_ratio(prediction, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+                ssim = structural_similarity_index_measure(prediction, target, data_range=1.0, reduction="none")
+                values[prefix + "psnr"] += psnr.clamp(max=100).tolist()
+                values[prefix + "ssim"] += ssim.tolist()
+    return {name: np.array(v) for name, v in values.items()}, scales
+
+
+def main(argv=None):
+    from vqrae.training.args import load_config_file
+    from vqrae.training.metrics import bootstrap_interval
+
+    parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
+    parser.add_argument("--model", default=load_config_file("tiny_cpu")["output_dir"])
+    args = parser.parse_args(argv)
+    start_load = load_average()
+    values, scales = per_tile(args.model)
+    scales = np.array(scales)
+
+    def cell(samples: np.ndarray, digits: int) -> str:
+        low, high = bootstrap_interval(samples)
+        return f"{samples.mean():.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+    rows = []
+    for scale in [*sorted(set(scales.tolist()), reverse=True), None]:
+        pick = np.ones(len(scales), bool) if scale is None else scales == scale
+        label = "all tiles" if scale is None else f"{scale:g} of the shorter side"
+        gap = values["psnr"][pick] - values["bicubic_psnr"][pick]
+        rows.append([
+            label, int(pick.sum()), cell(values["psnr"][pick], 2), cell(values["bicubic_psnr"][pick], 2),
+            cell(gap, 2), cell(values["ssim"][pick], 3), cell(values["bicubic_ssim"][pick], 3),
+        ])  # fmt: skip
+    header = ["tiles", "count", "VQRAE PSNR dB", "bicubic PSNR dB", "VQRAE - bicubic, paired", "VQRAE SSIM",
+              "bicubic SSIM"]  # fmt: skip
+    body = (
+        f"Model: `{args.model}` ({Path(args.model).name}); 1022 bits per image in tokens against 1536 in the "
+        "thumbnail. Cells: mean [95 % bootstrap interval over the tiles].\n\n" + markdown_table(header, rows)
+    )
+    publish("bench_heldout", "6c. The default model against the bicubic thumbnail, by tile scale", body, start_load,
+            args.no_write)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
