@@ -177,3 +177,16 @@ def test_codebook_use_on_crops_counts_every_token_of_every_crop():
     assert again == use  # seeded crops: the same figures whatever the batch size
     with pytest.raises(ValueError, match="crops"):
         codebook_use_on_crops(model, images, model.get_image_processor(), num_crops=0)
+
+
+def test_the_ema_copy_carries_the_trained_usage_counts():
+    """The saved model is the EMA copy: integer buffers cannot be averaged, so they are copied; left at their
+    initial value (every code unused) a fine-tuned model would restart its whole trained codebook."""
+    from vqrae.training.state import ExponentialMovingAverage
+
+    model = tiny_model(use_fsq=False, num_embeddings=64, codebook_dim=8).train()
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    ema.update(model)
+    assert torch.equal(ema.model.quantizer.steps_unused, model.quantizer.steps_unused)
+    assert (ema.model.quantizer.steps_unused < 20).all()

@@ -526,9 +526,8 @@ def decode_images(dataset, image_column: str, max_samples: int | None = None) ->
     """The first `max_samples` images of `dataset` (all when `None`), decoded whole as RGB, and the number of
     unreadable ones skipped."""
     counter = ImageDecodeCounter()
-    rows = dataset.take(max_samples) if max_samples is not None and not hasattr(dataset, "__len__") else dataset
     images = []
-    for position, row in enumerate(rows):
+    for position, row in enumerate(dataset):  # a streamed dataset too: stop after `max_samples`
         if max_samples is not None and position >= max_samples:
             break
         image = try_decode(row[image_column], counter)

@@ -354,7 +354,8 @@ class VQRAEVectorQuantizer(_Float32Module):
     so every code moves with every update. The effective codebook `C W^T` is computed once per weight update
     outside training (cached), not on every `indices_to_codes` call.
 
-    Two techniques keep a learned codebook from collapsing onto a few codes (measured in BENCHMARKS.md section 6):
+    Two options against a codebook collapsing onto a few codes (restarts, on in VQRAEConfig, are measured in
+    BENCHMARKS.md sections 6 and 6b; cosine lookup is off by default and not benchmarked there):
 
     - `cosine_lookup`: the latents and the codes are l2-normalised before the search, so the nearest code is the one
       of the closest direction and no code is out of reach for its norm (Yu et al., 2022, "Vector-quantized Image
