@@ -1,5 +1,5 @@
-"""vqrae-tokenize, vqrae-evaluate and vqrae-push: a user error is one line `PROG: error: ...` on stderr and exit
-status 2, run as the user runs them (a real process); a bug keeps its traceback."""
+"""vqrae-train, vqrae-tokenize, vqrae-evaluate and vqrae-push: a user error is one line `PROG: error: ...` on stderr
+and exit status 2, run as the user runs them (a real process); a bug keeps its traceback."""
 
 import subprocess
 import sys
@@ -19,6 +19,13 @@ CASES = {
         "vqrae.tokenize",
         ["--model", "m", "--output_dir", "{tmp}/out", "--dataset_name", "x", "--shard_size", "0"],
         "vqrae-tokenize: error: `--shard_size` must be an integer >= 1 (got 0).",
+    ),
+    # a model option that would do nothing (SimVQ with the default FSQ quantizer), refused by VQRAEConfig
+    "train_option_without_effect": (
+        "vqrae.training.cli",
+        ["--use_simvq", "true", "--max_steps", "1", "--warmup_steps", "0", "--output_dir", "{tmp}/out"],
+        "vqrae-train: error: `use_simvq=True` has no effect with `use_fsq=True`: it needs `use_fsq=False` "
+        "(vqrae-train: --quantizer vq). Pass that, or leave `use_simvq` at its default False.",
     ),
     # a model folder that does not exist, relative to the working directory
     "evaluate_missing_model": (

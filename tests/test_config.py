@@ -96,3 +96,93 @@ def test_old_config_json_without_new_fields_loads(tmp_path):
 def test_invalid_fields_are_named(overrides, error, match):
     with pytest.raises(error, match=match):
         tiny_config(**overrides)
+
+
+# Each group of fields that acts only with another setting: (the field, a value other than its default), the
+# setting that makes it act, and the setting that leaves it inert.
+INEFFECTIVE = [
+    *(
+        (name, value, {"use_fsq": False}, {"use_fsq": True})
+        for name, value in [
+            ("use_simvq", True),
+            ("num_embeddings", 64),
+            ("codebook_dim", 8),
+            ("commitment_cost", 0.5),
+            ("vq_cosine_lookup", True),
+            ("vq_restart_unused_steps", 0),
+        ]
+    ),
+    ("fsq_levels", [8, 8, 8], {"use_fsq": True}, {"use_fsq": False}),
+    ("post_quant_conv_kernel_size", 3, {"use_post_quant_conv": True}, {"use_post_quant_conv": False}),
+    ("post_quant_conv_on_codes", True, {"use_post_quant_conv": True}, {"use_post_quant_conv": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "acting", "inert"), INEFFECTIVE, ids=[case[0] for case in INEFFECTIVE])
+def test_a_field_without_effect_is_refused_unless_at_its_default(name, value, acting, inert):
+    (setting, needed), (_, other) = *acting.items(), *inert.items()
+    assert getattr(tiny_config(**acting, **{name: value}), name) == value
+    default = getattr(tiny_config(**inert), name)
+    assert getattr(tiny_config(**inert, **{name: default}), name) == default  # the default, even spelt out, is fine
+    match = (
+        rf"^`{name}={value!r}` has no effect with `{setting}={other}`: it needs `{setting}={needed}` \(.*\)\. Pass "
+        rf"that, or leave `{name}` at its default {default!r}\.$"
+    )
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        tiny_config(**inert, **{name: value})
+
+
+@pytest.mark.parametrize("use_fsq", [True, False])
+def test_a_config_json_of_an_earlier_version_with_every_field_at_its_default_loads(use_fsq, tmp_path):
+    # Earlier versions wrote every field; those that did nothing held their defaults.
+    old = {
+        "model_type": "vqrae",
+        "vision_config": dict(TINY_VISION, model_type="siglip_vision_model"),
+        "use_fsq": use_fsq,
+        "fsq_levels": [8, 8, 8, 5, 5, 5] if not use_fsq else [8, 8, 8],
+        "num_embeddings": 16384 if use_fsq else 64,
+        "codebook_dim": None,
+        "commitment_cost": 0.25,
+        "use_simvq": False,
+        "vq_cosine_lookup": False,
+        "vq_restart_unused_steps": 20,
+        "use_post_quant_conv": False,
+        "post_quant_conv_kernel_size": 1,
+        "post_quant_conv_on_codes": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = VQRAEConfig.from_pretrained(tmp_path)
+    assert config.use_fsq is use_fsq and config.codebook_size == (512 if use_fsq else 64)
+
+
+def _training_presets():
+    from vqrae.training.args import preset_config_dir
+
+    return sorted(path.stem for path in preset_config_dir().glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", _training_presets())
+def test_every_training_preset_builds_its_model(preset):
+    """Each YAML preset, on a random tiny encoder (with the size's decoder fields) and as the config it gives a
+    pretrained encoder, with and without `--use_simvq` where it trains VQ."""
+    from vqrae.training.args import parse_args
+    from vqrae.training.trainer import build_model
+
+    assert {"cosmos_fsq", "standard_fsq", "tiny_cpu", "vq"} <= set(_training_presets())
+    model_args, _, _ = parse_args(["--config", preset])
+    model = build_model(model_args)
+    assert model.config.use_post_quant_conv == (model.post_quant_conv is not None)
+    VQRAEConfig(vision_config=dict(TINY_VISION), **model_args.config_kwargs())
+    if not model.config.use_fsq:
+        simvq_args, _, _ = parse_args(["--config", preset, "--use_simvq", "true"])
+        assert build_model(simvq_args).config.use_simvq is True
+
+
+@pytest.mark.parametrize("name", sorted(SEED_PRESETS))
+def test_every_quantizer_preset_builds_with_and_without_the_size_fields(name):
+    from vqrae.training.args import ModelArguments
+
+    for size_preset in (False, True):
+        kwargs = ModelArguments(quantizer=name).config_kwargs(size_preset=size_preset)
+        config = VQRAEConfig(vision_config=dict(TINY_VISION), **kwargs)
+        assert config.use_fsq == SEED_PRESETS[name]["use_fsq"]

@@ -23,6 +23,22 @@ PREPROCESSOR_FIELDS = (
     "rescale_factor",
     "do_convert_rgb",
 )
+DEFAULT_FSQ_LEVELS = (8, 8, 8, 5, 5, 5)
+# Fields that act only with another setting: field -> (that setting, the value it needs, how vqrae-train sets it).
+# Anywhere else such a field must keep its default, so a config never records an option that did nothing.
+_NEEDS_VQ = ("use_fsq", False, "--quantizer vq")
+_NEEDS_POST_QUANT_CONV = ("use_post_quant_conv", True, "--use_post_quant_conv true")
+EFFECTIVE_ONLY_WITH = {
+    "num_embeddings": _NEEDS_VQ,
+    "codebook_dim": _NEEDS_VQ,
+    "commitment_cost": _NEEDS_VQ,
+    "use_simvq": _NEEDS_VQ,
+    "vq_cosine_lookup": _NEEDS_VQ,
+    "vq_restart_unused_steps": _NEEDS_VQ,
+    "fsq_levels": ("use_fsq", True, "--quantizer cosmos_fsq or standard_fsq"),
+    "post_quant_conv_kernel_size": _NEEDS_POST_QUANT_CONV,
+    "post_quant_conv_on_codes": _NEEDS_POST_QUANT_CONV,
+}
 
 
 def _is_int(value) -> bool:
@@ -62,7 +78,9 @@ class VQRAEConfig(PreTrainedConfig):
     r"""
     Configuration of a [`VQRAEModel`]: a SigLIP vision encoder, a quantizer (FSQ or a learned VQ codebook), an
     optional `post_quant_conv` and code normalisation, and a ViT decoder. Every field is validated here, before any
-    layer is built.
+    layer is built. A field that acts only with another setting (the VQ fields with `use_fsq=False`, `fsq_levels`
+    with `use_fsq=True`, the `post_quant_conv_*` fields with `use_post_quant_conv=True`) must otherwise keep its
+    default: an option that would do nothing is refused, never recorded.
 
     Args:
         vision_config (`dict` or `SiglipVisionConfig`, *optional*):
@@ -175,7 +193,7 @@ class VQRAEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.fsq_levels is None:
-            self.fsq_levels = [8, 8, 8, 5, 5, 5]
+            self.fsq_levels = list(DEFAULT_FSQ_LEVELS)
         elif isinstance(self.fsq_levels, tuple):
             self.fsq_levels = list(self.fsq_levels)
         if isinstance(self.vision_config, dict):
@@ -266,11 +284,6 @@ class VQRAEConfig(PreTrainedConfig):
             raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {self.fsq_levels!r}).")
         _check_at_least("num_embeddings", self.num_embeddings, 2)
         _check_at_least("codebook_dim", self.codebook_dim, 1)
-        if self.post_quant_conv_on_codes and not self.use_post_quant_conv:
-            raise ValueError(
-                "`post_quant_conv_on_codes=True` places `post_quant_conv` on the quantizer's codes, so it needs "
-                "`use_post_quant_conv=True` (got use_post_quant_conv=False)."
-            )
         if self.vq_restart_unused_steps < 0:
             raise ValueError(
                 "`vq_restart_unused_steps` must be an integer >= 0 (0: never restart unused codes), got "
@@ -283,6 +296,22 @@ class VQRAEConfig(PreTrainedConfig):
             raise ValueError(
                 "`post_quant_conv_kernel_size` must be a positive odd integer, so the token grid keeps its size "
                 f"(got {kernel!r})."
+            )
+        self._refuse_ineffective_fields()
+
+    def _refuse_ineffective_fields(self) -> None:
+        """A field that does nothing in this configuration (`use_simvq=True` with FSQ, a kernel size without
+        `post_quant_conv`, ...) is refused unless it holds its default: otherwise config.json would record a setting
+        the model never used. Configs written before this check hold the defaults there, and still load."""
+        fields = type(self).__dataclass_fields__
+        for name, (setting, needed, option) in EFFECTIVE_ONLY_WITH.items():
+            value = getattr(self, name)
+            default = list(DEFAULT_FSQ_LEVELS) if name == "fsq_levels" else fields[name].default
+            if getattr(self, setting) == needed or value == default:
+                continue
+            raise ValueError(
+                f"`{name}={value!r}` has no effect with `{setting}={not needed}`: it needs `{setting}={needed}` "
+                f"(vqrae-train: {option}). Pass that, or leave `{name}` at its default {default!r}."
             )
 
     def validate_preprocessor_config(self) -> None:

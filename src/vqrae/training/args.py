@@ -195,11 +195,13 @@ class ModelArguments:
         every field given explicitly."""
         preset = self.quantizer or default_quantizer
         kwargs = dict(QUANTIZER_PRESETS[preset]) if preset is not None else {}
+        explicit = {name: getattr(self, name) for name in MODEL_CONFIG_FIELDS if getattr(self, name) is not None}
         if size_preset:
             kwargs.update(SIZE_PRESET_MODEL_FIELDS.get(self.vision_config or "tiny", {}))
-        for name in MODEL_CONFIG_FIELDS:
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
+        kwargs.update(explicit)
+        if size_preset and not kwargs.get("use_post_quant_conv") and "post_quant_conv_kernel_size" not in explicit:
+            # The size's kernel is for a quantizer with a post_quant_conv; without one it would do nothing (refused).
+            kwargs.pop("post_quant_conv_kernel_size", None)
         return kwargs
 
 
