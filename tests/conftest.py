@@ -73,6 +73,39 @@ def session_dir():
     return _SESSION_DIR
 
 
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """`(wheel, site)`: vqrae built as a wheel from this checkout and installed into the folder `site` (put it on
+    PYTHONPATH to run the installed package, away from the checkout's `src/` and top-level folders)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        pytest.skip("not run from a source checkout")
+    work = tmp_path_factory.mktemp("packaging")
+    source = work / "source"
+    source.mkdir()
+    shutil.copy(root / "pyproject.toml", source)
+    shutil.copy(root / "README.md", source)
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "wheel"), str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (work / "wheel").glob("vqrae-*.whl")
+    install = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(work / "site"), str(wheel)], capture_output=True, text=True
+    )
+    assert install.returncode == 0, install.stderr
+    return wheel, work / "site"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training runs in this process
 # ---------------------------------------------------------------------------------------------------------------

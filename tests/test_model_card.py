@@ -234,34 +234,15 @@ def test_quickstart_from_the_card_runs_against_the_saved_folder(run_folder, tmp_
 # -- packaging -------------------------------------------------------------------------------------------------------
 
 
-def test_template_ships_in_the_wheel_and_renders_from_a_non_editable_install(run_folder, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        pytest.skip("not run from a source checkout")
-    source = tmp_path / "source"
-    source.mkdir()
-    shutil.copy(root / "pyproject.toml", source)
-    shutil.copy(root / "README.md", source)
-    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    build = subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = (tmp_path / "wheel").glob("vqrae-*.whl")
-    install = subprocess.run(
-        [*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], capture_output=True, text=True
-    )
-    assert install.returncode == 0, install.stderr
+def test_template_ships_in_the_wheel_and_renders_from_a_non_editable_install(run_folder, installed_wheel, tmp_path):
+    _, site = installed_wheel
     script = (
         "import vqrae, sys\n"
-        f"assert vqrae.__file__.startswith({str(tmp_path / 'site')!r}), vqrae.__file__\n"
+        f"assert vqrae.__file__.startswith({str(site)!r}), vqrae.__file__\n"
         "from vqrae.training.model_card import render_model_card\n"
         f"print(render_model_card({str(run_folder)!r}, 'org/vqrae-tiny').data.model_name)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "vqrae-tiny"

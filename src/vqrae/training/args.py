@@ -1,6 +1,6 @@
 """Options of `vqrae-train`, as dataclasses for `transformers.HfArgumentParser`.
 
-Options come from a YAML file (`--config`, a path or the name of a preset in `configs/`) overridden by the
+Options come from a YAML file (`--config`, a path or the name of a preset in `vqrae/configs/`) overridden by the
 command line. Names follow `transformers.TrainingArguments` where one exists. The defaults are the built-in CPU
 run (`configs/tiny_cpu.yaml` spells them out): `vqrae-train` with no arguments trains it.
 """
@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from ..atomic_io import atomic_write
@@ -408,10 +409,9 @@ class VQRAETrainingArguments:
 ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, VQRAETrainingArguments)
 
 
-def preset_config_dir() -> Path | None:
-    """The repository's `configs/` folder (next to `src/`), when vqrae runs from a source checkout."""
-    candidate = Path(__file__).resolve().parents[3] / "configs"
-    return candidate if candidate.is_dir() else None
+def preset_config_dir() -> Path:
+    """The YAML presets, shipped inside the package (`vqrae/configs/`; the repository's `configs/` links to it)."""
+    return Path(str(resources.files("vqrae").joinpath("configs")))
 
 
 def _resolve_config_path(config: str) -> Path:
@@ -419,12 +419,10 @@ def _resolve_config_path(config: str) -> Path:
     if path.is_file():
         return path
     folder = preset_config_dir()
-    presets = sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
-    if folder is not None and config in presets:
+    presets = sorted(p.stem for p in folder.glob("*.yaml"))
+    if config in presets:
         return folder / f"{config}.yaml"
-    raise UsageError(
-        f"`config` must be a YAML file or the name of a preset in configs/ (got {config!r}; presets: {presets})."
-    )
+    raise UsageError(f"`config` must be a YAML file or the name of a preset (got {config!r}; presets: {presets}).")
 
 
 def load_config_file(config: str) -> dict:
