@@ -131,6 +131,10 @@ def test_a_non_square_photo_is_prepared_alike_by_the_quickstart_tokenize_and_eva
     # Squeezing the whole photo instead would give other pixels: the test tells the two apart.
     squeezed = processor(images=photo.resize((32, 32), 2), return_tensors="pt").pixel_values
     assert not torch.equal(squeezed, quickstart.pixel_values)
+    # `--crop none` squeezes the whole photo, though the processor itself would cut the square.
+    torch.testing.assert_close(
+        ImagePreparation(processor, "image", [], "none", None)({"image": photo}, 0)[2], squeezed[0]
+    )
 
 
 def test_sigkill_halfway_then_resume_equals_one_run(setup):
