@@ -47,7 +47,7 @@ def per_image_psnr(folder: Path) -> np.ndarray:
         for start in range(0, len(validation.images), 64):
             images = validation.images[start : start + 64]
             indices = model.encode(to_pixel_values(processor, images)).indices
-            reconstructions = to_pil_images(model.decode_from_indices(indices).reconstruction)
+            reconstructions = to_pil_images(model.decode_from_indices(indices).reconstruction, processor)
             for original, reconstruction in zip(images, reconstructions):
                 error = np.mean((np.asarray(original, float) - np.asarray(reconstruction, float)) ** 2)
                 values.append(10 * np.log10(255**2 / max(error, 1e-10)))

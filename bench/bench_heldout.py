@@ -57,7 +57,7 @@ def per_tile(model_path: str) -> tuple[dict, list[str]]:
         for start in range(0, len(validation.images), 64):
             images = validation.images[start : start + 64]
             indices = model.encode(to_pixel_values(processor, images)).indices
-            ours = unit(to_pil_images(model.decode_from_indices(indices).reconstruction))
+            ours = unit(to_pil_images(model.decode_from_indices(indices).reconstruction, processor))
             theirs = unit([bicubic_baseline(image, grid) for image in images])
             target = unit(images)
             for prefix, prediction in (("", ours), ("bicubic_", theirs)):

@@ -245,3 +245,24 @@ def test_validation_tiles_cover_several_scales_and_overlap_at_most_half(size):
     assert share_of_larger[same_side].max() <= 0.5  # tiles of one scale: at most half of either
     assert share_of_larger[same_side].max() > 0.2  # ... and neighbours do overlap (a grid at half strides)
     assert len(set(tiles)) == len(tiles)
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
+def test_square_images_get_the_pixels_of_a_plain_resize(resample):
+    """The training crops and the built-in validation tiles are square: the model's centre-cropping processor and
+    `center_square` give them exactly the pixels a plain resize to the model's resolution gives (so centre
+    cropping non-square photos leaves the default run's numerics as they were)."""
+    from transformers import SiglipImageProcessorPil
+
+    from vqrae.image_data import center_square
+
+    processor = tiny_model(preprocessor_config={"resample": int(resample)}).get_image_processor()
+    squeeze = SiglipImageProcessorPil(size={"height": 32, "width": 32}, resample=resample)
+    rng = np.random.default_rng(0)
+    for side in (32, 47, 100):
+        image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        square = center_square(image, 32, resample)
+        np.testing.assert_array_equal(np.asarray(square), np.asarray(image.resize((32, 32), resample)))
+        for picture in (image, square):
+            expected = squeeze(images=[picture], return_tensors="pt").pixel_values
+            assert torch.equal(processor(images=[picture], return_tensors="pt").pixel_values, expected)

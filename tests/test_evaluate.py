@@ -74,7 +74,9 @@ def test_results_and_pictures_from_a_folder(setup):
     pixel_values = model.get_image_processor()(images=[original], return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         reconstruction = model.decode_from_indices(model.encode(pixel_values).indices).reconstruction
-    np.testing.assert_array_equal(np.asarray(result.reconstructions[1]), np.asarray(to_pil_images(reconstruction)[0]))
+    np.testing.assert_array_equal(
+        np.asarray(result.reconstructions[1]), np.asarray(to_pil_images(reconstruction, model)[0])
+    )
 
 
 def test_reproduces_the_eval_results_of_a_training_run(tmp_path):

@@ -165,7 +165,8 @@ def test_encoder_preprocessing_travels_with_the_model(tmp_path):
     assert model.get_image_processor().resample == Image.Resampling.BILINEAR
     model.save_pretrained(tmp_path / "vqrae")
     saved = json.loads((tmp_path / "vqrae" / "preprocessor_config.json").read_text())
-    assert saved["resample"] == 2 and saved["size"] == {"height": 32, "width": 32}
+    assert saved["resample"] == 2 and saved["size"] == {"shortest_edge": 32}  # then the centred 32 px square
+    assert saved["do_center_crop"] is True and saved["crop_size"] == {"height": 32, "width": 32}
     assert AutoImageProcessor.from_pretrained(tmp_path / "vqrae").resample == Image.Resampling.BILINEAR
     reloaded = AutoModel.from_pretrained(tmp_path / "vqrae")
     assert reloaded.get_image_processor().resample == Image.Resampling.BILINEAR

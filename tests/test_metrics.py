@@ -46,7 +46,7 @@ def test_metrics_match_an_independent_computation(validation):
     pixel_values = processor(images=validation.images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         indices = model.encode(pixel_values).indices
-        reconstructions = vqrae.to_pil_images(model.decode_from_indices(indices).reconstruction)
+        reconstructions = vqrae.to_pil_images(model.decode_from_indices(indices).reconstruction, processor)
     target, preds = _unit(validation.images), _unit(reconstructions)
     psnr = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
     ssim = structural_similarity_index_measure(preds, target, data_range=1.0)

@@ -225,7 +225,9 @@ def test_quickstart_from_the_card_runs_against_the_saved_folder(run_folder, tmp_
         images=Image.open(work / "image.jpg").convert("RGB"), return_tensors="pt"
     ).pixel_values
     with torch.no_grad():
-        expected = to_pil_images(model.decode_from_indices(model.encode(pixel_values).indices).reconstruction)[0]
+        expected = to_pil_images(model.decode_from_indices(model.encode(pixel_values).indices).reconstruction, model)[
+            0
+        ]
     produced = np.asarray(Image.open(work / "reconstruction.png"), dtype=np.int16)
     assert produced.shape == (32, 32, 3)
     assert np.abs(produced - np.asarray(expected, dtype=np.int16)).max() <= 1

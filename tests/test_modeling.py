@@ -116,8 +116,37 @@ def test_image_processor_matches_the_encoder(tmp_path):
     torch.testing.assert_close(pixel_values[0, :, 10, 10], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]))
     from vqrae import to_pil_images
 
-    back = to_pil_images(pixel_values)[0]
+    back = to_pil_images(pixel_values, processor)[0]
     assert back.size == (32, 32) and back.getpixel((10, 10)) == (255, 0, 128)
+
+
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [None, IMAGENET, {"rescale_factor": 1 / 127.5, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]}],
+    ids=["siglip", "imagenet", "rescale"],
+)
+def test_to_pil_images_undoes_the_models_own_normalisation(tmp_path, settings):
+    """Pixels prepared by the model's processor come back as the same 8-bit image, whatever mean, std and rescale
+    the encoder uses: from the saved processor, the model or its config; without one nothing is assumed."""
+    import numpy as np
+    from PIL import Image
+
+    from vqrae import to_pil_images
+
+    model = tiny_model(preprocessor_config=settings)
+    model.save_pretrained(tmp_path)
+    array = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    pixel_values = processor(images=[Image.fromarray(array)], return_tensors="pt")["pixel_values"]
+    for source in (processor, model, model.config):
+        np.testing.assert_array_equal(np.asarray(to_pil_images(pixel_values, source)[0]), array)
+    with pytest.raises(TypeError):
+        to_pil_images(pixel_values)
+    with pytest.raises(TypeError, match="must be the model's image processor"):
+        to_pil_images(pixel_values, 0.5)
 
 
 def test_other_resolutions_follow_the_image():

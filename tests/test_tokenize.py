@@ -88,20 +88,53 @@ def test_rows_hold_the_tokens_of_each_image(setup):
     assert dataset["id"] == [f"photo_{i:02d}.png" for i in range(NUM_READABLE)]
     assert dataset["index"] == [i if i <= 5 else i + 1 for i in range(NUM_READABLE)]
 
-    # The tokens are the model's own: centre square, resized by the image processor's rules, encoded.
+    # The tokens are the README quickstart's: the model's saved image processor alone (centre square), encoded.
     from transformers import AutoImageProcessor, AutoModel
 
     model = AutoModel.from_pretrained(model_dir).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir)
     for row in (dataset[0], dataset[6], dataset[17]):
         image = Image.open(images / row["id"]).convert("RGB")
-        side = min(image.size)
-        box = ((image.width - side) // 2, (image.height - side) // 2)
-        image = image.resize((32, 32), Image.Resampling.BICUBIC, box=(*box, box[0] + side, box[1] + side))
+        assert image.width != image.height
         pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             expected = model.encode(pixel_values).indices[0]
         np.testing.assert_array_equal(np.asarray(row["indices"]), expected.numpy())
+
+
+def test_a_non_square_photo_is_prepared_alike_by_the_quickstart_tokenize_and_evaluate(tmp_path):
+    """One preprocessing: `AutoImageProcessor` of the saved model (the quickstart), `vqrae-tokenize` and
+    `vqrae-evaluate`'s validation images cut the same centred square of a 451 x 300 photo, pixel for pixel."""
+    from skimage import data
+    from transformers import AutoImageProcessor
+
+    from vqrae.image_data import load_image_dataset, load_validation_images
+    from vqrae.tokenize import ImagePreparation
+
+    photo = Image.fromarray(data.chelsea())
+    (tmp_path / "photos").mkdir()
+    photo.save(tmp_path / "photos" / "chelsea.png")
+    tiny_model(seed=3, preprocessor_config={"resample": 2}).save_pretrained(tmp_path / "model")
+    output = _run(tmp_path, str(tmp_path / "model"), tmp_path / "photos", "tokens")
+
+    model, processor = load_model_and_processor(str(tmp_path / "model"))
+    quickstart = AutoImageProcessor.from_pretrained(tmp_path / "model")(images=photo, return_tensors="pt")
+    tokenized = ImagePreparation(processor, "image", [], "center", None)({"image": photo}, 0)[2]
+    torch.testing.assert_close(tokenized, quickstart.pixel_values[0], rtol=0, atol=0)
+    with torch.inference_mode():
+        expected = model.encode(quickstart.pixel_values).indices[0].numpy()
+    np.testing.assert_array_equal(np.asarray(load_token_dataset(output)[0]["indices"]), expected)
+    dataset, column = load_image_dataset("train", train_dir=str(tmp_path / "photos"))
+    validation = load_validation_images(dataset, column, 32, dataset_name="photos", dataset_split="train", resample=2)
+    evaluated = processor(images=validation.images, return_tensors="pt").pixel_values
+    torch.testing.assert_close(evaluated, quickstart.pixel_values, rtol=0, atol=0)
+    # Squeezing the whole photo instead would give other pixels: the test tells the two apart.
+    squeezed = processor(images=photo.resize((32, 32), 2), return_tensors="pt").pixel_values
+    assert not torch.equal(squeezed, quickstart.pixel_values)
+    # `--crop none` squeezes the whole photo, though the processor itself would cut the square.
+    torch.testing.assert_close(
+        ImagePreparation(processor, "image", [], "none", None)({"image": photo}, 0)[2], squeezed[0]
+    )
 
 
 def test_sigkill_halfway_then_resume_equals_one_run(setup):
@@ -189,7 +222,7 @@ def test_decoding_rows_gives_the_images_of_decode_from_indices(setup):
     batch = dataset[3:8]
     with torch.inference_mode():
         tokens = torch.as_tensor(np.stack([np.asarray(grid) for grid in batch["indices"]])).long()
-        expected = to_pil_images(model.decode_from_indices(tokens).reconstruction)
+        expected = to_pil_images(model.decode_from_indices(tokens).reconstruction, model)
     decoded = decode_token_rows(model, batch, batch_size=2)
     assert len(decoded) == 5 and decoded[0].size == (32, 32) and decoded[0].mode == "RGB"
     for got, want in zip(decoded, expected):

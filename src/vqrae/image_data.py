@@ -42,7 +42,7 @@ __all__ = [
     "UNREADABLE_ERRORS",
     "ValidationImages",
     "builtin_photos",
-    "center_crop_box",
+    "center_square",
     "dataset_identity",
     "decode_image",
     "hold_out",
@@ -206,11 +206,19 @@ def random_resized_crop_box(
     return left, top, left + crop_w, top + crop_h
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The largest centred square `(left, top, right, bottom)`."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
+def center_square(image: Image.Image, image_size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """The largest centred square of `image` at `image_size` px, cut by the model's image processor's own code with
+    its crop (`vqrae.modeling_vqrae.center_crop_settings`): `vqrae-tokenize`, `vqrae-evaluate`, the training's
+    validation images and `AutoImageProcessor.from_pretrained(model folder)` give the same pixels."""
+    from transformers import SiglipImageProcessorPil
+
+    from .modeling_vqrae import center_crop_settings
+
+    crop = SiglipImageProcessorPil(
+        **center_crop_settings(image_size), resample=resample, do_rescale=False, do_normalize=False
+    )
+    array = crop(images=[image], return_tensors="np")["pixel_values"][0]  # (3, S, S) uint8
+    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
 
 
 def processor_resample(image_processor) -> int:
@@ -550,8 +558,8 @@ def load_validation_images(
     held_out: dict | None = None,
 ) -> ValidationImages:
     """Decode this process's share of the first `max_samples` examples of `dataset` (every `num_processes`-th
-    example, starting at `process_index`), each cut to its largest centred square and resized (with `resample`, the
-    image processor's filter) to `image_size`. Unreadable images are skipped and counted. `held_out` (from
+    example, starting at `process_index`), each cut to its largest centred square at `image_size` (`center_square`,
+    with `resample`, the image processor's filter). Unreadable images are skipped and counted. `held_out` (from
     `hold_out`) is carried into the results."""
     counter = ImageDecodeCounter()
     images, indices, total = [], [], None
@@ -565,8 +573,7 @@ def load_validation_images(
         image = try_decode(row[image_column], counter)
         if image is None:
             continue
-        box = center_crop_box(image.width, image.height)
-        images.append(image.resize((image_size, image_size), resample, box=box))
+        images.append(center_square(image, image_size, resample))
         indices.append(index)
     return ValidationImages(
         images=images,

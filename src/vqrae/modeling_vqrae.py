@@ -563,15 +563,8 @@ class VQRAEModel(VQRAEPreTrainedModel):
     # -- saving ----------------------------------------------------------------------------------------------------
 
     def get_image_processor(self):
-        """The image processor that prepares images exactly as the encoder expects: resized to the encoder's
-        resolution with the encoder checkpoint's own settings (`config.preprocessor_config`; SigLIP2: bilinear),
-        else SigLIP's (bicubic resize, rescale to [0, 1], normalise with mean = std = 0.5: pixels in [-1, 1])."""
-        from transformers import SiglipImageProcessorPil
-
-        settings = dict(self.config.preprocessor_config or {})
-        settings.pop("image_processor_type", None)
-        size = self.config.vision_config.image_size
-        return SiglipImageProcessorPil(size={"height": size, "width": size}, **settings)
+        """The image processor that prepares images exactly as the encoder expects (`image_processor_for`)."""
+        return image_processor_for(self.config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a `preprocessor_config.json` for `AutoImageProcessor`.
@@ -730,6 +723,28 @@ def _read_encoder_preprocessing(encoder_name_or_path: str, image_size: int, hub_
     return {key: settings[key] for key in PREPROCESSOR_FIELDS if settings.get(key) is not None}
 
 
+def center_crop_settings(image_size: int) -> dict:
+    """Image processor settings that cut the largest centred square: the shorter side resized to `image_size`,
+    then the centred `image_size` square. A square image is only resized, so square crops pass unchanged."""
+    return {
+        "size": {"shortest_edge": image_size},
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+    }
+
+
+def image_processor_for(config: VQRAEConfig):
+    """The image processor of a model with this `config`: the largest centred square at the encoder's resolution
+    (`center_crop_settings`), resized with the encoder checkpoint's own settings (`config.preprocessor_config`;
+    SigLIP2: bilinear), else SigLIP's (bicubic, rescale to [0, 1], mean = std = 0.5: pixels in [-1, 1]). Saved as
+    `preprocessor_config.json`, so `AutoImageProcessor` prepares images as `vqrae-tokenize` and `vqrae-evaluate` do."""
+    from transformers import SiglipImageProcessorPil
+
+    settings = dict(config.preprocessor_config or {})
+    settings.pop("image_processor_type", None)
+    return SiglipImageProcessorPil(**center_crop_settings(config.vision_config.image_size), **settings)
+
+
 def VQRAE(**config_kwargs) -> VQRAEModel:
     """The seed's spelling: build a randomly initialised [`VQRAEModel`] from [`VQRAEConfig`] keyword arguments.
 
@@ -748,4 +763,6 @@ __all__ = [
     "VQRAEModel",
     "VQRAEModelOutput",
     "VQRAEPreTrainedModel",
+    "center_crop_settings",
+    "image_processor_for",
 ]

@@ -266,19 +266,18 @@ def decode_token_rows(model, rows, batch_size: int = 32, image_processor=None) -
         model (`VQRAEModel`): the tokenizer that made the tokens (or one with the same codebook and decoder).
         rows: what [`token_rows_to_indices`] accepts: dataset rows, a batch of them, or `(B, h, w)` token grids.
         batch_size (`int`, *optional*, defaults to 32): grids decoded per forward pass.
-        image_processor (*optional*): the processor whose `image_mean` / `image_std` undo the normalisation;
-            defaults to the model's own (SigLIP: 0.5 / 0.5).
+        image_processor (*optional*): the processor whose rescale, `image_mean` and `image_std` are undone;
+            defaults to the model's own (`model.get_image_processor()`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1 (got {batch_size!r}).")
     indices = token_rows_to_indices(rows)
     processor = image_processor if image_processor is not None else model.get_image_processor()
-    mean, std = processor.image_mean, processor.image_std
     device = next(model.parameters()).device
     images = []
     with torch.inference_mode():
         for start in range(0, indices.shape[0], batch_size):
             batch = indices[start : start + batch_size].to(device)
             reconstruction = model.decode_from_indices(batch, return_dict=True).reconstruction
-            images.extend(to_pil_images(reconstruction, mean, std))
+            images.extend(to_pil_images(reconstruction, processor))
     return images

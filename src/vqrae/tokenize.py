@@ -128,7 +128,7 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
         default="center",
         metadata={
             "help": "`center`: the largest centred square, resized to the model's resolution (as validation images "
-            "are); `none`: the whole image, resized (squeezed) by the image processor."
+            "are, and as the model's saved image processor does); `none`: the whole image, squeezed to that square."
         },
     )
     shard_size: int = field(default=1000, metadata={"help": "Images per Parquet shard (the resume unit)."})
@@ -313,9 +313,9 @@ def image_identifier(value, index: int, root: Path | None) -> str:
 @dataclass
 class ImagePreparation:
     """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.image_data.decode_image`), cut to its
-    largest centred square and resized to the model's resolution with the processor's resampling (`crop="center"`,
-    as validation images are prepared) or left whole for the processor to resize (`crop="none"`), then passed
-    through the model's image processor."""
+    largest centred square at the model's resolution (`crop="center"`: `vqrae.image_data.center_square`, as
+    validation images and the model's own image processor cut it) or squeezed whole to that square
+    (`crop="none"`), with the processor's resampling, then passed through the model's image processor."""
 
     processor: object
     image_column: str
@@ -324,7 +324,7 @@ class ImagePreparation:
     root: Path | None
 
     def __call__(self, row: dict, index: int):
-        from .image_data import UNREADABLE_ERRORS, center_crop_box, decode_image, processor_resample, processor_size
+        from .image_data import UNREADABLE_ERRORS, center_square, decode_image, processor_resample, processor_size
 
         value = row[self.image_column]
         identifier = image_identifier(value, index, self.root)
@@ -334,10 +334,11 @@ class ImagePreparation:
         except UNREADABLE_ERRORS as error:
             logger.warning("Skipping unreadable image %s (index %d): %s", identifier, index, error)
             return index, identifier, None, kept
+        side = processor_size(self.processor, None)
         if self.crop == "center":
-            side = processor_size(self.processor, None)
-            box = center_crop_box(image.width, image.height)
-            image = image.resize((side, side), processor_resample(self.processor), box=box)
+            image = center_square(image, side, processor_resample(self.processor))
+        else:  # squeezed to a square, whatever crop the processor is set to
+            image = image.resize((side, side), processor_resample(self.processor))
         pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
         return index, identifier, pixel_values, kept
 

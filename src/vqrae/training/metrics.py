@@ -46,6 +46,7 @@ from PIL import Image
 
 from ..atomic_io import atomic_write
 from ..image_data import ValidationImages, processor_resample, random_resized_crop_box, to_pixel_values
+from ..image_utils import denormalize
 from ..quantizers import codebook_statistics
 from .run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
 
@@ -232,12 +233,10 @@ def _evaluate_batch(model, images: list[Image.Image], image_processor, device, f
     with torch.autocast(device_type=device.type, enabled=False):
         tokens = model.encode(pixel_values).indices
         reconstruction = model.decode_from_indices(tokens).reconstruction.float()
-    mean = torch.as_tensor(image_processor.image_mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.as_tensor(image_processor.image_std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     grid = tuple(tokens.shape[-2:])
     batch = {
         "original": _unit_to_uint8(_to_unit_tensor(images)),
-        "reconstruction": _unit_to_uint8(reconstruction * std + mean).cpu(),
+        "reconstruction": _unit_to_uint8(denormalize(reconstruction, image_processor)).cpu(),
         "bicubic": _unit_to_uint8(_to_unit_tensor([bicubic_baseline(image, grid) for image in images])),
         "tokens": tokens.cpu().numpy(),
     }
