@@ -18,6 +18,7 @@ Training streams (random crops) live in `vqrae.training.data`; tokenizing and ev
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -37,6 +38,7 @@ __all__ = [
     "BUILTIN_TRAIN_PHOTOS",
     "BUILTIN_VALIDATION_PHOTOS",
     "HOLD_OUT_SEED",
+    "ID_COLUMNS",
     "ImageDecodeCounter",
     "MissingSplitError",
     "UNREADABLE_ERRORS",
@@ -45,7 +47,10 @@ __all__ = [
     "center_crop_box",
     "dataset_identity",
     "decode_image",
+    "example_identities",
+    "example_identity",
     "hold_out",
+    "id_column",
     "load_image_dataset",
     "load_validation_images",
     "processor_resample",
@@ -431,54 +436,107 @@ class MissingSplitError(UsageError):
     """The dataset has no split of the requested name (most image datasets have only `train`)."""
 
 
-# The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images.
+# The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images. It salts
+# the hash that puts each example on its side.
 HOLD_OUT_SEED = 0x5EED_0DD5
 
+# Columns that name an example in a `datasets` dataset, looked for in this order (see `example_identity`).
+ID_COLUMNS = ("id", "image_id")
 
-def hold_out(dataset, percentage: float):
-    """Split `dataset` into `(train, validation, info)`, holding out `percentage` % of its examples for validation.
 
-    Deterministic and independent of the training seed: a map-style dataset holds out exactly
-    `max(1, round(n * percentage / 100))` examples chosen by a permutation seeded with `HOLD_OUT_SEED` (both parts
-    keep the dataset's order); a streamed dataset holds out each example whose hash of its position in the stream
-    falls in the lowest `percentage` % (so about that share). `info` says what was held out (for the log and
-    `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
+def id_column(dataset) -> str | None:
+    """The dataset's id column (the first of `ID_COLUMNS` it has), or None."""
+    columns = dataset.column_names or []
+    return next((name for name in ID_COLUMNS if name in columns), None)
+
+
+def example_identity(row: dict, image_column: str, *, id_name: str | None = None, root: str | None = None) -> str:
+    """What names an example whatever else is in the data: its id (`row[id_name]`, the dataset's id column), else
+    the file its image was read from (relative to the folder `root` when inside it), else the SHA-256 of the
+    image's bytes. `row[image_column]` is an undecoded image value (`{"bytes", "path"}`, a path or bytes)."""
+    if id_name is not None and row.get(id_name) is not None:
+        return str(row[id_name])
+    value = row[image_column]
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    if data is None and path:
+        return _relative_path(os.fspath(path), root)
+    if data is not None:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    raise UsageError(f"Column {image_column!r} holds a {type(value).__name__}, not an image; pass --image_column.")
+
+
+def _relative_path(path: str, root: str | None) -> str:
+    """`path` relative to the folder `root` (as given or with its links resolved) when inside it, in `/` form."""
+    if root is not None:
+        for folder, file in ((os.path.abspath(root), os.path.abspath(path)), (os.path.realpath(root), path)):
+            if file.startswith(folder + os.sep):
+                return os.path.relpath(file, folder).replace(os.sep, "/")
+    return path
+
+
+def _hold_out_fraction(identity: str) -> float:
+    """A number in [0, 1) fixed by the example's identity alone (and `HOLD_OUT_SEED`): its place in the hold-out."""
+    digest = hashlib.sha256(f"{HOLD_OUT_SEED}:{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def example_identities(dataset, image_column: str, root: str | None = None, max_samples: int | None = None):
+    """The identity (`example_identity`) of each example of `dataset`, in order (the first `max_samples` of them
+    when given), read without decoding any image."""
+    id_name = id_column(dataset)
+    source = dataset.select_columns([image_column] + ([id_name] if id_name else []))
+    if max_samples is not None:
+        source = (
+            source.take(max_samples)
+            if not hasattr(source, "__len__")
+            else source.select(range(min(max_samples, len(source))))
+        )
+    return [example_identity(row, image_column, id_name=id_name, root=root) for row in source]
+
+
+def hold_out(dataset, percentage: float, image_column: str, root: str | None = None):
+    """Split `dataset` into `(train, validation, info)`, holding out about `percentage` % of its examples.
+
+    Each example's side is fixed by a hash of its identity (`example_identity`: its id column, else its file's path
+    relative to `root`, the folder, else its image's bytes) salted with `HOLD_OUT_SEED`: the same whatever
+    `--seed`, the number of processes, shards or shuffling, and no example changes side when others are added or
+    removed. An example is held out when its hash falls in the lowest `percentage` %, so the share holds in
+    expectation. A map-style dataset in which no example falls there holds out the one with the lowest hash (so small
+    sets keep one validation image; it moves to training only if an added image takes its place), and one where
+    every example falls there is refused. Both parts keep the dataset's order. `info` says what was held out (for
+    the log and `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
     """
     import datasets
 
     if not 0 < percentage < 100:
         raise UsageError(f"`validation_split_percentage` must be a number in (0, 100) (got {percentage!r}).")
+    threshold = percentage / 100
+    info = {"percentage": float(percentage), "num_examples": None, "of": None}
     if isinstance(dataset, datasets.IterableDataset):
-        threshold = int(percentage / 100 * 2**32)
+        # Filtered by identity on each example, before any sharding or shuffling, so both sides agree everywhere.
+        id_name = id_column(dataset)
 
-        def is_held_out(_, index):
-            return _position_hash(index) < threshold
+        def is_held_out(row) -> bool:
+            identity = example_identity(row, image_column, id_name=id_name, root=root)
+            return _hold_out_fraction(identity) < threshold
 
-        def is_kept(_, index):
-            return _position_hash(index) >= threshold
-
-        info = {"percentage": float(percentage), "num_examples": None, "of": None}
-        kept = dataset.filter(is_kept, with_indices=True)
-        return kept, dataset.filter(is_held_out, with_indices=True), info
-    total = len(dataset)
-    count = max(1, round(total * percentage / 100))
+        return dataset.filter(lambda row: not is_held_out(row)), dataset.filter(is_held_out), info
+    fractions = np.array(
+        [_hold_out_fraction(identity) for identity in example_identities(dataset, image_column, root)]
+    )
+    chosen = fractions < threshold
+    if not chosen.any():
+        chosen[np.argmin(fractions)] = True
+    total, count = len(dataset), int(chosen.sum())
     if count >= total:
         raise UsageError(
-            f"Holding out {percentage}% of {total} training images for validation leaves none to train on; pass a "
-            "larger dataset, a validation split or folder, or a smaller --validation_split_percentage."
+            f"Holding out {percentage}% of {total} training image(s) for validation leaves none to train on (each "
+            "image's side is fixed by a hash of its name); pass more images, a validation split or folder, or a "
+            "smaller --validation_split_percentage."
         )
-    chosen = np.zeros(total, dtype=bool)
-    chosen[np.random.default_rng(HOLD_OUT_SEED).permutation(total)[:count]] = True
-    info = {"percentage": float(percentage), "num_examples": count, "of": total}
+    info.update(num_examples=count, of=total)
     return dataset.select(np.flatnonzero(~chosen)), dataset.select(np.flatnonzero(chosen)), info
-
-
-def _position_hash(index: int) -> int:
-    """A well-mixed 32-bit hash of a position (splitmix64's finaliser), the same in every process and run."""
-    z = (index + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 32
 
 
 def dataset_identity(dataset, **source) -> dict:
