@@ -362,13 +362,16 @@ def load_image_dataset(
     streaming: bool = False,
     cache_dir: str | None = None,
     revision: str | None = None,
+    split_option: str = "--split",
 ):
     """Load one split of images as a `datasets` dataset whose image column is left undecoded
     (`{"bytes", "path"}` values), so unreadable images can be skipped rather than crash the run.
 
     Which source: `train_dir`/`validation_dir` (local image folders, `imagefolder`) when given, else
-    `dataset_name` (`None` or `BUILTIN_DATASET_NAME`: the built-in photos; anything else: a Hub dataset).
-    For folders, `split="train"` reads `train_dir` and any other split reads `validation_dir`.
+    `dataset_name` (`None` or `BUILTIN_DATASET_NAME`: the built-in photos; a folder written by `save_to_disk`: read
+    with `datasets.load_from_disk`; anything else: a Hub dataset or a local dataset folder). For folders,
+    `split="train"` reads `train_dir` and any other split reads `validation_dir`. `split_option` is how the caller's
+    command line chooses a split (named when the split is missing).
 
     Returns `(dataset, image_column)`. Raises `ValueError` for an unknown split, a missing image column or an
     empty dataset.
@@ -398,6 +401,11 @@ def load_image_dataset(
         if streaming:
             dataset = dataset.to_iterable_dataset(num_shards=1)
         source = BUILTIN_DATASET_NAME
+    elif _saved_to_disk(dataset_name):
+        dataset = _load_saved_split(dataset_name, split, split_option)
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+        source = dataset_name
     else:
         try:
             dataset = datasets.load_dataset(
@@ -411,9 +419,8 @@ def load_image_dataset(
         except ValueError as error:
             if "split" not in str(error).lower():
                 raise
-            raise MissingSplitError(
-                f"{dataset_name!r} has no split {split!r} ({error}); choose one with --train_split/--validation_split."
-            ) from error
+            missing = f"{dataset_name!r} has no split {split!r} ({error}); choose one with {split_option}."
+            raise MissingSplitError(missing) from error
         except (FileNotFoundError, ConnectionError) as error:
             # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
             # ConnectionError.
@@ -430,6 +437,35 @@ def load_image_dataset(
     if features is not None and isinstance(features.get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset, column
+
+
+def _saved_to_disk(folder: str) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    import datasets
+
+    names = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
+    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, name)) for name in names)
+
+
+def _load_saved_split(folder: str, split: str, split_option: str):
+    """Split `split` (a slice such as `train[:10]` too) of a folder written by `save_to_disk`. A saved `Dataset` is
+    one split, named by its own `split` (`train` when it has none)."""
+    import datasets
+
+    saved = datasets.load_from_disk(folder)
+    splits = {str(saved.split or "train"): saved} if isinstance(saved, datasets.Dataset) else dict(saved)
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute(
+            {name: len(dataset) for name, dataset in splits.items()}
+        )
+    except (ValueError, KeyError) as error:
+        raise MissingSplitError(
+            f"{folder!r} (saved with save_to_disk) has no split {split!r} (splits: {sorted(splits)}); choose one with "
+            f"{split_option}."
+        ) from error
+    parts = [splits[part.splitname].select(range(part.from_, part.to)) for part in instructions]
+    whole = len(parts) == 1 and len(parts[0]) == len(splits[instructions[0].splitname])
+    return splits[instructions[0].splitname] if whole else datasets.concatenate_datasets(parts)
 
 
 class MissingSplitError(UsageError):
