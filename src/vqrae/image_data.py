@@ -51,6 +51,7 @@ __all__ = [
     "example_identity",
     "hold_out",
     "id_column",
+    "image_name",
     "load_image_dataset",
     "load_validation_images",
     "processor_resample",
@@ -106,18 +107,32 @@ UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, I
 
 @dataclass
 class ImageDecodeCounter:
-    """How many images were decoded and how many were unreadable (skipped), on this process."""
+    """How many images were decoded and which were unreadable (skipped), on this process. An unreadable image is
+    counted once however often it is read (epochs, retries); `failed` holds their names (`image_name`)."""
 
     decoded: int = 0
-    unreadable: int = 0
     examples: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+    new_failures: list[str] = field(default_factory=list)  # names not yet handed on by `take_new_failures`
 
-    def record_failure(self, what: str) -> None:
-        self.unreadable += 1
+    @property
+    def unreadable(self) -> int:
+        return len(self.failed)
+
+    def record_failure(self, name: str, what: str) -> None:
+        if name in self.failed:
+            return
+        self.failed.add(name)
+        self.new_failures.append(name)
         if len(self.examples) < 5:
             self.examples.append(what)
         if self.unreadable == 1:
             logger.warning("Skipping an unreadable image (%s); skipped images are counted and reported.", what)
+
+    def take_new_failures(self) -> list[str]:
+        """The names of the images found unreadable since the last call (each once)."""
+        new, self.new_failures = self.new_failures, []
+        return new
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -168,7 +183,11 @@ def try_decode(value, counter: ImageDecodeCounter) -> Image.Image | None:
     try:
         image = decode_image(value)
     except UNREADABLE_ERRORS as error:
-        counter.record_failure(f"{_describe(value)}: {error}")
+        try:
+            name = image_name(value)
+        except UsageError:  # no file and no bytes (a missing image): named by its type
+            name = _describe(value)
+        counter.record_failure(name, f"{_describe(value)}: {error}")
         return None
     counter.decoded += 1
     return image
@@ -331,24 +350,52 @@ def builtin_photos(split: str = "train"):
 
 
 def resolve_image_column(dataset, image_column: str | None) -> str:
-    """The name of the image column: `image_column` if given (it must exist), else the only `Image` column."""
+    """The name of the image column: `image_column` if given, else the only `Image` column, else `image`. The column
+    must exist and hold images (an `Image` feature, bytes, or paths to files); anything else is refused, naming the
+    columns that do hold images."""
     import datasets
 
     features = dataset.features
     columns = list(features) if features is not None else list(getattr(dataset, "column_names", None) or [])
-    if image_column is not None:
-        if columns and image_column not in columns:
-            raise UsageError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
-        return image_column
+    first = None
+    if not columns and isinstance(dataset, datasets.IterableDataset):  # a stream of unknown features: peek at it
+        first = next(iter(dataset), None) or {}
+        columns = list(first)
     image_columns = [name for name, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
-    if len(image_columns) == 1:
-        return image_columns[0]
-    if "image" in columns:
-        return "image"
-    raise UsageError(
-        f"Cannot tell which column holds the images (columns: {columns}, of which Image columns: {image_columns}); "
-        "pass --image_column."
+    if image_column is not None and columns and image_column not in columns:
+        raise UsageError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
+    column = image_column or (image_columns[0] if len(image_columns) == 1 else "image" if "image" in columns else None)
+    if column is None:
+        raise UsageError(
+            f"Cannot tell which column holds the images: the dataset has the columns {columns}, of which Image "
+            f"columns: {image_columns}; pass --image_column with the one that holds the images."
+        )
+    feature = (features or {}).get(column)
+    if feature is None or isinstance(feature, datasets.Image):
+        return column
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"):
+        return column
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        value = _first_value(dataset, column) if first is None else first.get(column)
+        if value is None or os.path.isfile(value):  # paths to image files
+            return column
+        feature = f"{feature} (e.g. {value[:40]!r}, not a file)"
+    hint = (
+        "pass --image_column with one of them"
+        if image_columns
+        else "pass --image_column with a column of images, image bytes or paths"
     )
+    raise UsageError(
+        f"`image_column` {column!r} is not an image column: it holds {feature}; the columns that hold images: "
+        f"{image_columns} (columns: {columns}); {hint}."
+    )
+
+
+def _first_value(dataset, column: str):
+    """The first value of `column` (None when the dataset is empty)."""
+    if hasattr(dataset, "__len__"):
+        return dataset[0][column] if len(dataset) else None
+    return next(iter(dataset.select_columns([column])), {}).get(column)
 
 
 def load_image_dataset(
@@ -488,11 +535,15 @@ def id_column(dataset) -> str | None:
 
 def example_identity(row: dict, image_column: str, *, id_name: str | None = None, root: str | None = None) -> str:
     """What names an example whatever else is in the data: its id (`row[id_name]`, the dataset's id column), else
-    the file its image was read from (relative to the folder `root` when inside it), else the SHA-256 of the
-    image's bytes. `row[image_column]` is an undecoded image value (`{"bytes", "path"}`, a path or bytes)."""
+    `image_name` of its image (`row[image_column]`, undecoded)."""
     if id_name is not None and row.get(id_name) is not None:
         return str(row[id_name])
-    value = row[image_column]
+    return image_name(row[image_column], root, image_column)
+
+
+def image_name(value, root: str | None = None, image_column: str = "image") -> str:
+    """What names an undecoded image value (`{"bytes", "path"}`, a path or bytes): the file it is read from
+    (relative to the folder `root` when inside it), else the SHA-256 of its bytes."""
     data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
     if data is None and path:

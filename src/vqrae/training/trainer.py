@@ -395,7 +395,7 @@ def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> dict[str, f
     means: dict[str, float] = {}
     for micro in range(accumulation):
         batch = next(batches)
-        state.unreadable_by_worker[int(batch["worker"])] = int(batch["num_unreadable"])
+        state.unreadable.update(batch["unreadable"])
         pixel_values = batch["pixel_values"].to(accelerator.device)
         with contextlib.ExitStack() as no_sync:
             if micro < accumulation - 1:  # gradients are reduced across processes once, on the last micro-batch
@@ -672,10 +672,13 @@ def _report_interrupt(args: VQRAETrainingArguments, step: int) -> None:
 
 
 def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArguments, log: MetricsLog) -> dict:
+    from accelerate.utils import gather_object
+
     accelerator = state.accelerator
-    counts = [sum(state.unreadable_by_worker.values()), data.validation.num_unreadable]
-    counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum")
-    unreadable_train, unreadable_validation = counts.tolist()
+    # Distinct images: the processes may meet the same unreadable training image; their validation shares differ.
+    unreadable_train = len(set(gather_object(sorted(state.unreadable))))
+    validation = torch.tensor(data.validation.num_unreadable, device=accelerator.device)
+    unreadable_validation = int(accelerator.reduce(validation, "sum"))
     record = {"unreadable_train": unreadable_train, "unreadable_validation": unreadable_validation}
     log.write({"type": "data", "step": state.step, **record})
     if unreadable_train or unreadable_validation:
