@@ -3,38 +3,82 @@ validation images that cannot be read fail before training; a warm-up longer tha
 
 import json
 import logging
+import os
 
 import datasets
 import pytest
 import yaml
 
 from conftest import photo_folder, records, run
-from vqrae.image_data import HOLD_OUT_SEED, hold_out, load_image_dataset
+from vqrae.image_data import _hold_out_fraction, example_identities, hold_out, load_image_dataset
+from vqrae.training.run_files import HELD_OUT_FILE
 
 
-def test_hold_out_is_deterministic_disjoint_and_seed_independent(tmp_path):
-    dataset, _ = load_image_dataset("train", train_dir=str(photo_folder(tmp_path / "photos", 40)))
-    train, held, info = hold_out(dataset, 5)
-    assert info == {"percentage": 5.0, "num_examples": 2, "of": 40}
-    ids = lambda part: [row["image"]["path"] for row in part]  # noqa: E731
-    assert len(set(ids(train)) | set(ids(held))) == 40 and not set(ids(train)) & set(ids(held))
-    assert ids(hold_out(dataset, 5)[1]) == ids(held)  # the same images every time (not tied to --seed)
-    assert ids(held) != ids(dataset)[:2]  # spread over the folder, not its first files (often one class)
-    streamed = dataset.to_iterable_dataset()
-    kept, held_stream, info = hold_out(streamed, 25)
-    kept_ids, held_ids = ids(kept), ids(held_stream)
-    assert info["num_examples"] is None and sorted(kept_ids + held_ids) == sorted(ids(dataset))
-    assert 3 <= len(held_ids) <= 17 and held_ids == ids(hold_out(streamed, 25)[1])
-    assert isinstance(HOLD_OUT_SEED, int)
+def _ids(part):
+    """The names of the examples of `part`, relative to their folder."""
+    (folder,) = {os.path.dirname(row["image"]["path"]) for row in part}
+    return example_identities(part, "image", root=folder)
+
+
+def test_no_image_changes_side_when_the_folder_grows_or_shrinks(tmp_path):
+    folder = photo_folder(tmp_path / "photos", 40)
+    dataset, _ = load_image_dataset("train", train_dir=str(folder))
+    train, held, info = hold_out(dataset, 20, "image", root=str(folder))
+    assert info == {"percentage": 20.0, "num_examples": len(held), "of": 40} and 2 <= len(held) <= 16
+    assert sorted(_ids(train) + _ids(held)) == [f"photo_{i:03d}.png" for i in range(40)]  # relative names
+    assert _ids(hold_out(dataset, 20, "image", root=str(folder))[1]) == _ids(held)  # the same every time
+    assert _ids(held) != _ids(dataset)[: len(held)]  # spread over the folder, not its first files (often one class)
+
+    photo_folder(folder, 13, seed=1, start=40)  # 13 more images
+    grown, _ = load_image_dataset("train", train_dir=str(folder))
+    grown_train, grown_held, _ = hold_out(grown, 20, "image", root=str(folder))
+    old = set(_ids(dataset))
+    assert set(_ids(grown_held)) & old == set(_ids(held)) and set(_ids(grown_train)) & old == set(_ids(train))
+
+    (folder / _ids(train)[0]).unlink()  # and one training image fewer
+    shrunk, _ = load_image_dataset("train", train_dir=str(folder))
+    assert _ids(hold_out(shrunk, 20, "image", root=str(folder))[1]) == _ids(grown_held)
+
+    # A stream puts every example on the side a map-style split puts it.
+    kept, held_stream, stream_info = hold_out(grown.to_iterable_dataset(num_shards=4), 20, "image", root=str(folder))
+    assert stream_info["num_examples"] is None
+    assert sorted(_ids(held_stream)) == sorted(_ids(grown_held)) and sorted(_ids(kept)) == sorted(_ids(grown_train))
+
+
+def test_a_small_folder_keeps_one_held_out_image_and_a_single_image_is_refused(tmp_path):
+    folder = photo_folder(tmp_path / "photos", 3)
+    dataset, _ = load_image_dataset("train", train_dir=str(folder))
+    train, held, info = hold_out(dataset, 1, "image", root=str(folder))  # 1% of 3: none falls under the threshold
+    assert info["num_examples"] == 1 and len(train) == 2
+    fractions = {name: _hold_out_fraction(name) for name in _ids(dataset)}
+    assert _ids(held) == [min(fractions, key=fractions.get)]  # the lowest hash, the same every time
+    one, _ = load_image_dataset("train", train_dir=str(photo_folder(tmp_path / "one", 1)))
+    with pytest.raises(ValueError, match="Holding out 5% of 1 training image.* leaves none to train on"):
+        hold_out(one, 5, "image")
+
+
+def test_the_held_out_set_is_the_same_whatever_the_seed_and_written_to_the_run_folder(tmp_path):
+    folder = photo_folder(tmp_path / "photos", 30)
+    held = {}
+    for seed in (1, 2):
+        output = tmp_path / f"seed{seed}"
+        run(output, "--train_dir", str(folder), "--validation_split_percentage", "20", "--seed", str(seed))
+        held[seed] = (output / HELD_OUT_FILE).read_text().splitlines()
+    assert held[1] == held[2] and held[1] and all(name.startswith("photo_") for name in held[1])
+    assert (tmp_path / "seed1" / "training_config.yaml").read_text() != (
+        tmp_path / "seed2" / "training_config.yaml"
+    ).read_text()  # the seeds did differ
 
 
 def test_train_dir_without_validation_folder_holds_out_a_share(tmp_path, caplog):
     folder = photo_folder(tmp_path / "photos", 40)
     with caplog.at_level(logging.INFO, logger="vqrae.training.trainer"):
         metrics = run(tmp_path / "out", "--train_dir", str(folder), "--validation_split_percentage", "10")
-    assert metrics["held_out"] == {"percentage": 10.0, "num_examples": 4, "of": 40}
-    assert metrics["num_images"] == 4 and metrics["dataset_name"] == str(folder)
-    assert "holding out 10% of the 40 training images for validation (4 image(s))" in caplog.text
+    count = metrics["held_out"]["num_examples"]
+    assert metrics["held_out"] == {"percentage": 10.0, "num_examples": count, "of": 40} and 1 <= count <= 10
+    assert metrics["num_images"] == count and metrics["dataset_name"] == str(folder)
+    assert f"holding out 10% of the 40 training images for validation ({count} image(s))" in caplog.text
+    assert len((tmp_path / "out" / HELD_OUT_FILE).read_text().splitlines()) == count
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["held_out"] == metrics["held_out"]
     card = (tmp_path / "out" / "README.md").read_text()
@@ -49,7 +93,7 @@ def test_dataset_without_validation_split_holds_out_and_caps_samples(tmp_path):
     metrics = run(
         tmp_path / "out", "--dataset_name", str(folder), "--max_train_samples", "5", "--max_eval_samples", "1"
     )
-    assert metrics["held_out"] == {"percentage": 5.0, "num_examples": 2, "of": 30}
+    assert metrics["held_out"]["percentage"] == 5.0 and metrics["held_out"]["of"] == 30
     assert metrics["num_images"] == 1  # --max_eval_samples of the held-out images
     with pytest.raises(ValueError, match="no 'validation' split, and --validation_split_percentage is 0"):
         run(tmp_path / "zero", "--dataset_name", str(folder), "--validation_split_percentage", "0")

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = [
     "ComputeArguments",
@@ -76,6 +77,8 @@ class ImageSourceArguments:
         default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
     )
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it."})
+    # How this tool's command line chooses a split (named when a split is missing).
+    SPLIT_OPTION: ClassVar[str] = "--split"
 
     def source_kwargs(self) -> dict:
         """These options as the keyword arguments of `vqrae.image_data.load_image_dataset`."""
@@ -85,6 +88,7 @@ class ImageSourceArguments:
             "revision": self.dataset_revision,
             "image_column": self.image_column,
             "streaming": self.streaming,
+            "split_option": self.SPLIT_OPTION,
         }
 
 

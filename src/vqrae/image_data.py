@@ -18,6 +18,7 @@ Training streams (random crops) live in `vqrae.training.data`; tokenizing and ev
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -37,6 +38,7 @@ __all__ = [
     "BUILTIN_TRAIN_PHOTOS",
     "BUILTIN_VALIDATION_PHOTOS",
     "HOLD_OUT_SEED",
+    "ID_COLUMNS",
     "ImageDecodeCounter",
     "MissingSplitError",
     "UNREADABLE_ERRORS",
@@ -45,7 +47,11 @@ __all__ = [
     "center_square",
     "dataset_identity",
     "decode_image",
+    "example_identities",
+    "example_identity",
     "hold_out",
+    "id_column",
+    "image_name",
     "load_image_dataset",
     "load_validation_images",
     "processor_resample",
@@ -101,18 +107,32 @@ UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, I
 
 @dataclass
 class ImageDecodeCounter:
-    """How many images were decoded and how many were unreadable (skipped), on this process."""
+    """How many images were decoded and which were unreadable (skipped), on this process. An unreadable image is
+    counted once however often it is read (epochs, retries); `failed` holds their names (`image_name`)."""
 
     decoded: int = 0
-    unreadable: int = 0
     examples: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+    new_failures: list[str] = field(default_factory=list)  # names not yet handed on by `take_new_failures`
 
-    def record_failure(self, what: str) -> None:
-        self.unreadable += 1
+    @property
+    def unreadable(self) -> int:
+        return len(self.failed)
+
+    def record_failure(self, name: str, what: str) -> None:
+        if name in self.failed:
+            return
+        self.failed.add(name)
+        self.new_failures.append(name)
         if len(self.examples) < 5:
             self.examples.append(what)
         if self.unreadable == 1:
             logger.warning("Skipping an unreadable image (%s); skipped images are counted and reported.", what)
+
+    def take_new_failures(self) -> list[str]:
+        """The names of the images found unreadable since the last call (each once)."""
+        new, self.new_failures = self.new_failures, []
+        return new
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -163,7 +183,11 @@ def try_decode(value, counter: ImageDecodeCounter) -> Image.Image | None:
     try:
         image = decode_image(value)
     except UNREADABLE_ERRORS as error:
-        counter.record_failure(f"{_describe(value)}: {error}")
+        try:
+            name = image_name(value)
+        except UsageError:  # no file and no bytes (a missing image): named by its type
+            name = _describe(value)
+        counter.record_failure(name, f"{_describe(value)}: {error}")
         return None
     counter.decoded += 1
     return image
@@ -334,24 +358,52 @@ def builtin_photos(split: str = "train"):
 
 
 def resolve_image_column(dataset, image_column: str | None) -> str:
-    """The name of the image column: `image_column` if given (it must exist), else the only `Image` column."""
+    """The name of the image column: `image_column` if given, else the only `Image` column, else `image`. The column
+    must exist and hold images (an `Image` feature, bytes, or paths to files); anything else is refused, naming the
+    columns that do hold images."""
     import datasets
 
     features = dataset.features
     columns = list(features) if features is not None else list(getattr(dataset, "column_names", None) or [])
-    if image_column is not None:
-        if columns and image_column not in columns:
-            raise UsageError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
-        return image_column
+    first = None
+    if not columns and isinstance(dataset, datasets.IterableDataset):  # a stream of unknown features: peek at it
+        first = next(iter(dataset), None) or {}
+        columns = list(first)
     image_columns = [name for name, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
-    if len(image_columns) == 1:
-        return image_columns[0]
-    if "image" in columns:
-        return "image"
-    raise UsageError(
-        f"Cannot tell which column holds the images (columns: {columns}, of which Image columns: {image_columns}); "
-        "pass --image_column."
+    if image_column is not None and columns and image_column not in columns:
+        raise UsageError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {columns}).")
+    column = image_column or (image_columns[0] if len(image_columns) == 1 else "image" if "image" in columns else None)
+    if column is None:
+        raise UsageError(
+            f"Cannot tell which column holds the images: the dataset has the columns {columns}, of which Image "
+            f"columns: {image_columns}; pass --image_column with the one that holds the images."
+        )
+    feature = (features or {}).get(column)
+    if feature is None or isinstance(feature, datasets.Image):
+        return column
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"):
+        return column
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        value = _first_value(dataset, column) if first is None else first.get(column)
+        if value is None or os.path.isfile(value):  # paths to image files
+            return column
+        feature = f"{feature} (e.g. {value[:40]!r}, not a file)"
+    hint = (
+        "pass --image_column with one of them"
+        if image_columns
+        else "pass --image_column with a column of images, image bytes or paths"
     )
+    raise UsageError(
+        f"`image_column` {column!r} is not an image column: it holds {feature}; the columns that hold images: "
+        f"{image_columns} (columns: {columns}); {hint}."
+    )
+
+
+def _first_value(dataset, column: str):
+    """The first value of `column` (None when the dataset is empty)."""
+    if hasattr(dataset, "__len__"):
+        return dataset[0][column] if len(dataset) else None
+    return next(iter(dataset.select_columns([column])), {}).get(column)
 
 
 def load_image_dataset(
@@ -365,13 +417,16 @@ def load_image_dataset(
     streaming: bool = False,
     cache_dir: str | None = None,
     revision: str | None = None,
+    split_option: str = "--split",
 ):
     """Load one split of images as a `datasets` dataset whose image column is left undecoded
     (`{"bytes", "path"}` values), so unreadable images can be skipped rather than crash the run.
 
     Which source: `train_dir`/`validation_dir` (local image folders, `imagefolder`) when given, else
-    `dataset_name` (`None` or `BUILTIN_DATASET_NAME`: the built-in photos; anything else: a Hub dataset).
-    For folders, `split="train"` reads `train_dir` and any other split reads `validation_dir`.
+    `dataset_name` (`None` or `BUILTIN_DATASET_NAME`: the built-in photos; a folder written by `save_to_disk`: read
+    with `datasets.load_from_disk`; anything else: a Hub dataset or a local dataset folder). For folders,
+    `split="train"` reads `train_dir` and any other split reads `validation_dir`. `split_option` is how the caller's
+    command line chooses a split (named when the split is missing).
 
     Returns `(dataset, image_column)`. Raises `ValueError` for an unknown split, a missing image column or an
     empty dataset.
@@ -401,6 +456,11 @@ def load_image_dataset(
         if streaming:
             dataset = dataset.to_iterable_dataset(num_shards=1)
         source = BUILTIN_DATASET_NAME
+    elif _saved_to_disk(dataset_name):
+        dataset = _load_saved_split(dataset_name, split, split_option)
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+        source = dataset_name
     else:
         try:
             dataset = datasets.load_dataset(
@@ -414,9 +474,8 @@ def load_image_dataset(
         except ValueError as error:
             if "split" not in str(error).lower():
                 raise
-            raise MissingSplitError(
-                f"{dataset_name!r} has no split {split!r} ({error}); choose one with --train_split/--validation_split."
-            ) from error
+            missing = f"{dataset_name!r} has no split {split!r} ({error}); choose one with {split_option}."
+            raise MissingSplitError(missing) from error
         except (FileNotFoundError, ConnectionError) as error:
             # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
             # ConnectionError.
@@ -435,58 +494,144 @@ def load_image_dataset(
     return dataset, column
 
 
+def _saved_to_disk(folder: str) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    import datasets
+
+    names = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
+    return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, name)) for name in names)
+
+
+def _load_saved_split(folder: str, split: str, split_option: str):
+    """Split `split` (a slice such as `train[:10]` too) of a folder written by `save_to_disk`. A saved `Dataset` is
+    one split, named by its own `split` (`train` when it has none)."""
+    import datasets
+
+    saved = datasets.load_from_disk(folder)
+    splits = {str(saved.split or "train"): saved} if isinstance(saved, datasets.Dataset) else dict(saved)
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute(
+            {name: len(dataset) for name, dataset in splits.items()}
+        )
+    except (ValueError, KeyError) as error:
+        raise MissingSplitError(
+            f"{folder!r} (saved with save_to_disk) has no split {split!r} (splits: {sorted(splits)}); choose one with "
+            f"{split_option}."
+        ) from error
+    parts = [splits[part.splitname].select(range(part.from_, part.to)) for part in instructions]
+    whole = len(parts) == 1 and len(parts[0]) == len(splits[instructions[0].splitname])
+    return splits[instructions[0].splitname] if whole else datasets.concatenate_datasets(parts)
+
+
 class MissingSplitError(UsageError):
     """The dataset has no split of the requested name (most image datasets have only `train`)."""
 
 
-# The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images.
+# The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images. It salts
+# the hash that puts each example on its side.
 HOLD_OUT_SEED = 0x5EED_0DD5
 
+# Columns that name an example in a `datasets` dataset, looked for in this order (see `example_identity`).
+ID_COLUMNS = ("id", "image_id")
 
-def hold_out(dataset, percentage: float):
-    """Split `dataset` into `(train, validation, info)`, holding out `percentage` % of its examples for validation.
 
-    Deterministic and independent of the training seed: a map-style dataset holds out exactly
-    `max(1, round(n * percentage / 100))` examples chosen by a permutation seeded with `HOLD_OUT_SEED` (both parts
-    keep the dataset's order); a streamed dataset holds out each example whose hash of its position in the stream
-    falls in the lowest `percentage` % (so about that share). `info` says what was held out (for the log and
-    `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
+def id_column(dataset) -> str | None:
+    """The dataset's id column (the first of `ID_COLUMNS` it has), or None."""
+    columns = dataset.column_names or []
+    return next((name for name in ID_COLUMNS if name in columns), None)
+
+
+def example_identity(row: dict, image_column: str, *, id_name: str | None = None, root: str | None = None) -> str:
+    """What names an example whatever else is in the data: its id (`row[id_name]`, the dataset's id column), else
+    `image_name` of its image (`row[image_column]`, undecoded)."""
+    if id_name is not None and row.get(id_name) is not None:
+        return str(row[id_name])
+    return image_name(row[image_column], root, image_column)
+
+
+def image_name(value, root: str | None = None, image_column: str = "image") -> str:
+    """What names an undecoded image value (`{"bytes", "path"}`, a path or bytes): the file it is read from
+    (relative to the folder `root` when inside it), else the SHA-256 of its bytes."""
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    if data is None and path:
+        return _relative_path(os.fspath(path), root)
+    if data is not None:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    raise UsageError(f"Column {image_column!r} holds a {type(value).__name__}, not an image; pass --image_column.")
+
+
+def _relative_path(path: str, root: str | None) -> str:
+    """`path` relative to the folder `root` (as given or with its links resolved) when inside it, in `/` form."""
+    if root is not None:
+        for folder, file in ((os.path.abspath(root), os.path.abspath(path)), (os.path.realpath(root), path)):
+            if file.startswith(folder + os.sep):
+                return os.path.relpath(file, folder).replace(os.sep, "/")
+    return path
+
+
+def _hold_out_fraction(identity: str) -> float:
+    """A number in [0, 1) fixed by the example's identity alone (and `HOLD_OUT_SEED`): its place in the hold-out."""
+    digest = hashlib.sha256(f"{HOLD_OUT_SEED}:{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def example_identities(dataset, image_column: str, root: str | None = None, max_samples: int | None = None):
+    """The identity (`example_identity`) of each example of `dataset`, in order (the first `max_samples` of them
+    when given), read without decoding any image."""
+    id_name = id_column(dataset)
+    source = dataset.select_columns([image_column] + ([id_name] if id_name else []))
+    if max_samples is not None:
+        source = (
+            source.take(max_samples)
+            if not hasattr(source, "__len__")
+            else source.select(range(min(max_samples, len(source))))
+        )
+    return [example_identity(row, image_column, id_name=id_name, root=root) for row in source]
+
+
+def hold_out(dataset, percentage: float, image_column: str, root: str | None = None):
+    """Split `dataset` into `(train, validation, info)`, holding out about `percentage` % of its examples.
+
+    Each example's side is fixed by a hash of its identity (`example_identity`: its id column, else its file's path
+    relative to `root`, the folder, else its image's bytes) salted with `HOLD_OUT_SEED`: the same whatever
+    `--seed`, the number of processes, shards or shuffling, and no example changes side when others are added or
+    removed. An example is held out when its hash falls in the lowest `percentage` %, so the share holds in
+    expectation. A map-style dataset in which no example falls there holds out the one with the lowest hash (so small
+    sets keep one validation image; it moves to training only if an added image takes its place), and one where
+    every example falls there is refused. Both parts keep the dataset's order. `info` says what was held out (for
+    the log and `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
     """
     import datasets
 
     if not 0 < percentage < 100:
         raise UsageError(f"`validation_split_percentage` must be a number in (0, 100) (got {percentage!r}).")
+    threshold = percentage / 100
+    info = {"percentage": float(percentage), "num_examples": None, "of": None}
     if isinstance(dataset, datasets.IterableDataset):
-        threshold = int(percentage / 100 * 2**32)
+        # Filtered by identity on each example, before any sharding or shuffling, so both sides agree everywhere.
+        id_name = id_column(dataset)
 
-        def is_held_out(_, index):
-            return _position_hash(index) < threshold
+        def is_held_out(row) -> bool:
+            identity = example_identity(row, image_column, id_name=id_name, root=root)
+            return _hold_out_fraction(identity) < threshold
 
-        def is_kept(_, index):
-            return _position_hash(index) >= threshold
-
-        info = {"percentage": float(percentage), "num_examples": None, "of": None}
-        kept = dataset.filter(is_kept, with_indices=True)
-        return kept, dataset.filter(is_held_out, with_indices=True), info
-    total = len(dataset)
-    count = max(1, round(total * percentage / 100))
+        return dataset.filter(lambda row: not is_held_out(row)), dataset.filter(is_held_out), info
+    fractions = np.array(
+        [_hold_out_fraction(identity) for identity in example_identities(dataset, image_column, root)]
+    )
+    chosen = fractions < threshold
+    if not chosen.any():
+        chosen[np.argmin(fractions)] = True
+    total, count = len(dataset), int(chosen.sum())
     if count >= total:
         raise UsageError(
-            f"Holding out {percentage}% of {total} training images for validation leaves none to train on; pass a "
-            "larger dataset, a validation split or folder, or a smaller --validation_split_percentage."
+            f"Holding out {percentage}% of {total} training image(s) for validation leaves none to train on (each "
+            "image's side is fixed by a hash of its name); pass more images, a validation split or folder, or a "
+            "smaller --validation_split_percentage."
         )
-    chosen = np.zeros(total, dtype=bool)
-    chosen[np.random.default_rng(HOLD_OUT_SEED).permutation(total)[:count]] = True
-    info = {"percentage": float(percentage), "num_examples": count, "of": total}
+    info.update(num_examples=count, of=total)
     return dataset.select(np.flatnonzero(~chosen)), dataset.select(np.flatnonzero(chosen)), info
-
-
-def _position_hash(index: int) -> int:
-    """A well-mixed 32-bit hash of a position (splitmix64's finaliser), the same in every process and run."""
-    z = (index + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 32
 
 
 def dataset_identity(dataset, **source) -> dict:

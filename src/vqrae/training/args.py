@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 from ..atomic_io import atomic_write
 from ..cli_utils import ImageSourceArguments, UsageError, one_line_errors
@@ -210,6 +211,7 @@ class ModelArguments:
 class DataArguments(ImageSourceArguments):
     """Where the images come from (by default the built-in photos) and how they are cut."""
 
+    SPLIT_OPTION: ClassVar[str] = "--train_split/--validation_split"
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str = field(default="validation", metadata={"help": "Split to evaluate on."})
     train_dir: str | None = field(default=None, metadata={"help": "A local folder of training images (imagefolder)."})

@@ -74,13 +74,11 @@ class _TrainingCrops:
         return _train_crop(image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample)
 
     def pixel_values(self, crops: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """The batch: `pixel_values`, and `num_unreadable`, the images this copy of the stream skipped so far, with
-        `worker`, the DataLoader worker it runs in (-1: the main process), so the count survives worker processes."""
-        worker = torch.utils.data.get_worker_info()
+        """The batch: `pixel_values`, and `unreadable`, the names of the images this copy of the stream found
+        unreadable since its last batch (so the trainer counts each image once over workers, epochs and processes)."""
         return {
             "pixel_values": to_pixel_values(self.image_processor, crops),
-            "num_unreadable": torch.tensor(self.counter.unreadable),
-            "worker": torch.tensor(-1 if worker is None else worker.id),
+            "unreadable": self.counter.take_new_failures(),
         }
 
 

@@ -3,6 +3,7 @@
 __all__ = [
     "CODEBOOK_USAGE_FILE",
     "EVAL_RESULTS_FILE",
+    "HELD_OUT_FILE",
     "METRICS_FILE",
     "PICTURES",
     "RECONSTRUCTIONS_FILE",
@@ -11,6 +12,7 @@ __all__ = [
 ]
 
 EVAL_RESULTS_FILE = "eval_results.json"  # the flat results object the model card reads
+HELD_OUT_FILE = "held_out_ids.txt"  # the names of the training examples held out for validation, one a line
 TRAINING_CONFIG_FILE = "training_config.yaml"  # every option of the run (`vqrae-train --config` reproduces it)
 METRICS_FILE = "metrics.jsonl"  # one JSON record per logging window, evaluation and data summary
 RECONSTRUCTIONS_FILE = "reconstructions.png"

@@ -54,7 +54,7 @@ class TrainingState:
     step: int = 0
     # Which codes the training batches chose since the last logging window (bool, one per code).
     window_codes: torch.Tensor | None = None
-    unreadable_by_worker: dict[int, int] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)  # the training images found unreadable, on this process
 
     @property
     def model_to_evaluate(self) -> torch.nn.Module:

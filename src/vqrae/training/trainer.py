@@ -35,12 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..atomic_io import atomic_write
 from ..cli_utils import UsageError
 from ..image_data import (
     BUILTIN_DATASET_NAME,
     MissingSplitError,
     ValidationImages,
     dataset_identity,
+    example_identities,
     hold_out,
     load_image_dataset,
     load_validation_images,
@@ -60,7 +62,14 @@ from .checkpointing import (
 from .data import StreamingTrainingBatches, TrainingBatches
 from .losses import VQRAELoss, VQRAEPatchDiscriminator
 from .metrics import evaluate_model, write_evaluation
-from .run_files import EVAL_RESULTS_FILE, METRICS_FILE, PICTURES, TRAINING_CONFIG_FILE, TRAINING_CURVES_FILE
+from .run_files import (
+    EVAL_RESULTS_FILE,
+    HELD_OUT_FILE,
+    METRICS_FILE,
+    PICTURES,
+    TRAINING_CONFIG_FILE,
+    TRAINING_CURVES_FILE,
+)
 from .state import ExponentialMovingAverage, TrainingState
 
 logger = logging.getLogger(__name__)
@@ -73,6 +82,7 @@ RUN_OUTPUTS = (
     METRICS_FILE,
     "runs",
     EVAL_RESULTS_FILE,
+    HELD_OUT_FILE,
     TRAINING_CONFIG_FILE,
     *PICTURES,
     "config.json",
@@ -200,15 +210,33 @@ def _load_splits(data_args: DataArguments):
             f"{missing}, and --validation_split_percentage is 0: pass a validation split or folder, or a share of "
             "the training images to hold out (e.g. --validation_split_percentage 5)."
         )
-    train, held, info = hold_out(train, data_args.validation_split_percentage)
+    train, held, info = hold_out(train, data_args.validation_split_percentage, column, root=_source_folder(data_args))
     logger.info(
-        "%s: holding out %s%% of the %s training images for validation (%s), chosen with a fixed seed.",
+        "%s: holding out %s%% of the %s training images for validation (%s), each chosen by a hash of its name; "
+        "their names are in %s.",
         missing,
         f"{info['percentage']:g}",
         info["of"] if info["of"] is not None else "streamed",
         f"{info['num_examples']} image(s)" if info["num_examples"] is not None else "about that share",
+        HELD_OUT_FILE,
     )
     return (train, column), (held, column), name, train_split, info
+
+
+def _source_folder(data_args: DataArguments) -> str | None:
+    """The local folder the training images come from (held-out names are relative to it), or None."""
+    if data_args.train_dir is not None:
+        return data_args.train_dir
+    name = data_args.dataset_name
+    return name if name is not None and os.path.isdir(name) else None
+
+
+def _write_held_out_ids(data_args: DataArguments, held, column: str, output_dir: str) -> None:
+    """Write the names (`example_identity`) of the held-out examples into `HELD_OUT_FILE`, one a line, so a user can
+    check them: all of them for a map-style dataset, the first --max_eval_samples (those evaluated) for a stream."""
+    limit = data_args.max_eval_samples if data_args.streaming else None
+    ids = example_identities(held, column, _source_folder(data_args), limit)
+    atomic_write(os.path.join(output_dir, HELD_OUT_FILE), "".join(f"{identity}\n" for identity in ids))
 
 
 def load_training_data(
@@ -235,6 +263,8 @@ def load_training_data(
         resample=int(image_processor.resample),
         held_out=held_out,
     )
+    if held_out is not None and accelerator.is_main_process:
+        _write_held_out_ids(data_args, validation_data, validation_column, args.output_dir)
     readable = accelerator.reduce(torch.tensor(len(validation.images), device=accelerator.device), "sum")
     if int(readable) == 0:
         raise UsageError(
@@ -365,7 +395,7 @@ def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> dict[str, f
     means: dict[str, float] = {}
     for micro in range(accumulation):
         batch = next(batches)
-        state.unreadable_by_worker[int(batch["worker"])] = int(batch["num_unreadable"])
+        state.unreadable.update(batch["unreadable"])
         pixel_values = batch["pixel_values"].to(accelerator.device)
         with contextlib.ExitStack() as no_sync:
             if micro < accumulation - 1:  # gradients are reduced across processes once, on the last micro-batch
@@ -642,10 +672,13 @@ def _report_interrupt(args: VQRAETrainingArguments, step: int) -> None:
 
 
 def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArguments, log: MetricsLog) -> dict:
+    from accelerate.utils import gather_object
+
     accelerator = state.accelerator
-    counts = [sum(state.unreadable_by_worker.values()), data.validation.num_unreadable]
-    counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum")
-    unreadable_train, unreadable_validation = counts.tolist()
+    # Distinct images: the processes may meet the same unreadable training image; their validation shares differ.
+    unreadable_train = len(set(gather_object(sorted(state.unreadable))))
+    validation = torch.tensor(data.validation.num_unreadable, device=accelerator.device)
+    unreadable_validation = int(accelerator.reduce(validation, "sum"))
     record = {"unreadable_train": unreadable_train, "unreadable_validation": unreadable_validation}
     log.write({"type": "data", "step": state.step, **record})
     if unreadable_train or unreadable_validation:
