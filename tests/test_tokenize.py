@@ -361,7 +361,7 @@ def test_a_local_dataset_folder_gives_relative_ids_and_a_changed_one_is_refused(
     assert saved["kind"] == "dataset" and saved["num_rows"] == 3
     assert main(argv)["images"] == 0  # unchanged: complete
     (folder / "photo_01.png").write_bytes((images / "photo_05.png").read_bytes())
-    with pytest.raises(UsageError, match=rf"\(3 rows, fingerprint {saved['fingerprint']} -> \w+\)"):
+    with pytest.raises(UsageError, match=rf"\(3 rows, fingerprint {saved.get('fingerprint')} -> \w+\)"):
         main(argv)
 
 
