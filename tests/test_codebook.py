@@ -139,30 +139,64 @@ def test_usage_counts_travel_with_the_weights(tmp_path):
 def _restart_worker(rank: int, world_size: int, port: int, results: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.manual_seed(0)  # the same start on every process, as DDP makes it
+    # Five passes on each process's own data (and its own random state) from the same start, as DDP makes it.
+    torch.manual_seed(0)
     vq = VQRAEVectorQuantizer(32, dim=4, restart_unused_steps=2).train()
-    torch.manual_seed(100 + rank)  # each process its own data and its own random state
+    torch.manual_seed(100 + rank)
     for _ in range(5):
         vq(torch.randn(6, 4) + 3 * rank)
-    torch.save({"codebook": vq.embedding.weight.detach(), "counts": vq.steps_unused}, f"{results}/{rank}.pt")
+    saved = {"codebook": vq.embedding.weight.detach().clone(), "counts": vq.steps_unused.clone()}
+    # One pass in which codes 2..7 are due for a restart and codes 0 and 1 are not.
+    torch.manual_seed(0)
+    vq = VQRAEVectorQuantizer(8, dim=2, restart_unused_steps=2).train()
+    vq.steps_unused.copy_(torch.tensor([0, 0, 2, 2, 2, 2, 2, 2]))
+    saved["before"] = vq.embedding.weight.detach().clone()
+    torch.manual_seed(200 + rank)
+    saved["batch"] = torch.randn(6, 2) + 10 * rank
+    vq(saved["batch"])
+    saved.update(after=vq.embedding.weight.detach().clone(), counts_after=vq.steps_unused.clone())
+    torch.save(saved, f"{results}/{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_every_process_keeps_the_same_codebook(tmp_path):
-    """Under torch.distributed the usage is summed and process 0's latents restart the codes, so processes that see
-    different data (and draw different random numbers) still hold one codebook."""
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """What `_restart_worker` saw on each of 2 processes of a gloo group."""
     import socket
 
     import torch.multiprocessing as mp
 
+    results = tmp_path_factory.mktemp("restarts")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_restart_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    first, second = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    mp.spawn(_restart_worker, args=(2, port, str(results)), nprocs=2)
+    return torch.load(results / "0.pt"), torch.load(results / "1.pt")
+
+
+def test_every_process_keeps_the_same_codebook(two_processes):
+    """Under torch.distributed the usage is summed and process 0's latents restart the codes, so processes that see
+    different data (and draw different random numbers) still hold one codebook."""
+    first, second = two_processes
     assert torch.equal(first["codebook"], second["codebook"])
     assert torch.equal(first["counts"], second["counts"])
-    assert not torch.equal(first["codebook"], VQRAEVectorQuantizer(32, dim=4).embedding.weight)
+    torch.manual_seed(0)
+    assert not torch.equal(first["codebook"], VQRAEVectorQuantizer(32, dim=4, restart_unused_steps=2).embedding.weight)
+
+
+def test_unused_codes_restart_at_process_0s_latents_under_torch_distributed(two_processes):
+    first, second = two_processes
+    assert torch.equal(first["before"], second["before"])
+    for process in (first, second):
+        # Codes 0 and 1 were in use and stay; codes 2..7 move to latents of process 0's batch, on both processes.
+        assert torch.equal(process["after"][:2], process["before"][:2])
+        assert (process["after"][2:] != process["before"][2:]).any(dim=1).all()
+        assert _rows_in(process["after"][2:], first["batch"])
+    assert torch.equal(first["after"], second["after"])
+    assert torch.equal(first["counts_after"], second["counts_after"])
+    # The usage of both processes counts: a code either of them chose is reset to 0.
+    used = {int(i) for p in (first, second) for i in torch.cdist(p["batch"], first["after"]).argmin(dim=1)}
+    assert {i for i, count in enumerate(first["counts_after"].tolist()) if count == 0} == used
 
 
 def test_codebook_use_on_crops_counts_every_token_of_every_crop():

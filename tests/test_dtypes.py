@@ -166,3 +166,21 @@ def test_default_model_loaded_in_bf16_tokenizes_and_decodes_a_folder(tmp_path):
     with torch.no_grad():
         images = model.decode_from_indices(tokens["bf16"].long()).reconstruction
     assert images.dtype == torch.bfloat16 and images.shape == (6, 3, 64, 64) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("preset", ["cosmos_fsq", "standard_fsq", "simvq"])
+def test_the_quantizer_computes_in_float32_under_bf16_autocast(preset):
+    """A float32 model under bf16 autocast (training with `--mixed_precision bf16`, `vqrae-tokenize` on a GPU): the
+    quantizer turns autocast off for itself, so its indices and codes are those computed without autocast."""
+    model = tiny_model(0, **PRESETS[preset]).eval()
+    with torch.no_grad():
+        if preset != "simvq":  # a trained projection spreads the features over the whole grid; a fresh one does not
+            model.quantizer.project_in.weight.mul_(100)
+        features = model.get_image_features(_images(8, seed=3))
+        expected = model.quantizer(features)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            output = model.quantizer(features)
+    assert output.quantized.dtype == torch.float32
+    assert torch.equal(output.indices, expected.indices)
+    assert torch.equal(output.quantized, expected.quantized)
+    assert expected.indices.unique().numel() > 16

@@ -126,6 +126,16 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_images():
     assert bootstrap_interval(np.full(8, 3.0)) == [3.0, 3.0]
 
 
+def test_bootstrap_interval_is_95_percent_wide():
+    """For a large normal sample the bootstrap means are normal with sd s / sqrt(n): a 95 % interval is
+    2 x 1.96 of that wide (a 90 % one 2 x 1.645, 16 % narrower) and centred on the mean."""
+    samples = np.random.default_rng(5).normal(20, 2, 1000)
+    low, high = bootstrap_interval(samples)
+    standard_error = samples.std() / np.sqrt(len(samples))
+    assert (high - low) / (2 * 1.959964 * standard_error) == pytest.approx(1, abs=0.06)
+    assert (low + high) / 2 == pytest.approx(samples.mean(), abs=0.2 * standard_error)
+
+
 def _uint8(array):
     return torch.from_numpy(np.array(array)).permute(2, 0, 1)[None]
 
@@ -157,3 +167,50 @@ def test_evaluation_reports_intervals_seams_and_the_token_count(validation):
     assert metrics["codebook_tokens"] == 5 * 16
     assert metrics["seam_score"] > 0 and metrics["bicubic_seam_score"] > 0
     assert metrics["crop_codebook_use"] is None  # only vqrae-evaluate --num_crops measures it
+
+
+def _steps(width: int, offsets, step: int) -> np.ndarray:
+    """A `width x width` gray image (1 channel) rising by 1 between neighbours left to right, and by `step` where
+    `x` (the right pixel of the pair) is in `offsets`; constant down the columns."""
+    increments = np.ones(width - 1, dtype=np.int64)
+    increments[np.asarray(offsets, dtype=np.int64) - 1] = step
+    row = np.concatenate([[0], np.cumsum(increments)])
+    return torch.from_numpy(np.broadcast_to(row, (width, width)).astype(np.uint8).copy())[None, None]
+
+
+def test_seam_sums_and_score_on_images_with_a_known_grid():
+    # 16 x 16, patch 4: per row 3 border pairs and 12 within; per column (all differences 0) the same.
+    on_the_grid = seam_sums(_steps(16, [4, 8, 12], 9), 4).numpy()
+    assert on_the_grid.tolist() == [[16 * 3 * 9, 2 * 16 * 3, 16 * 12, 2 * 16 * 12]]  # border 4.5, within 0.5 per pair
+    off_the_grid = seam_sums(_steps(16, [2, 6, 10, 14], 9), 4).numpy()  # the same steps, 2 pixels off
+    assert off_the_grid.tolist() == [[16 * 3, 2 * 16 * 3, 16 * (4 * 9 + 8), 2 * 16 * 12]]
+    # A patch size that does not divide where the steps are: they are read as within-patch change.
+    assert seam_sums(_steps(16, [4, 8, 12], 9), 8).numpy().tolist() == [
+        [16 * 9, 2 * 16, 16 * (2 * 9 + 12), 2 * 16 * 14]
+    ]
+    ramp = seam_sums(_steps(16, [], 1), 4).numpy()  # no seams at all: border / within is that of any pair
+    assert seam_score(ramp, ramp) == 1.0
+    # (border / within of the reconstructions) over (that of the originals): the reconstruction first.
+    assert seam_score(on_the_grid, ramp) == pytest.approx(9.0)
+    assert seam_score(ramp, on_the_grid) == pytest.approx(1 / 9)
+    assert seam_score(off_the_grid, ramp) == pytest.approx((16 * 3 / 96) / (16 * 44 / 384))  # 0.27: no seams
+
+
+def test_evaluation_scores_seams_of_the_reconstructions_against_the_originals_on_the_patch_grid(validation):
+    result = evaluate_model(tiny_model(seed=1), validation)
+    originals = torch.from_numpy(np.stack([np.asarray(image) for image in validation.images])).permute(0, 3, 1, 2)
+    assert [np.asarray(image).tolist() for image in result.originals] == [
+        np.asarray(image).tolist() for image in validation.images
+    ]
+
+    def score(images, reference, patch):
+        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
+        return seam_score(seam_sums(pixels, patch).numpy(), seam_sums(reference, patch).numpy())
+
+    patch = 32 // 4  # the tiny model: 32-px images, a 4 x 4 token grid, so 8-px decoder patches
+    for name, images in (("seam_score", result.reconstructions), ("bicubic_seam_score", result.bicubic)):
+        expected = score(images, originals, patch)
+        assert result.metrics[name] == pytest.approx(expected, rel=1e-12)
+        # The test tells the wrong patch size and the swapped roles apart from the right figure.
+        assert abs(score(images, originals, patch // 2) - expected) > 1e-3 * expected
+        assert abs(1 / expected - expected) > 1e-3 * expected

@@ -21,7 +21,7 @@ from hub_cache import write_hub_cache
 from vqrae import to_pil_images
 from vqrae.cli_utils import UsageError
 from vqrae.token_dataset import decode_token_rows, load_token_dataset, token_rows_to_indices
-from vqrae.tokenize import MANIFEST_FILE, load_model_and_processor, parse_args, tokenize
+from vqrae.tokenize import MANIFEST_FILE, load_model_and_processor, parse_args, tokenize, weights_digest
 
 NUM_READABLE = 23
 NUM_IMAGES = NUM_READABLE + 2  # one unreadable file inside a shard, one alone in the last shard
@@ -327,13 +327,84 @@ def test_a_rerun_after_images_were_added_is_refused(setup, tmp_path):
     assert main([*argv, "--overwrite_output_dir"])["images"] == 3
 
 
+def _one_line_refusal(argv: list[str]) -> str:
+    """Run `vqrae-tokenize` as a user does; it must refuse with exit status 2 and one line. Returns the line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vqrae.tokenize", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_rerun_with_other_weights_is_refused(setup, tmp_path):
+    root, model_dir, images, reference = setup
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    folder = _small_folder(images, tmp_path / "photos")
+    output = tmp_path / "tokens"
+    argv = ["--model", str(tmp_path / "model"), "--train_dir", str(folder), "--output_dir", str(output)]
+    argv += ["--shard_size", "2"]
+    main(argv)
+    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    # The digest of the state dict: the same for the saved folder and the model object it was saved from.
+    assert manifest["weights_sha256"] == weights_digest(model) != weights_digest(tiny_model(seed=4))
+    assert json.loads((output / "tokenize_config.json").read_text())["weights_sha256"] == manifest["weights_sha256"]
+
+    perturbed = tiny_model(seed=3)
+    with torch.no_grad():
+        perturbed.decoder.in_proj.weight[0, 0] += 1e-3  # one number of one tensor
+    perturbed.save_pretrained(tmp_path / "model")
+    line = _one_line_refusal(argv)
+    assert line.startswith(
+        f"vqrae-tokenize: error: The weights of `--model` '{tmp_path / 'model'}' changed since the "
+    )
+    assert f"(weights_sha256 {manifest['weights_sha256'][:16]}... -> {weights_digest(perturbed)[:16]}...)" in line
+
+    # A killed job (the manifest and its last shard gone) is not finished with the other weights either.
+    (output / MANIFEST_FILE).unlink()
+    (output / "data" / "train-00001.parquet").unlink()
+    with pytest.raises(UsageError, match=r"The weights of `--model` .* changed since the tokens in "):
+        main(argv)
+    assert not (output / "data" / "train-00001.parquet").exists() and not (output / MANIFEST_FILE).exists()
+
+    model.save_pretrained(tmp_path / "model")  # the weights that made the tokens, in a new file: resumes
+    assert main(argv)["images"] == 1
+    assert main(argv)["images"] == 0  # and then is complete
+
+
+def test_a_local_dataset_folder_gives_relative_ids_and_a_changed_one_is_refused(setup, tmp_path):
+    root, model_dir, images, reference = setup
+    folder = _small_folder(images, tmp_path / "photos")
+    output = tmp_path / "tokens"
+    argv = ["--model", model_dir, "--dataset_name", str(folder), "--output_dir", str(output), "--shard_size", "2"]
+    main(argv)
+    # The ids are the files' paths inside the folder: no absolute path of this machine goes out with the tokens.
+    expected = [f"photo_{i:02d}.png" for i in range(3)]
+    ids = load_token_dataset(output)["id"]
+    assert ids == expected and not any(Path(i).is_absolute() or tmp_path.name in i for i in ids)
+    streamed = tmp_path / "streamed"
+    main(["--model", model_dir, "--dataset_name", str(folder), "--output_dir", str(streamed), "--streaming"])
+    assert load_token_dataset(streamed)["id"] == expected
+
+    # A map-style source is identified by its `datasets` fingerprint: the same number of images, one of them
+    # replaced, is another dataset.
+    saved = json.loads((output / MANIFEST_FILE).read_text())["source"]
+    assert saved["kind"] == "dataset" and saved["num_rows"] == 3
+    assert main(argv)["images"] == 0  # unchanged: complete
+    (folder / "photo_01.png").write_bytes((images / "photo_05.png").read_bytes())
+    with pytest.raises(UsageError, match=rf"\(3 rows, fingerprint {saved.get('fingerprint')} -> \w+\)"):
+        main(argv)
+
+
 def test_an_output_made_before_the_source_was_recorded_still_resumes_and_loads(setup, tmp_path):
     root, model_dir, images, reference = setup
     output = tmp_path / "old"
     shutil.copytree(reference, output)
     for name in ("tokenize_config.json", MANIFEST_FILE):
         saved = json.loads((output / name).read_text())
-        for key in ("source", "precision", "dataset_revision"):
+        for key in ("source", "precision", "dataset_revision", "weights_sha256"):
             saved.pop(key)
         (output / name).write_text(json.dumps(saved))
     argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]

@@ -140,7 +140,7 @@ def write_manifest(
 ) -> dict:
     """Check that every shard exists, then write `tokenize_manifest.json` and a dataset card (`README.md`). The
     manifest holds `config` (the job's content arguments, the source's identity `source`, the `precision` the
-    encoder ran in, the `output_split`) and what was written."""
+    encoder ran in, the digest of the model's weights `weights_sha256`, the `output_split`) and what was written."""
     data_dir, split = output_dir / DATA_DIR, config["output_split"]
     num_shards = math.ceil(num_images / shard_size)
     missing = [shard for shard in range(num_shards) if not shard_is_complete(data_dir, split, shard)]

@@ -7,7 +7,8 @@
 The output is a `datasets` dataset in Parquet shards, one row per image, in the order of the source split:
 
     index      int64                  position of the image in the source split
-    id         string                 the image's file (relative to `--train_dir`) or its name in the source
+    id         string                 the image's file (relative to `--train_dir` or to a local `--dataset_name`
+                                      folder) or its name in the source
     indices    Array2D(h, w) int32    the token grid
     features   Array2D(h*w, D)        the continuous semantic features (only with `--save_features`)
     ...                               any `--keep_columns` of the source (e.g. `label`)
@@ -27,11 +28,12 @@ boundaries depend only on `--shard_size`, so any number of processes (or a resum
 the same dataset. With `--streaming`, every process reads the whole stream in order and decodes only the images
 of its own shards.
 
-A changed source is refused: `tokenize_config.json` (and the manifest) record the source's identity (a folder: its
-number of image files and a digest of their paths, sizes and modification times; a map-style dataset: its number of
-rows and `datasets` fingerprint; a stream: its name, config, split and `--dataset_revision`) and the precision the
-encoder ran in (`precision`: `float32` or `bf16`, `--mixed_precision auto` resolved). A rerun, of a complete or a
-partial output, whose source or precision differs stops with an error instead of mixing old and new tokens or
+A changed source or model is refused: `tokenize_config.json` (and the manifest) record the source's identity (a
+folder: its number of image files and a digest of their paths, sizes and modification times; a map-style dataset:
+its number of rows and `datasets` fingerprint; a stream: its name, config, split and `--dataset_revision`), the
+model's weights (`weights_sha256`, a SHA-256 of its state dict, `weights_digest`) and the precision the encoder ran
+in (`precision`: `float32` or `bf16`, `--mixed_precision auto` resolved). A rerun, of a complete or a partial
+output, whose source, weights or precision differs stops with an error instead of mixing old and new tokens or
 calling a stale dataset complete. bf16 tokens may differ from float32 ones in a small share of tokens (the encoder's
 features differ in bf16; the FSQ step itself is always float32); the dataset card says which precision was used.
 """
@@ -180,6 +182,13 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
         name = re.split(r"[\[+]", self.split, maxsplit=1)[0].strip()
         return re.sub(r"[^A-Za-z0-9_]", "_", name) or "train"
 
+    @property
+    def source_folder(self) -> Path | None:
+        """The local folder the images are files of (`--train_dir`, or `--dataset_name` naming a folder), else
+        None: image ids are stored relative to it, and its files are the identity of a stream."""
+        folder = self.train_dir if self.train_dir is not None else self.dataset_name
+        return Path(folder).resolve() if folder is not None and Path(folder).is_dir() else None
+
     def content_config(self) -> dict:
         config = {name: getattr(self, name) for name in CONTENT_ARGUMENTS}
         if config["train_dir"] is not None:
@@ -247,8 +256,8 @@ def source_identity(args: TokenizeArguments, dataset=None) -> dict:
         "split": args.split,
         "revision": args.dataset_revision,
     }
-    if Path(args.dataset_name).is_dir():
-        files = folder_identity(args.dataset_name, images_only=False)
+    if args.source_folder is not None:
+        files = folder_identity(args.source_folder, images_only=False)
         identity.update(num_files=files["num_images"], digest=files["digest"])
     return identity
 
@@ -405,6 +414,7 @@ def load_model_and_processor(name_or_path: str, revision: str | None = None, dev
     not a VQRAE model."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoImageProcessor, AutoModel
+    from transformers.utils import logging as hf_logging
 
     import vqrae  # noqa: F401  (registers VQRAEConfig / VQRAEModel with the Auto classes)
 
@@ -419,10 +429,16 @@ def load_model_and_processor(name_or_path: str, revision: str | None = None, dev
         except HFValidationError:
             raise UsageError(f"{what} and not a Hub model id ('org/name').") from None
         what += " and not a model in the Hub cache or reachable on the Hub"
+    # No loading bar: a rerun that is refused (other weights, source, precision) says so in one line.
+    progress_bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as error:  # transformers: no config.json, not found, offline; unknown model type
         raise UsageError(f"{what}: {error}") from error
+    finally:
+        if progress_bar:
+            hf_logging.enable_progress_bar()
     if not hasattr(model, "decode_from_indices"):
         raise UsageError(f"`--model` {name_or_path!r} is a {type(model).__name__}, not a VQRAE model.")
     model = model.to(device).eval()
@@ -432,6 +448,22 @@ def load_model_and_processor(name_or_path: str, revision: str | None = None, dev
         logger.warning("%s has no preprocessor_config.json; using the model's default image processor.", name_or_path)
         processor = model.get_image_processor()
     return model, processor
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of the model's state dict: each tensor's name, dtype, shape and bytes, in name order. It identifies
+    the weights the same way whether the model came from a folder, the Hub or an object in memory, and does not
+    depend on how they were stored (safetensors metadata, sharding); the same weights in another dtype differ, as
+    their tokens may."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
@@ -491,9 +523,11 @@ def check_saved_arguments(args: TokenizeArguments, saved: dict | None) -> None:
         )
 
 
-def check_saved_source(args: TokenizeArguments, saved: dict, source: dict, precision: str) -> None:
-    """Refuse to resume (or to call complete) shards made from another source or in another precision. A config
-    written before these were recorded cannot be checked: said in the log."""
+def check_saved_source(args: TokenizeArguments, saved: dict, made_from: dict) -> None:
+    """Refuse to resume (or to call complete) shards made in another precision, from another source or by other
+    weights; `made_from` is this run's `{"source", "precision", "weights_sha256"}`. A config written before these
+    were recorded cannot be checked: said in the log."""
+    precision = made_from["precision"]
     if "precision" in saved and saved["precision"] != precision:
         option = "bf16" if saved["precision"] == "bf16" else "no"
         raise UsageError(
@@ -501,23 +535,34 @@ def check_saved_source(args: TokenizeArguments, saved: dict, source: dict, preci
             f"{args.mixed_precision}` runs in {precision} here; resume with `--mixed_precision {option}` (bf16 "
             "autocast runs on a CPU too), or pass --overwrite_output_dir to tokenize it again."
         )
-    if "source" not in saved:
+    unrecorded = [
+        what for key, what in (("source", "source"), ("weights_sha256", "model's weights")) if key not in saved
+    ]
+    if unrecorded:
         logger.warning(
-            "%s was made by an older vqrae that did not record its source: cannot check that the source is unchanged.",
+            "%s was made by an older vqrae that did not record its %s: cannot check that they are unchanged.",
             args.output_dir,
+            " or ".join(unrecorded),
         )
-        return
-    change = describe_source_change(saved["source"], source)
+    change = describe_source_change(saved["source"], made_from["source"]) if "source" in saved else None
     if change is not None:
         raise UsageError(
             f"The source changed since the tokens in {args.output_dir} were made ({change}); pass "
             "--overwrite_output_dir to tokenize it again."
         )
+    weights = made_from["weights_sha256"]
+    if saved.get("weights_sha256", weights) != weights:
+        raise UsageError(
+            f"The weights of `--model` {args.model!r} changed since the tokens in {args.output_dir} were made "
+            f"(weights_sha256 {saved['weights_sha256'][:16]}... -> {weights[:16]}...); resume with the model that "
+            "made them, or pass --overwrite_output_dir to tokenize it again."
+        )
 
 
-def prepare_output_dir(args: TokenizeArguments, state, source: dict, precision: str) -> Path:
-    """Create (or check, on resume) the output folder: its `tokenize_config.json` records the content arguments,
-    the source's identity and the precision, and a rerun must match all three. Returns its `data/` folder."""
+def prepare_output_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
+    """Create (or check, on resume) the output folder: its `tokenize_config.json` records the content arguments and
+    `made_from` (the source's identity, the precision and the weights' digest), and a rerun must match them all.
+    Returns its `data/` folder."""
     output_dir = Path(args.output_dir)
     config_path = output_dir / CONFIG_FILE
     if state.is_main_process:
@@ -525,12 +570,11 @@ def prepare_output_dir(args: TokenizeArguments, state, source: dict, precision: 
             shutil.rmtree(output_dir)
         (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
         if not config_path.exists():
-            config = {**args.content_config(), "source": source, "precision": precision}
-            atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+            atomic_write(config_path, json.dumps({**args.content_config(), **made_from}, indent=2) + "\n")
     state.wait_for_everyone()
     saved = saved_config(args)
     check_saved_arguments(args, saved)
-    check_saved_source(args, saved, source, precision)
+    check_saved_source(args, saved, made_from)
     return output_dir / DATA_DIR
 
 
@@ -594,7 +638,10 @@ def tokenize(args: TokenizeArguments) -> dict:
         dataset, image_column, source = load_source(args)  # its identity is its length and fingerprint
     else:
         dataset, source = None, source_identity(args)  # a folder or a stream: checked before anything is loaded
-    data_dir = prepare_output_dir(args, state, source, precision)
+    # The model is loaded first, even for a complete output: its weights must be those that made the tokens.
+    model, processor = load_model_and_processor(args.model, args.revision, state.device)
+    made_from = {"source": source, "precision": precision, "weights_sha256": weights_digest(model)}
+    data_dir = prepare_output_dir(args, state, made_from)
     manifest_path = Path(args.output_dir) / MANIFEST_FILE
     if manifest_path.exists():
         logger.info("%s is complete (%s exists); nothing to do.", args.output_dir, MANIFEST_FILE)
@@ -605,14 +652,12 @@ def tokenize(args: TokenizeArguments) -> dict:
             "manifest": json.loads(manifest_path.read_text()),
         }
 
-    model, processor = load_model_and_processor(args.model, args.revision, state.device)
     grid, feature_shape = token_grid(model, processor)
     if dataset is None:
         dataset, image_column, _ = load_source(args, identity=source)
     features_dtype = args.features_dtype if args.save_features else None
     features = output_features(grid, feature_shape, dataset.features, args.keep_columns, features_dtype)
-    root = Path(args.train_dir).resolve() if args.train_dir is not None else None
-    prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, root)
+    prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, args.source_folder)
     job = _ShardJob(args, state, data_dir, model, prepare, features, precision)
     wanted, to_do = job.shards_to_write(dataset)
     started = time.perf_counter()
@@ -631,7 +676,7 @@ def tokenize(args: TokenizeArguments) -> dict:
     if state.is_main_process:
         summary["manifest"] = write_manifest(
             Path(args.output_dir),
-            {**args.content_config(), "source": source, "precision": precision, "output_split": args.output_split},
+            {**args.content_config(), **made_from, "output_split": args.output_split},
             num_images=max(count[2] for count in counts),
             shard_size=args.shard_size,
             token_grid=grid,
