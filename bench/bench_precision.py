@@ -2,6 +2,7 @@
 
     python bench/bench_precision.py                           # the default run's model, outputs/vqrae-tiny-cpu
     python bench/bench_precision.py --model FOLDER --no-write
+    python bench/bench_precision.py --smoke                   # a random tiny model, 4 tiles, seconds; writes nothing
 
 `--model` is a trained model folder (default `outputs/vqrae-tiny-cpu`, what `vqrae-train` with no arguments
 writes), loaded three ways:
@@ -11,23 +12,25 @@ writes), loaded three ways:
 - autocast: the float32 model under `torch.autocast("cpu", dtype=torch.bfloat16)`, what
   `vqrae-tokenize --mixed_precision bf16` does (decoding under autocast too here).
 
-Images: the built-in held-out photos exactly as the training loop evaluates them (`load_image_dataset("validation")`
-+ `load_validation_images`: 20 windows of 4 photos, centre-cropped, resized with the model's processor), and
-random crops of the same windows at several scales (`random_resized_crop_box` with a fixed share of the window's
-area, aspect 3/4 to 4/3, resized to the model's size), so there are tens of thousands of tokens. Each precision
-encodes the images (`encode(...).indices`) and decodes its own indices (`decode_from_indices`); PSNR is computed
-on 8-bit RGB as `vqrae-evaluate` does. Intervals are 95 % bootstrap intervals over images (tokens of one image are
-not independent). The control: the bf16 model's quantizer fed the float32 model's features must give the float32
-indices exactly (the quantizer computes in float32 in both models); any difference comes from the encoder's
-features. Batches of `--batch-size` images under `torch.inference_mode()`.
+Images: the built-in held-out tiles exactly as the training loop evaluates them (`load_image_dataset("validation")`
++ `load_validation_images`: the 324 tiles of the 4 held-out photos at three scales, resized with the model's
+processor; the section compares their count and float32 PSNR with the model folder's `eval_results.json`), and
+random crops of each tile at several scales (`random_resized_crop_box` with a fixed share of the tile's area,
+aspect 3/4 to 4/3, resized to the model's size). Each precision encodes the images (`encode(...).indices`) and
+decodes its own indices (`decode_from_indices`); PSNR is computed on 8-bit RGB as `vqrae-evaluate` does.
+Intervals are 95 % bootstrap intervals over images (tokens of one image are not independent). The control: the
+bf16 model's quantizer fed the float32 model's features must give the float32 indices exactly (the quantizer
+computes in float32 in both models); any difference comes from the encoder's features. Batches of `--batch-size`
+images under `torch.inference_mode()`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
-import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -45,6 +48,7 @@ from vqrae.image_data import (
 )
 
 PRECISIONS = ("float32", "bf16 weights", "autocast")
+HELD_OUT = "held-out tiles (as evaluated in training)"
 
 
 def images_to_uint8(images) -> torch.Tensor:
@@ -156,38 +160,39 @@ def crops_of(windows: list, image_size: int, scales: list[float], per_window: in
     return crops
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="outputs/vqrae-tiny-cpu", help="a trained VQRAE model folder")
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.05, 0.2, 0.6], help="crop area shares")
-    parser.add_argument("--crops-per-window", type=int, default=16, help="random crops of each window per scale")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.model):
-        sys.exit(
-            f"bench_precision.py: error: model folder {args.model!r} not found; train it first with `vqrae-train` "
-            "(writes outputs/vqrae-tiny-cpu) or pass --model FOLDER."
-        )
-    start_load = load_average()
-    started = time.perf_counter()
+def load_models(folder: str) -> dict:
+    """The model of `folder` in float32 and with bf16 weights (evaluation mode)."""
+    return {
+        "float32": VQRAEModel.from_pretrained(folder, dtype=torch.float32).eval(),
+        "bf16 weights": VQRAEModel.from_pretrained(folder, dtype=torch.bfloat16).eval(),
+    }
 
-    models = {
-        "float32": VQRAEModel.from_pretrained(args.model, dtype=torch.float32).eval(),
-        "bf16 weights": VQRAEModel.from_pretrained(args.model, dtype=torch.bfloat16).eval(),
-    }
-    bf16_model = models["bf16 weights"]
-    dtypes = {
-        "encoder": bf16_model.encoder.dtype,
-        "quantizer": next(bf16_model.quantizer.parameters()).dtype,
-        "decoder": bf16_model.decoder.in_proj.weight.dtype,
-    }
-    processor = models["float32"].get_image_processor()
-    config = models["float32"].config
+
+def save_smoke_model(folder: str) -> None:
+    """A randomly initialised model of the default run's architecture, saved to `folder` (for `--smoke`)."""
+    from vqrae.training.args import ModelArguments
+    from vqrae.training.trainer import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelArguments(vision_config="tiny"))
+    model.save_pretrained(folder)
+    model.get_image_processor().save_pretrained(folder)
+
+
+def held_out_reference(folder: str) -> dict | None:
+    """The run's own `eval_results.json` (what training measured on the held-out tiles), if the folder has one."""
+    path = os.path.join(folder, "eval_results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def load_image_sets(config, processor, args) -> tuple[dict, list]:
+    """The held-out tiles exactly as training evaluates them, and random crops of each at every scale in
+    `args.scales`. `args.max_images` keeps the first tiles only (`--smoke`)."""
     image_size = config.vision_config.image_size
     resample = int(processor.resample)
-
     dataset, column = load_image_dataset("validation")
     validation = load_validation_images(
         dataset,
@@ -195,26 +200,95 @@ def main(argv=None):
         image_size,
         dataset_name=BUILTIN_DATASET_NAME,
         dataset_split="validation",
+        max_samples=args.max_images,
         resample=resample,
     )
     windows = [decode_image(dataset[i][column]) for i in validation.indices]
     crops = crops_of(windows, image_size, args.scales, args.crops_per_window, resample, args.seed)
-    sets = {"held-out photos (as evaluated in training)": validation.images}
+    sets = {HELD_OUT: validation.images}
     sets.update({f"random crops, {scale:.0%} of the area": images for scale, images in crops.items()})
+    return sets, validation.images
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="outputs/vqrae-tiny-cpu", help="a trained VQRAE model folder")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.05, 0.2, 0.6], help="crop area shares")
+    parser.add_argument("--crops-per-window", type=int, default=1, help="random crops of each tile per scale")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a randomly initialised model of the default architecture on 4 tiles, one crop scale; writes nothing",
+    )
+    args = parser.parse_args(argv)
+    args.max_images = None
+    if args.smoke:
+        args.max_images, args.scales, args.no_write = 4, [0.2], True
+    elif not os.path.isdir(args.model):
+        parser.error(
+            f"model folder {args.model!r} not found; train it first with `vqrae-train` "
+            "(writes outputs/vqrae-tiny-cpu) or pass --model FOLDER."
+        )
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="bench_precision_smoke_") as folder:
+            save_smoke_model(folder)
+            args.model = folder
+            measure(args)
+    else:
+        measure(args)
+
+
+def measure(args) -> None:
+    """Run every precision on every image set and publish the section."""
+    start_load = load_average()
+    started = time.perf_counter()
+    models = load_models(args.model)
+    processor = models["float32"].get_image_processor()
+    sets, held_out_images = load_image_sets(models["float32"].config, processor, args)
     sets_results = {name: run_precisions(models, images, processor, args.batch_size) for name, images in sets.items()}
-
-    # Batch-size dependence: the held-out photos one at a time against the batched run above.
-    one_at_a_time = run_precisions(models, validation.images, processor, 1)
-    held_out = sets_results["held-out photos (as evaluated in training)"]
+    # Batch-size dependence: the held-out tiles one at a time against the batched run above.
+    one_at_a_time = run_precisions(models, held_out_images, processor, 1)
     batch_equal = {
-        name: float((one_at_a_time[name]["indices"] == held_out[name]["indices"]).mean()) for name in PRECISIONS
+        name: float((one_at_a_time[name]["indices"] == sets_results[HELD_OUT][name]["indices"]).mean())
+        for name in PRECISIONS
     }
-
-    rng = np.random.default_rng(args.seed)
     sets_results["all crops"] = concatenate([result for name, result in sets_results.items() if "crops" in name])
+    body = report(args, models, sets, sets_results, batch_equal, held_out_reference(args.model), started)
+    publish("bench_precision", "9. bf16 vs float32, end to end on real photos", body, start_load, args.no_write)
 
+
+AGREEMENT_HEADER = [
+    "image set",
+    "images",
+    "tokens",
+    "bf16 weights = float32",
+    "autocast = float32",
+    "control: bf16 quantizer on float32 features",
+]
+PSNR_HEADER = [
+    "image set",
+    "PSNR dB float32",
+    "PSNR dB bf16 weights (change; 95 % interval)",
+    "PSNR dB autocast (change; 95 % interval)",
+    "decoder only, bf16 weights: PSNR dB vs float32 decode",
+    "decoder only, autocast: PSNR dB vs float32 decode",
+    "encoder features, bf16 weights: relative RMS error",
+    "encoder features, autocast: relative RMS error",
+]
+
+
+def table_rows(sets_results: dict, levels: list[int], rng) -> tuple[list, list, list, dict]:
+    """The rows of the agreement and PSNR tables, the notes on the PSNR changes, and the level digits of every
+    differing token (held-out tiles and crops, each once) by precision."""
     agreement_rows, psnr_rows, psnr_notes = [], [], []
-    levels = list(config.fsq_levels)
     flips = {"bf16 weights": [], "autocast": []}
     for name, result in sets_results.items():
         reference = result["float32"]["indices"]
@@ -222,8 +296,7 @@ def main(argv=None):
         cells = []
         for key in ("bf16 weights", "autocast", "control"):
             equal = result[key]["indices"] == reference
-            per_image = equal.mean(axis=1)
-            low, high = bootstrap_interval(per_image, None, rng)
+            low, high = bootstrap_interval(equal.mean(axis=1), None, rng)
             if equal.all():
                 cells.append(f"100 % exactly ({equal.size} of {equal.size})")
             else:
@@ -235,74 +308,82 @@ def main(argv=None):
         agreement_rows.append([name, images, images * tokens_per_image, *cells])
         psnr32 = result["float32"]["psnr"]
         row = [name, f"{psnr32.mean():.2f}"]
-        changes = {}
         for key in ("bf16 weights", "autocast"):
             delta = result[key]["psnr"] - psnr32
             low, high = bootstrap_interval(delta, None, rng)
-            changes[key] = (delta.mean(), low, high)
             row.append(f"{result[key]['psnr'].mean():.2f} ({delta.mean():+.3f}; {low:+.3f} to {high:+.3f})")
-        for key in ("bf16 weights", "autocast"):
-            row.append(f"{np.median(result['decoder only'][key]):.1f}")
-        for key in ("bf16 weights", "autocast"):
-            row.append(f"{100 * statistics.median(result['feature error'][key].tolist()):.2f} %")
-        psnr_rows.append(row)
-        if name in ("held-out photos (as evaluated in training)", "all crops"):
-            for key, (mean, low, high) in changes.items():
-                verdict = "within the noise" if low <= 0 <= high else "outside the noise"
+            if name in (HELD_OUT, "all crops"):
+                verdict = "the interval holds zero" if low <= 0 <= high else "the interval excludes zero"
                 psnr_notes.append(
-                    f"{name}, {key}: PSNR changes by {mean:+.3f} dB ({low:+.3f} to {high:+.3f}), {verdict}"
-                    f"{', and under 0.01 dB' if max(abs(low), abs(high)) < 0.01 else ''}."
+                    f"{name}, {key}: PSNR changes by {delta.mean():+.3f} dB (95 % interval {low:+.3f} to "
+                    f"{high:+.3f} dB; {verdict})."
                 )
+        row += [f"{np.median(result['decoder only'][key]):.1f}" for key in ("bf16 weights", "autocast")]
+        row += [
+            f"{100 * statistics.median(result['feature error'][key].tolist()):.2f} %"
+            for key in ("bf16 weights", "autocast")
+        ]
+        psnr_rows.append(row)
+    return agreement_rows, psnr_rows, psnr_notes, flips
 
-    def flip_summary(key: str) -> str:
-        changed = np.concatenate([pair[0] for pair in flips[key]])
-        original = np.concatenate([pair[1] for pair in flips[key]])
-        if len(changed) == 0:
-            return f"{key}: no token differs."
-        steps = np.abs(changed - original)
-        one_step = float((steps.sum(axis=1) == 1).mean())
-        dims = np.bincount((steps > 0).sum(axis=1), minlength=len(levels) + 1)
-        return (
-            f"{key}: of the {len(changed)} differing tokens (held-out photos and crops), {100 * one_step:.1f} % move "
-            f"by one level in one dimension (neighbouring codes); dimensions changed per differing token: "
-            + ", ".join(f"{d}: {count}" for d, count in enumerate(dims) if d > 0 and count)
-            + "."
-        )
 
-    agreement_header = [
-        "image set",
-        "images",
-        "tokens",
-        "bf16 weights = float32",
-        "autocast = float32",
-        "control: bf16 quantizer on float32 features",
-    ]
-    psnr_header = [
-        "image set",
-        "PSNR dB float32",
-        "PSNR dB bf16 weights (change; 95 % interval)",
-        "PSNR dB autocast (change; 95 % interval)",
-        "decoder only, bf16 weights: PSNR dB vs float32 decode",
-        "decoder only, autocast: PSNR dB vs float32 decode",
-        "encoder features, bf16 weights: relative RMS error",
-        "encoder features, autocast: relative RMS error",
-    ]
+def flip_summary(key: str, flips: list, levels: list[int]) -> str:
+    """How far the tokens that differ from float32 move: one level in one dimension is a neighbouring code."""
+    changed = np.concatenate([pair[0] for pair in flips])
+    original = np.concatenate([pair[1] for pair in flips])
+    if len(changed) == 0:
+        return f"{key}: no token differs."
+    steps = np.abs(changed - original)
+    one_step = float((steps.sum(axis=1) == 1).mean())
+    dims = np.bincount((steps > 0).sum(axis=1), minlength=len(levels) + 1)
+    return (
+        f"{key}: of the {len(changed)} differing tokens (held-out tiles and crops), {100 * one_step:.1f} % move "
+        f"by one level in one dimension (neighbouring codes); dimensions changed per differing token: "
+        + ", ".join(f"{d}: {count}" for d, count in enumerate(dims) if d > 0 and count)
+        + "."
+    )
+
+
+def reference_note(reference: dict | None, held_out: dict) -> str:
+    """Whether the held-out set is the one the run's evaluation scored: its size and float32 PSNR against the
+    run's `eval_results.json`."""
+    images, psnr = len(held_out["float32"]["psnr"]), float(held_out["float32"]["psnr"].mean())
+    if reference is None:
+        return f"The model folder has no eval_results.json to compare the {images} held-out tiles with."
+    return (
+        f"The held-out tiles are the ones the run's evaluation scored: {images} tiles here, "
+        f"{reference['num_images']} in the model folder's eval_results.json (step {reference['step']}); float32 PSNR "
+        f"{psnr:.2f} dB here, {reference['psnr']:.2f} dB there."
+    )
+
+
+def report(args, models, sets, sets_results, batch_equal, reference, started) -> str:
+    """The section's text: the agreement and PSNR tables and the notes under them."""
+    config, vision = models["float32"].config, models["float32"].config.vision_config
+    bf16_model = models["bf16 weights"]
+    dtypes = {
+        "encoder": bf16_model.encoder.dtype,
+        "quantizer": next(bf16_model.quantizer.parameters()).dtype,
+        "decoder": bf16_model.decoder.in_proj.weight.dtype,
+    }
+    levels = list(config.fsq_levels)
+    agreement_rows, psnr_rows, psnr_notes, flips = table_rows(sets_results, levels, np.random.default_rng(args.seed))
     crop_count = sum(len(images) for name, images in sets.items() if "crops" in name)
-    held_out_row = agreement_rows[0]
-    all_row = agreement_rows[-1]
+    held_out_row, all_row = agreement_rows[0], agreement_rows[-1]
     lines = [
-        f"Model: `{args.model}` ({config.vision_config.image_size} px, patch {config.vision_config.patch_size}, "
-        f"width {config.vision_config.hidden_size}, {config.vision_config.num_hidden_layers} encoder and "
-        f"{config.decoder_num_hidden_layers_resolved} decoder layers, FSQ {levels}"
-        f"{' + post_quant_conv' if config.use_post_quant_conv else ''}), trained by `vqrae-train` (the default run). "
+        f"Model: `{args.model}` ({vision.image_size} px, patch {vision.patch_size}, width {vision.hidden_size}, "
+        f"{vision.num_hidden_layers} encoder and {config.decoder_num_hidden_layers} decoder layers, FSQ {levels}"
+        f"{' + post_quant_conv' if config.use_post_quant_conv else ''}), "
+        f"{'randomly initialised (--smoke)' if args.smoke else 'trained by `vqrae-train` (the default run)'}. "
         f"Loaded with `dtype=torch.bfloat16` its weights are: encoder {dtypes['encoder']}, quantizer "
-        f"{dtypes['quantizer']}, decoder {dtypes['decoder']}. {len(validation.images)} held-out images and "
-        f"{crop_count} random crops ({args.crops_per_window} per window per scale, seed {args.seed}), batch "
-        f"{args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"{dtypes['quantizer']}, decoder {dtypes['decoder']}. {len(sets[HELD_OUT])} held-out tiles and "
+        f"{crop_count} random crops of them ({args.crops_per_window} per tile per scale, seed {args.seed}), batch "
+        f"{args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        + reference_note(reference, sets_results[HELD_OUT]),
         "",
         "Share of tokens whose index equals the float32 model's (95 % bootstrap interval over images):",
         "",
-        markdown_table(agreement_header, agreement_rows),
+        markdown_table(AGREEMENT_HEADER, agreement_rows),
         "",
         "Reconstruction quality (each precision decodes its own tokens; PSNR on 8-bit RGB against the image; change "
         '= mean over images of the per-image difference to float32, with its 95 % bootstrap interval). "Decoder '
@@ -310,23 +391,21 @@ def main(argv=None):
         "images). Feature error: RMS of the difference of the encoder's features to float32 over the RMS of the "
         "float32 features (median over images).",
         "",
-        markdown_table(psnr_header, psnr_rows),
+        markdown_table(PSNR_HEADER, psnr_rows),
         "",
         f"- Control: the bf16 model's quantizer on the float32 model's features gives the float32 indices on "
         f"{all_row[5]} crop tokens and {held_out_row[5]} held-out tokens: the quantizer is float32 in both models; "
         "the differences above come from the encoder's features, computed in bf16.",
-        f"- Held-out photos: bf16 weights give the float32 token on {held_out_row[3].split(' (')[0]} of tokens, "
+        f"- Held-out tiles: bf16 weights give the float32 token on {held_out_row[3].split(' (')[0]} of tokens, "
         f"autocast on {held_out_row[4].split(' (')[0]}; over all crops {all_row[3].split(' (')[0]} and "
         f"{all_row[4].split(' (')[0]}.",
-        f"- {flip_summary('bf16 weights')}",
-        f"- {flip_summary('autocast')}",
+        *[f"- {flip_summary(key, pairs, levels)}" for key, pairs in flips.items()],
         *[f"- {note}" for note in psnr_notes],
-        "- Batch size: the held-out photos encoded one at a time give the same indices as in batches of "
+        "- Batch size: the held-out tiles encoded one at a time give the same indices as in batches of "
         f"{args.batch_size} on " + ", ".join(f"{100 * v:.2f} % ({k})" for k, v in batch_equal.items()) + " of tokens.",
         f"- Run time {time.perf_counter() - started:.0f} s.",
     ]
-    body = "\n".join(lines) + "\n"
-    publish("bench_precision", "9. bf16 vs float32, end to end on real photos", body, start_load, args.no_write)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
