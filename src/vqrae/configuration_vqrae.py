@@ -35,6 +35,20 @@ def _check_at_least(name: str, value, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum} (got {value!r}).")
 
 
+def check_encoder_config(vision, subject: str = "`vision_config`") -> None:
+    """Refuse an encoder config VQRAE cannot build, naming its class: the encoder is a fixed-resolution SigLIP
+    vision tower (SigLIP2's fixed-resolution checkpoints use the same config). A NaFlex SigLIP2 encoder has
+    `num_patches` instead of an `image_size`, and would otherwise fail later on the missing attribute."""
+    if vision.model_type in SUPPORTED_ENCODER_TYPES:
+        return
+    naflex = ", a variable-resolution (NaFlex) SigLIP2 encoder" if vision.model_type == "siglip2_vision_model" else ""
+    raise ValueError(
+        f"{subject} must be a SigLIP vision config (SiglipVisionConfig, model_type 'siglip_vision_model'): "
+        f"fixed-resolution SigLIP and SigLIP2 checkpoints are supported; got {type(vision).__name__} (model_type "
+        f"{vision.model_type!r}){naflex}."
+    )
+
+
 def _plain_errors(cls):
     """`@strict` reports a field's or a class validator's `ValueError`/`TypeError` wrapped in its own exception
     type; a config user expects (and the CLIs catch) the `ValueError`/`TypeError` itself, whose message names the
@@ -190,11 +204,7 @@ class VQRAEConfig(PreTrainedConfig):
                 raise
             raise TypeError(f"`vision_config` holds a field of the wrong type: {error.__cause__}") from None
         vision = self.vision_config
-        if vision.model_type not in SUPPORTED_ENCODER_TYPES:
-            raise ValueError(
-                f"`vision_config` must be a SigLIP vision config (model_type 'siglip_vision_model'; fixed-resolution "
-                f"SigLIP2 checkpoints use it too), got model_type {vision.model_type!r}."
-            )
+        check_encoder_config(vision)
         if getattr(vision, "vision_use_head", False):
             # The attention-pooling head is never used by a tokenizer; under DDP an unused parameter is an error.
             logger.info(
