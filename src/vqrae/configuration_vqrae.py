@@ -3,11 +3,33 @@
 import difflib
 import functools
 import math
+import re
 
-from transformers import AutoConfig
-from transformers.activations import ACT2FN
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec, strict
-from transformers.utils import logging
+import transformers
+
+# The oldest transformers this model code runs on; pyproject.toml's dependency names the same version (a test keeps
+# them equal) and the model card states it. Checked here, before the imports that need it, because this is the
+# first module `trust_remote_code` loads, and with transformers 4 the next line would fail with "cannot import name
+# 'PreTrainedConfig'", which does not say what to do.
+MIN_TRANSFORMERS_VERSION = "5.0"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+if _major_minor(transformers.__version__) < _major_minor(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"This VQRAE model code needs transformers >= {MIN_TRANSFORMERS_VERSION}, but transformers "
+        f"{transformers.__version__} is installed: upgrade it with `pip install -U 'transformers>="
+        f"{MIN_TRANSFORMERS_VERSION}'`."
+    )
+
+from transformers import AutoConfig  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec, strict  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
 logger = logging.get_logger(__name__)
 
