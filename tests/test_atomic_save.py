@@ -211,3 +211,17 @@ def test_saved_files_honour_the_umask(umask, tmp_path):
     assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path):
+    # accelerate's save_state writes the checkpoint's model.safetensors through safetensors (0600) too.
+    from conftest import run
+
+    previous = os.umask(0o022)
+    try:
+        run(tmp_path / "run", "--save_steps", "1", max_steps=1)
+    finally:
+        os.umask(previous)
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and "model.safetensors" in modes

@@ -23,7 +23,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 
-__all__ = ["STAGING_MARK", "atomic_file", "atomic_folder", "atomic_write"]
+__all__ = ["STAGING_MARK", "atomic_file", "atomic_folder", "atomic_write", "set_default_mode"]
 
 STAGING_MARK = ".vqrae-staging-"
 _AT_FDCWD = -100
@@ -48,9 +48,13 @@ def _umask() -> int:
     return mask
 
 
-def _finish_file(path: str) -> None:
-    """Give a freshly written file the mode a plain `open()` would have (0o666 less the umask) and flush it."""
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give a freshly written file the mode a plain `open()` would have: 0o666 less the umask."""
     os.chmod(path, 0o666 & ~_umask())
+
+
+def _finish_file(path: str) -> None:
+    set_default_mode(path)
     _fsync(path)
 
 
