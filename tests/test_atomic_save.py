@@ -193,3 +193,35 @@ def test_save_over_a_model_without_an_atomic_exchange(tmp_path, monkeypatch):
     assert (folder / "README.md").read_text() == "card\n"
     assert _staging_leftovers(folder) == []
     assert _equals(VQRAEModel.from_pretrained(folder), model_b)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_honour_the_umask(umask, tmp_path):
+    # safetensors writes its file 0600; others on a shared machine must be able to read the weights when the umask
+    # lets them, as they can read config.json. The second umask shows the modes follow it rather than a constant.
+    from vqrae.atomic_io import atomic_write
+
+    previous = os.umask(umask)
+    try:
+        _build(MODEL_A).save_pretrained(tmp_path / "model")
+        atomic_write(tmp_path / "notes.txt", "text\n")
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path):
+    # accelerate's save_state writes the checkpoint's model.safetensors through safetensors (0600) too.
+    from conftest import run
+
+    previous = os.umask(0o022)
+    try:
+        run(tmp_path / "run", "--save_steps", "1", max_steps=1)
+    finally:
+        os.umask(previous)
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and "model.safetensors" in modes

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -261,3 +262,37 @@ def test_vqrae_push_console_script_is_installed():
     (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "vqrae-push"]
     assert script.value == "vqrae.training.hub:main"
     assert script.load() is hub.main
+
+
+def test_cli_without_a_connection_to_the_hub_is_one_line(run_folder, tmp_path):
+    # The real client against an endpoint that refuses connections (a local port nothing listens on), as a user
+    # with a token but no network gets: one line naming the repository, not huggingface_hub's 50-line traceback.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_TOKEN="hf_test_token", HF_ENDPOINT=endpoint)
+    command = [sys.executable, "-m", "vqrae.training.hub", str(run_folder), "--repo-id", REPO_ID]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith(
+        f"vqrae-push: error: Cannot publish {run_folder} to '{REPO_ID}': the Hugging Face Hub ({endpoint}) could not "
+        "be reached ("
+    ), result.stderr
+    assert "nothing was committed" in result.stderr and result.stdout == ""
+
+
+def test_what_counts_as_not_reaching_the_hub():
+    import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = httpx2.ReadTimeout("timed out")
+    for error in (OfflineModeIsEnabled("offline"), ConnectionRefusedError(111, "refused"), wrapped):
+        assert hub._is_connection_error(error), error
+    for error in (
+        ValueError("bad repo"),
+        RuntimeError("a bug"),
+        httpx2.HTTPStatusError("403", request=None, response=None),
+    ):
+        assert not hub._is_connection_error(error), error

@@ -6,6 +6,9 @@ mix, and so that what was written survives a power cut (fsync).
 - `atomic_folder(target, keep=...)`: a whole folder (a saved model), written into a hidden sibling folder that then
   takes `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames).
 
+Every file written through them gets the mode a plain `open(path, "w")` gives (0o666 less the umask): some writers
+(safetensors' `save_file`) create their files 0600, which would hide the weights from other users of the machine.
+
 It imports only the standard library, because `VQRAEModel.save_pretrained` uses it and `save_pretrained` copies it
 to the Hub with the model code for `trust_remote_code` users.
 """
@@ -20,7 +23,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 
-__all__ = ["STAGING_MARK", "atomic_file", "atomic_folder", "atomic_write"]
+__all__ = ["STAGING_MARK", "atomic_file", "atomic_folder", "atomic_write", "set_default_mode"]
 
 STAGING_MARK = ".vqrae-staging-"
 _AT_FDCWD = -100
@@ -30,6 +33,29 @@ _RENAME_EXCHANGE = 2
 def _fsync(path: str) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (changing it, even briefly, races with
+    other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give a freshly written file the mode a plain `open()` would have: 0o666 less the umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _finish_file(path: str) -> None:
+    set_default_mode(path)
+    _fsync(path)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -51,7 +77,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     temporary = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         yield temporary
-        _fsync(temporary)
+        _finish_file(temporary)
         os.replace(temporary, path)
         _fsync_folder(folder)
     finally:
@@ -73,10 +99,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, encoding: str = "ut
 
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambda name: True) -> Iterator[str]:
-    """Yield an empty hidden sibling folder of `target` to write into; once the block is done, its files are flushed
-    to disk and the folder takes `target`'s place in one step. Entries of the old `target` that the block did not
-    write are carried over when `keep(name)` is true (a model card, logs, checkpoints), so the swap loses nothing
-    else. If the block raises, `target` is untouched. Staging folders of earlier, killed writes are removed first."""
+    """Yield an empty hidden sibling folder of `target` to write into; once the block is done, its files get the mode
+    `open()` gives, are flushed to disk, and the folder takes `target`'s place in one step. Entries of the old
+    `target` that the block did not write are carried over when `keep(name)` is true (a model card, logs,
+    checkpoints), so the swap loses nothing else. If the block raises, `target` is untouched. Staging folders of
+    earlier, killed writes are removed first."""
     target = os.path.realpath(target)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
@@ -87,7 +114,7 @@ def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambd
         yield staging
         for entry in os.scandir(staging):
             if entry.is_file(follow_symlinks=False):
-                _fsync(entry.path)
+                _finish_file(entry.path)
         _move_into_place(staging, target, keep)
         _fsync_folder(parent)
     finally:

@@ -3,11 +3,33 @@
 import difflib
 import functools
 import math
+import re
 
-from transformers import AutoConfig
-from transformers.activations import ACT2FN
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec, strict
-from transformers.utils import logging
+import transformers
+
+# The oldest transformers this model code runs on; pyproject.toml's dependency names the same version (a test keeps
+# them equal) and the model card states it. Checked here, before the imports that need it, because this is the
+# first module `trust_remote_code` loads, and with transformers 4 the next line would fail with "cannot import name
+# 'PreTrainedConfig'", which does not say what to do.
+MIN_TRANSFORMERS_VERSION = "5.0"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+if _major_minor(transformers.__version__) < _major_minor(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"This VQRAE model code needs transformers >= {MIN_TRANSFORMERS_VERSION}, but transformers "
+        f"{transformers.__version__} is installed: upgrade it with `pip install -U 'transformers>="
+        f"{MIN_TRANSFORMERS_VERSION}'`."
+    )
+
+from transformers import AutoConfig  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec, strict  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
 logger = logging.get_logger(__name__)
 
@@ -49,6 +71,20 @@ def _check_at_least(name: str, value, minimum: int) -> None:
     """Range check of an integer field (its type is checked by `@strict` from the annotation)."""
     if value is not None and value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum} (got {value!r}).")
+
+
+def check_encoder_config(vision, subject: str = "`vision_config`") -> None:
+    """Refuse an encoder config VQRAE cannot build, naming its class: the encoder is a fixed-resolution SigLIP
+    vision tower (SigLIP2's fixed-resolution checkpoints use the same config). A NaFlex SigLIP2 encoder has
+    `num_patches` instead of an `image_size`, and would otherwise fail later on the missing attribute."""
+    if vision.model_type in SUPPORTED_ENCODER_TYPES:
+        return
+    naflex = ", a variable-resolution (NaFlex) SigLIP2 encoder" if vision.model_type == "siglip2_vision_model" else ""
+    raise ValueError(
+        f"{subject} must be a SigLIP vision config (SiglipVisionConfig, model_type 'siglip_vision_model'): "
+        f"fixed-resolution SigLIP and SigLIP2 checkpoints are supported; got {type(vision).__name__} (model_type "
+        f"{vision.model_type!r}){naflex}."
+    )
 
 
 def _plain_errors(cls):
@@ -208,11 +244,7 @@ class VQRAEConfig(PreTrainedConfig):
                 raise
             raise TypeError(f"`vision_config` holds a field of the wrong type: {error.__cause__}") from None
         vision = self.vision_config
-        if vision.model_type not in SUPPORTED_ENCODER_TYPES:
-            raise ValueError(
-                f"`vision_config` must be a SigLIP vision config (model_type 'siglip_vision_model'; fixed-resolution "
-                f"SigLIP2 checkpoints use it too), got model_type {vision.model_type!r}."
-            )
+        check_encoder_config(vision)
         if getattr(vision, "vision_use_head", False):
             # The attention-pooling head is never used by a tokenizer; under DDP an unused parameter is an error.
             logger.info(

@@ -15,6 +15,7 @@ Hub for `trust_remote_code` users.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -32,7 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .atomic_io import atomic_folder
-from .configuration_vqrae import PREPROCESSOR_FIELDS, VQRAEConfig
+from .configuration_vqrae import PREPROCESSOR_FIELDS, VQRAEConfig, check_encoder_config
 from .quantizers import VQRAEFSQuantizer, VQRAEVectorQuantizer
 
 logger = logging.get_logger(__name__)
@@ -402,6 +403,10 @@ class VQRAEModel(VQRAEPreTrainedModel):
             encoder_kwargs (`dict`, *optional*): passed to `from_pretrained` of the encoder (`revision`,
                 `cache_dir`, `local_files_only`, `dtype`, ...).
             **config_kwargs: fields of [`VQRAEConfig`] (`use_fsq`, `fsq_levels`, `use_post_quant_conv`, ...).
+
+        Raises `ValueError` when the checkpoint is not a whole SigLIP encoder: a VQRAE model, a NaFlex SigLIP2 or
+        other encoder, or weights that lack an encoder tensor (prefixed keys) or hold one of another shape. Tensors
+        the encoder does not use (a full checkpoint's text tower, the pooling head) are ignored.
         """
         encoder_kwargs = dict(encoder_kwargs or {})
         encoder_kwargs.setdefault("use_safetensors", True)  # never unpickle a `pytorch_model.bin`
@@ -421,16 +426,28 @@ class VQRAEModel(VQRAEPreTrainedModel):
                 f"Could not load the SigLIP encoder {encoder_name_or_path!r}: give a Hub id that is reachable (or in "
                 f"the local Hub cache when offline) or a folder with config.json and model.safetensors. {error}"
             ) from error
+        if loaded_config.model_type == VQRAEConfig.model_type:
+            raise ValueError(
+                f"{encoder_name_or_path!r} is a VQRAE model (its config.json has model_type 'vqrae'), not a SigLIP "
+                "encoder: to start from its weights, load it with `VQRAEModel.from_pretrained` (in vqrae-train: "
+                "`--init_from`)."
+            )
         vision_config = getattr(loaded_config, "vision_config", loaded_config)
+        # Before anything reads its `image_size` (which a NaFlex SigLIP2 config lacks).
+        check_encoder_config(vision_config, subject=f"The config of the encoder {encoder_name_or_path!r}")
         vision_config.vision_use_head = False
         if "preprocessor_config" not in config_kwargs:
             config_kwargs["preprocessor_config"] = _read_encoder_preprocessing(
                 encoder_name_or_path, vision_config.image_size, hub_kwargs
             )
         config = VQRAEConfig(vision_config=vision_config, encoder_name_or_path=encoder_name_or_path, **config_kwargs)
-        encoder = SiglipVisionModel.from_pretrained(
-            encoder_name_or_path, config=config.vision_config, **encoder_kwargs
-        )
+        ignore_mismatched_sizes = encoder_kwargs.pop("ignore_mismatched_sizes", False)
+        encoder_kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)  # checked below, in one line
+        with _load_report_silenced():
+            encoder, loading_info = SiglipVisionModel.from_pretrained(
+                encoder_name_or_path, config=config.vision_config, **encoder_kwargs
+            )
+        _check_encoder_weights(encoder_name_or_path, loading_info, ignore_mismatched_sizes)
         return cls(config, encoder=encoder)
 
     # -- input checks ----------------------------------------------------------------------------------------------
@@ -633,11 +650,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
         if loading_info["unexpected_keys"]:
             problems.append(f"not expected by the config: {', '.join(sorted(loading_info['unexpected_keys']))}")
         if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
-            shapes = ", ".join(
-                f"{key} (checkpoint {tuple(saved)}, config {tuple(expected)})"
-                for key, saved, expected in sorted(loading_info["mismatched_keys"])
-            )
-            problems.append(f"of another shape: {shapes}")
+            problems.append(f"of another shape: {_describe_shapes(loading_info['mismatched_keys'])}")
         if problems:
             raise ValueError(
                 f"The weights of {os.fspath(pretrained_model_name_or_path)!r} do not match its configuration; tensors "
@@ -699,6 +712,62 @@ def _is_missing_local_path(name: str) -> bool:
         return True
     parent = os.path.dirname(name)
     return bool(parent) and os.path.isdir(parent)
+
+
+def _describe_shapes(mismatched_keys) -> str:
+    """transformers' `mismatched_keys` (key, checkpoint shape, model shape) as one line."""
+    return ", ".join(
+        f"{key} (checkpoint {tuple(saved)}, config {tuple(expected)})"
+        for key, saved, expected in sorted(mismatched_keys)
+    )
+
+
+@contextlib.contextmanager
+def _load_report_silenced():
+    """Mute the load report that transformers logs as a warning (dozens of rows; a full SigLIP checkpoint lists its
+    text tower as UNEXPECTED on every correct load) while the caller checks the loading info itself."""
+    report_logger = logging.get_logger("transformers.modeling_utils")
+
+    def keep_errors(record) -> bool:
+        return record.levelno >= logging.ERROR
+
+    # A filter, not a higher level: transformers runs a tensor-parallel check that warns when the level is raised.
+    report_logger.addFilter(keep_errors)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(keep_errors)
+
+
+def _check_encoder_weights(encoder_name_or_path: str, loading_info: dict, ignore_mismatched_sizes: bool) -> None:
+    """Every encoder tensor must come from the checkpoint: transformers would initialise a missing one (or one of
+    another shape) randomly, and stage 1 then freezes it. Unexpected tensors are fine: a full SigLIP checkpoint also
+    holds the text tower and the pooling head, which the vision encoder does not use."""
+    missing = sorted(loading_info["missing_keys"])
+    mismatched = [] if ignore_mismatched_sizes else loading_info["mismatched_keys"]
+    if not missing and not mismatched:
+        if loading_info["unexpected_keys"]:
+            logger.info(
+                "Ignored %d tensors of %s that the vision encoder does not use (text tower, pooling head).",
+                len(loading_info["unexpected_keys"]),
+                encoder_name_or_path,
+            )
+        return
+    if mismatched:
+        problem = f"holds weights of another shape than its config.json says: {_describe_shapes(mismatched)}"
+    else:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        problem = f"lacks weights of the SigLIP vision tower: {shown}"
+        prefixed = next((key for key in loading_info["unexpected_keys"] if key.endswith(f".{missing[0]}")), None)
+        if prefixed:
+            problem += (
+                f". Its keys carry a prefix ({prefixed!r} instead of {missing[0]!r}): save the encoder with the key "
+                "names of `SiglipVisionModel` or `SiglipModel`"
+            )
+    raise ValueError(
+        f"The encoder {encoder_name_or_path!r} {problem}. Those tensors would be randomly initialised instead; give a "
+        "SigLIP (or fixed-resolution SigLIP2) checkpoint that holds the weights its config.json describes."
+    )
 
 
 def _read_encoder_preprocessing(encoder_name_or_path: str, image_size: int, hub_kwargs: dict) -> dict | None:

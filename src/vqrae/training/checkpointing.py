@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic_io import set_default_mode
 from ..cli_utils import UsageError
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,9 @@ def save_checkpoint(
             state["ema_num_updates"] = ema.num_updates
         with open(os.path.join(temporary, TRAINER_STATE_FILE), "w") as handle:
             json.dump(state, handle)
+        for entry in os.scandir(temporary):  # safetensors writes its files 0600: let the umask decide, as elsewhere
+            if entry.is_file(follow_symlinks=False):
+                set_default_mode(entry.path)
         if os.path.exists(final):
             _remove_tree(final)
         os.replace(temporary, final)  # atomic: the checkpoint appears complete or not at all

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token, is_offline_mode
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token, is_offline_mode
 
 from ..cli_utils import UsageError, parse_dataclasses, run_cli, setup_logging
 from .model_card import check_repo_id, render_model_card
@@ -41,7 +41,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 class HubPublishError(RuntimeError):
-    """Publishing cannot start (offline mode, no token); nothing was sent to the Hub."""
+    """Publishing cannot start (offline mode, no token) or the Hub cannot be reached; nothing was committed."""
 
 
 def files_to_publish(folder: str | os.PathLike) -> list[str]:
@@ -111,7 +111,8 @@ def push_to_hub(
 
     Raises:
         ValueError: the folder is not a publishable VQRAE model, or `repo_id` is malformed.
-        HubPublishError: offline mode is on or there is no token; nothing was sent.
+        HubPublishError: offline mode is on, there is no token, or the Hub cannot be reached; nothing was
+            committed.
     """
     check_repo_id(repo_id)
     if not isinstance(private, bool):
@@ -124,18 +125,39 @@ def push_to_hub(
     operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
 
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    info = api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or f"Upload VQRAE tokenizer ({len(operations)} files) with vqrae-push",
-        revision=revision,
-        repo_type="model",
-    )
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload VQRAE tokenizer ({len(operations)} files) with vqrae-push",
+            revision=revision,
+            repo_type="model",
+        )
+    except Exception as error:
+        if not _is_connection_error(error):
+            raise
+        raise HubPublishError(
+            f"Cannot publish {folder} to {repo_id!r}: the Hugging Face Hub ({constants.ENDPOINT}) could not be "
+            f"reached ({type(error).__name__}: {error}), so nothing was committed. Check the network connection "
+            "(and HF_ENDPOINT, a proxy) and try again."
+        ) from error
     logger.info("Published %s to %s", folder, info.commit_url)
     return info
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    """A failure to reach the Hub: the built-in `ConnectionError` (huggingface_hub's `OfflineModeIsEnabled` is one),
+    `requests`' `ConnectionError`, or an httpx transport error (connect, read timeout, proxy), matched by class name
+    so no HTTP client is imported here; also when it is the cause of the error raised."""
+    while error is not None:
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if isinstance(error, ConnectionError) or names & {"ConnectionError", "TransportError"}:
+            return True
+        error = error.__cause__
+    return False
 
 
 @dataclass(kw_only=True)
@@ -166,7 +188,7 @@ def _main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             commit_message=args.commit_message,
         )
-    except (ValueError, HubPublishError) as error:  # a bad folder or repo id, offline, no token: nothing was sent
+    except (ValueError, HubPublishError) as error:  # a bad folder or repo id, offline, no token, no network
         raise UsageError(str(error)) from error
     print(info.commit_url)
     return 0
@@ -174,7 +196,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`vqrae-push FOLDER --repo-id org/name [--private] [--revision BRANCH]`; a user error (a bad folder or repo id,
-    offline mode, no token) is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
+    offline mode, no token, no connection to the Hub) is one line on stderr and exit status 2
+    (`vqrae.cli_utils.run_cli`)."""
     return run_cli("vqrae-push", _main, argv)
 
 

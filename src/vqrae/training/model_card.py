@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..atomic_io import atomic_write
+from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION
 from .run_files import (
     CODEBOOK_USAGE_FILE,
     EVAL_RESULTS_FILE,
@@ -167,6 +168,7 @@ def render_model_card(
         base_model=base_model,
         encoder_name_or_path=config.encoder_name_or_path,
         image_size=config.vision_config.image_size,
+        min_transformers=MIN_TRANSFORMERS_VERSION,
         codebook_size=config.codebook_size,
         quantizer=_quantizer(config),
         architecture=_architecture(config, folder),
