@@ -148,8 +148,9 @@ def run_cli(prog: str, main: Callable[[Sequence[str] | None], int | None], argv:
     """Run `main(argv)` as the command `prog`: a `UsageError` becomes one line on stderr and exit status 2, Ctrl-C
     exit status 130 without a traceback (the tool has said what it left behind); other errors propagate.
 
-    In a run of several processes only the main one prints the line: every process checks the same options, data
-    and checkpoint and refuses alike, and one line is what the user needs (the others still exit with status 2)."""
+    In a run of several processes only the main one prints: every process checks the same options, data and
+    checkpoint and refuses alike (or is interrupted alike), and one line is what the user needs; the others exit
+    with the same status."""
     try:
         return main(argv) or 0
     except UsageError as error:
@@ -157,7 +158,8 @@ def run_cli(prog: str, main: Callable[[Sequence[str] | None], int | None], argv:
             print(f"{prog}: error: {_one_line(str(error))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        if is_main_process():
+            print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
 
 
