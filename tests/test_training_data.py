@@ -124,8 +124,9 @@ def test_warmup_longer_than_the_run_is_scaled_down(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vqrae.training.trainer"):
         run(tmp_path / "out", "--warmup_steps", "200", "--lr_scheduler_type", "linear", max_steps=20)
     assert "--warmup_steps 200 is not below --max_steps 20" in caplog.text and "warming up for 2 steps" in caplog.text
-    options = yaml.safe_load((tmp_path / "out" / "training_config.yaml").read_text())
-    assert options["warmup_steps"] == 2  # the value the run used
+    text = (tmp_path / "out" / "training_config.yaml").read_text()
+    assert yaml.safe_load(text)["warmup_steps"] == 200  # as given, with the value the run used in a note
+    assert "# --warmup_steps 200 is not below --max_steps 20: the run warms up for 2 steps, derived from" in text
     rates = [r["learning_rate"] for r in records(tmp_path / "out")]
     assert rates[1] == pytest.approx(2e-3)  # the peak, reached after the 2 warm-up steps
     assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(0.0)

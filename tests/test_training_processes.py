@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -74,12 +75,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
+def _launch_two_processes(argv: list[str], port: int | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` of the training script in two CPU processes."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(port or _free_port()),
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launch, str(TRAIN_SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300)
@@ -92,7 +93,8 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     two = tmp_path / "two"
     argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--per_device_train_batch_size", "2", "--max_steps", "3"]
     argv += ["--eval_steps", "100", "--save_steps", "100", "--output_dir", str(two)]
-    done = _launch_two_processes(argv)
+    port = _free_port()
+    done = _launch_two_processes(argv, port)
     assert done.returncode == 0, done.stderr[-3000:]
 
     # One output folder, written once; the same figures as one process with the same global batch.
@@ -124,6 +126,18 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert line.startswith("vqrae-train: error: The checkpoint") and "Traceback" not in resumed.stderr
     assert "2 process(es), and this run has 1" in line and "--num_processes 2" in line
     assert resumed.stderr.strip().splitlines()[-1] == line
+    # The command it offers is the one that launched the run (recorded from the launcher's environment).
+    launched = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 "
+    launched += f"--mixed_precision no --dynamo_backend no --main_process_port {port} {TRAIN_SCRIPT} "
+    assert line.endswith(launched + shlex.join([*argv, "--resume_from_checkpoint", "latest"])), line
+
+    # Refused in two processes: one line, from the main process, the last before the launcher's own report.
+    refused = _launch_two_processes([*argv, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-3"])
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr.split("vqrae-train: error:")[0]
+    (line,) = [line for line in refused.stderr.splitlines() if "vqrae-train: error:" in line]
+    assert "--learning_rate 0.001 (trained with 0.002)" in line
+    after = refused.stderr.split(line)[1]  # torchrun's report only: nothing more from either process
+    assert "vqrae-train" not in after and " vqrae." not in after
 
 
 def test_two_cpu_processes_keep_one_vq_codebook(tmp_path):

@@ -25,6 +25,7 @@ __all__ = [
     "UsageError",
     "check_at_least",
     "check_output_dir",
+    "is_main_process",
     "one_line_errors",
     "parse_dataclasses",
     "run_cli",
@@ -130,13 +131,17 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def is_main_process() -> bool:
+    """Whether this is the main process (rank 0) of a run launched in several processes, or the only one."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 def setup_logging() -> None:
     """INFO on the main process (rank 0), warnings elsewhere, on stderr; third-party chatter down to warnings."""
-    is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        level=logging.INFO if is_main else logging.WARNING,
+        level=logging.INFO if is_main_process() else logging.WARNING,
         stream=sys.stderr,
     )
     for name in _NOISY_LOGGERS:
@@ -145,14 +150,20 @@ def setup_logging() -> None:
 
 def run_cli(prog: str, main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)` as the command `prog`: a `UsageError` becomes one line on stderr and exit status 2, Ctrl-C
-    exit status 130 without a traceback (the tool has said what it left behind); other errors propagate."""
+    exit status 130 without a traceback (the tool has said what it left behind); other errors propagate.
+
+    In a run of several processes only the main one prints: every process checks the same options, data and
+    checkpoint and refuses alike (or is interrupted alike), and one line is what the user needs; the others exit
+    with the same status."""
     try:
         return main(argv) or 0
     except UsageError as error:
-        print(f"{prog}: error: {_one_line(str(error))}", file=sys.stderr, flush=True)
+        if is_main_process():
+            print(f"{prog}: error: {_one_line(str(error))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        if is_main_process():
+            print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
 
 

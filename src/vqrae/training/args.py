@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "options_to_dict",
     "parse_args",
     "preset_config_dir",
+    "read_training_config",
     "write_training_config",
 ]
 
@@ -478,13 +480,26 @@ def options_to_dict(model_args, data_args, training_args) -> dict:
     return options
 
 
-def write_training_config(path: str, options: dict) -> None:
-    """Write the resolved options of a run to `training_config.yaml`, from which `vqrae-train --config` trains it
-    again."""
+TRAINING_CONFIG_HEADER = (
+    "Every option of this run, resolved. `vqrae-train --config training_config.yaml --output_dir NEW_DIR`",
+    "trains it again (same seed, same data, same weights on CPU float32).",
+)
+
+
+def write_training_config(path: str, options: dict, notes: Sequence[str] = ()) -> None:
+    """Write the options of a run, as given, to `training_config.yaml`, from which `vqrae-train --config` trains it
+    again; `notes` (what was derived from them, how a resume extended the run) become comment lines."""
     import yaml
 
-    header = (
-        "# Every option of this run, resolved. `vqrae-train --config training_config.yaml --output_dir NEW_DIR`\n"
-        "# trains it again (same seed, same data, same weights on CPU float32).\n"
-    )
+    header = "".join(f"# {line}\n" for line in (*TRAINING_CONFIG_HEADER, *notes))
     atomic_write(path, header + yaml.safe_dump(options, sort_keys=False))
+
+
+def read_training_config(path: str) -> tuple[dict, list[str]]:
+    """The options of a `training_config.yaml` and the notes written with them."""
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    comments = [line[2:] for line in text.splitlines() if line.startswith("# ")]
+    return yaml.safe_load(text) or {}, comments[len(TRAINING_CONFIG_HEADER) :]

@@ -3,9 +3,12 @@
 A checkpoint (`output_dir/checkpoints/checkpoint-{step}`) holds everything a resume needs: accelerate's state (models
 and optimisers), the scheduler, the EMA weights, and per process its random states and data position. It also
 records the run's shape (number of processes, per-device batch size, gradient accumulation), the identity of the
-training data and every option that shapes the weights. The data each process reads is a function of the step and of
+training data, every option that shapes the weights (as the user gave them, never values derived from them), the
+warm-up the run used and the command that resumes it. The data each process reads is a function of the step and of
 that shape, so a resume that changed any of it would repeat or skip examples, or continue on a schedule made for
-other options: `check_resume` refuses it and says which value changed and what to pass.
+other options: `check_resume` refuses it and says which value changed and what to pass. The one change a resume
+may make to the schedule is a larger `max_steps` (extending the run). The model's `config.json` is saved too, so a
+checkpoint folder is also a VQRAE model folder (its trained, non-EMA weights) that `--init_from` can start from.
 
 Checkpoints are written into a hidden folder that is renamed `checkpoint-{step}` once complete (`trainer_state.json`
 last), so a kill during a save never leaves a checkpoint that looks complete. Nothing is pickled: JSON and
@@ -19,7 +22,9 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +39,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHECKPOINTS_DIR",
     "RESUMABLE_OPTIONS",
+    "TRAINER_STATE_FILE",
     "check_resume",
     "latest_checkpoint",
     "load_checkpoint",
     "prepare_output_dir",
     "read_checkpoint_record",
     "resolve_resume",
+    "resume_command",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -199,12 +206,23 @@ def truncate_metrics(path: str, step: int) -> None:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str, step: int, *, scheduler, ema, data_state: dict, record: dict, total_limit: int | None
+    accelerator,
+    output_dir: str,
+    step: int,
+    *,
+    scheduler,
+    ema,
+    data_state: dict,
+    record: dict,
+    total_limit: int | None,
+    model_config=None,
 ) -> str:
     """Save everything a resume needs into a hidden folder, renamed `checkpoint-{step}` once complete.
 
-    accelerate's `save_state` writes the models and optimisers; the scheduler, the step, the run `record` (see
-    `check_resume`) and each process's random states and data position are JSON, the EMA weights safetensors.
+    accelerate's `save_state` writes the models and optimisers (the model as `model.safetensors`, with the keys of
+    the model's own state dict); the scheduler, the step, the run `record` (see `check_resume`) and each process's
+    random states and data position are JSON, the EMA weights safetensors. With `model_config` (the model's
+    `VQRAEConfig`) its `config.json` makes the folder loadable with `VQRAEModel.from_pretrained`.
     accelerate's automatic checkpoint naming writes straight into the final folder, so the folders are named here.
     """
     root = os.path.join(output_dir, CHECKPOINTS_DIR)
@@ -222,6 +240,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict()}
         state["record"] = record
+        if model_config is not None:
+            model_config.save_pretrained(temporary)
         if ema is not None:
             save_file(ema.model.state_dict(), os.path.join(temporary, EMA_WEIGHTS_FILE))
             state["ema_num_updates"] = ema.num_updates
@@ -242,25 +262,32 @@ def save_checkpoint(
 
 def read_checkpoint_record(path: str) -> dict:
     """What the checkpoint says about the run that wrote it: `num_processes` and, from checkpoints written since
-    records exist, `per_device_train_batch_size`, `gradient_accumulation_steps`, `dataset` and `options`."""
+    records exist, `per_device_train_batch_size`, `gradient_accumulation_steps`, `dataset` and `options`; from
+    newer ones also `warmup_steps_used` and `resume_command`."""
     with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
         state = json.load(handle)
     return {"num_processes": state["num_processes"], **state.get("record", {})}
 
 
 def load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dict]:
-    """Restore a checkpoint written by `save_checkpoint`; returns the step and this process's data position."""
+    """Restore a checkpoint written by `save_checkpoint`; returns the step and this process's data position.
+
+    The learning rate of the restored step is taken from `scheduler` (built for this run's `max_steps`), not from
+    the saved optimiser: the same value when `max_steps` is unchanged, the extended schedule's when it grew."""
+    # Every process checks every process's file, so all of them refuse alike (the main process says it, once).
+    for index in range(accelerator.num_processes):
+        if not os.path.isfile(os.path.join(path, _process_file(index))):
+            raise UsageError(
+                f"The checkpoint {path!r} lacks {_process_file(index)}, the random states and data position of "
+                f"process {index}: it is damaged or was written by fewer processes. Resume from another checkpoint "
+                "or start afresh with --overwrite_output_dir."
+            )
     process_file = os.path.join(path, _process_file(accelerator.process_index))
-    if not os.path.isfile(process_file):
-        raise UsageError(
-            f"The checkpoint {path!r} lacks {_process_file(accelerator.process_index)}, the random states and data "
-            "position of this process: it is damaged or was written by fewer processes. Resume from another "
-            "checkpoint or start afresh with --overwrite_output_dir."
-        )
     accelerator.load_state(path)
     with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
         state = json.load(handle)
     scheduler.load_state_dict(state["scheduler"])
+    _apply_schedule(scheduler)
     if ema is not None:
         if "ema_num_updates" not in state:
             raise UsageError(f"The checkpoint {path!r} holds no EMA weights, but `ema_decay` is set.")
@@ -272,9 +299,56 @@ def load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dic
     return int(state["step"]), process_state["data"]
 
 
+def _apply_schedule(scheduler) -> None:
+    """Set the optimiser's learning rates to the schedule's at its restored step (as `LambdaLR.step` computes
+    them: the same numbers, so a resume with unchanged options is bit-identical)."""
+    rates = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume checks
 # ---------------------------------------------------------------------------------------------------------------
+
+_DEFAULT_MAIN_PROCESS_PORT = "29500"  # accelerate's
+_TRUE = ("1", "true", "yes", "y", "on", "t")  # what accelerate reads as a set flag
+
+
+def resume_command(argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """The shell command that resumes the run started by `argv` (program and arguments) in the environment
+    `environ`: launched the same way, with `--resume_from_checkpoint latest` in place of any checkpoint it named.
+
+    Under `accelerate launch` with several processes (`WORLD_SIZE` > 1, set by torchrun) the command is
+    `accelerate launch --multi_gpu --num_processes N ...` with the number of machines, mixed precision, dynamo
+    backend and a non-default port the launcher put in the environment (`ACCELERATE_USE_CPU` in front when set);
+    a resume with another number of processes would be refused. One process: `python SCRIPT.py` or `vqrae-train`.
+    """
+    program, arguments = (argv[0] if argv else ""), list(argv[1:])
+    for index, argument in enumerate(arguments):
+        if argument.startswith("--resume_from_checkpoint="):
+            arguments[index] = "--resume_from_checkpoint=latest"
+        elif argument == "--resume_from_checkpoint" and index + 1 < len(arguments):
+            arguments[index + 1] = "latest"
+    if not any(a == "--resume_from_checkpoint" or a.startswith("--resume_from_checkpoint=") for a in arguments):
+        arguments += ["--resume_from_checkpoint", "latest"]
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return shlex.join(["python", program, *arguments] if program.endswith(".py") else ["vqrae-train", *arguments])
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(world_size)]
+    machines = world_size // int(environ.get("LOCAL_WORLD_SIZE", world_size))
+    launch += ["--num_machines", str(machines)]
+    if machines > 1:
+        launch += ["--machine_rank", environ.get("GROUP_RANK", "0"), "--main_process_ip", environ["MASTER_ADDR"]]
+    if "ACCELERATE_MIXED_PRECISION" in environ:
+        launch += ["--mixed_precision", environ["ACCELERATE_MIXED_PRECISION"]]
+    if "ACCELERATE_DYNAMO_BACKEND" in environ:
+        launch += ["--dynamo_backend", environ["ACCELERATE_DYNAMO_BACKEND"].lower()]
+    if environ.get("MASTER_PORT", _DEFAULT_MAIN_PROCESS_PORT) != _DEFAULT_MAIN_PROCESS_PORT:
+        launch += ["--main_process_port", environ["MASTER_PORT"]]
+    prefix = "ACCELERATE_USE_CPU=1 " if environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE else ""
+    return prefix + shlex.join([*launch, program or "scripts/train.py", *arguments])
 
 
 def _cli_value(value) -> str:
@@ -289,13 +363,18 @@ def _show(value) -> str:
 
 def check_resume(saved: dict, current: dict, path: str) -> None:
     """Refuse to resume the checkpoint at `path` (whose record is `saved`) with a run of another shape, on other
-    data or with other weight-shaping options than `current`; the error says what changed and what to pass."""
+    data or with other weight-shaping options than `current`; the error says what changed and what to pass. Options
+    are compared as the user gave them; `max_steps` may grow (the run is extended), never shrink."""
+    restart = f"start a new run in another --output_dir from its weights with --init_from {path}"
     if saved["num_processes"] != current["num_processes"]:
+        relaunch = saved.get("resume_command") or (
+            f"accelerate launch --num_processes {saved['num_processes']} ... --resume_from_checkpoint latest"
+        )
         raise UsageError(
             f"The checkpoint {path} was written by a run of {saved['num_processes']} process(es), and this run has "
             f"{current['num_processes']}: each process reads its own share of every batch, so resuming would repeat "
-            f"or skip examples. Resume with {saved['num_processes']} process(es) (accelerate launch --num_processes "
-            f"{saved['num_processes']} ...), or start a new run with --init_from {Path(path).parents[1]}."
+            f"or skip examples. To {restart}; to resume, launch {saved['num_processes']} process(es) as the run "
+            f"was launched: {relaunch}"
         )
     if "options" not in saved:
         logger.warning(
@@ -319,13 +398,14 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
         ]
         raise UsageError(
             f"The training data differs from the data the checkpoint {path} was trained on ({'; '.join(changed)}): "
-            "resuming would read other examples at the saved positions. Resume on the same data, or start a new run "
-            "on the new data with --init_from."
+            f"resuming would read other examples at the saved positions. Resume on the same data, or {restart} on "
+            "the new data."
         )
+    _check_max_steps(saved["options"].get("max_steps"), current["options"].get("max_steps"), path)
     changed = {
         name: (value, current["options"].get(name))
         for name, value in saved["options"].items()
-        if name not in RESUMABLE_OPTIONS and current["options"].get(name) != value
+        if name not in RESUMABLE_OPTIONS and name != "max_steps" and current["options"].get(name) != value
     }
     if changed:
         details = ", ".join(
@@ -337,5 +417,14 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
         raise UsageError(
             f"This resume changes options that the checkpoint {path} cannot honour: {details}. Its weights, "
             f"optimiser, schedule and data position were made with the old values; pass them again ({restore}), or "
-            "start a new run in another --output_dir with --init_from to begin from these weights."
+            f"{restart}."
+        )
+
+
+def _check_max_steps(saved: int | None, current: int | None, path: str) -> None:
+    if saved is not None and current is not None and current < saved:
+        raise UsageError(
+            f"This resume asks for --max_steps {current}, fewer than the {saved} the checkpoint {path} was trained "
+            f"towards: a resume can extend a run (a larger --max_steps; the schedule is rebuilt for it) but not "
+            f"shorten it. Pass --max_steps {saved} or more."
         )

@@ -28,15 +28,15 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..atomic_io import atomic_write
-from ..cli_utils import UsageError
+from ..cli_utils import UsageError, is_main_process
 from ..image_data import (
     BUILTIN_DATASET_NAME,
     MissingSplitError,
@@ -47,15 +47,24 @@ from ..image_data import (
     load_image_dataset,
     load_validation_images,
 )
-from .args import DataArguments, ModelArguments, VQRAETrainingArguments, options_to_dict, write_training_config
+from .args import (
+    DataArguments,
+    ModelArguments,
+    VQRAETrainingArguments,
+    options_to_dict,
+    read_training_config,
+    write_training_config,
+)
 from .checkpointing import (
     CHECKPOINTS_DIR,
+    TRAINER_STATE_FILE,
     check_resume,
     latest_checkpoint,
     load_checkpoint,
     prepare_output_dir,
     read_checkpoint_record,
     resolve_resume,
+    resume_command,
     save_checkpoint,
     truncate_metrics,
 )
@@ -108,6 +117,7 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
 
     try:
         if model_args.init_from is not None:
+            _check_init_from_folder(model_args.init_from)
             model = VQRAEModel.from_pretrained(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
             _check_init_from_agrees(model, model_args)
             return model
@@ -124,6 +134,25 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
         raise
     except (ValueError, TypeError, OSError) as error:  # the config's and from_pretrained's own checks
         raise UsageError(str(error)) from error
+
+
+def _check_init_from_folder(init_from: str) -> None:
+    """Refuse, naming what to pass, a run folder without a model yet (an interrupted run: its checkpoints hold the
+    weights) and a checkpoint written before checkpoints carried their model's `config.json`."""
+    folder = Path(init_from)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    if (folder / TRAINER_STATE_FILE).is_file():
+        raise UsageError(
+            f"`init_from` {init_from!r} is a checkpoint written before checkpoints carried their model's config.json, "
+            "so its model cannot be rebuilt; resume its run with --resume_from_checkpoint instead."
+        )
+    latest = latest_checkpoint(init_from)
+    if latest is not None:
+        raise UsageError(
+            f"`init_from` {init_from!r} holds no model yet (its run did not finish); start from its latest "
+            f"checkpoint with --init_from {latest}, or finish the run with --resume_from_checkpoint latest."
+        )
 
 
 def _check_init_from_agrees(model, model_args: ModelArguments) -> None:
@@ -487,13 +516,21 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
-    """Train a VQRAE tokenizer and write its output folder. Returns the final evaluation (`eval_results.json`)."""
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: VQRAETrainingArguments,
+    command: Sequence[str] | None = None,
+) -> dict:
+    """Train a VQRAE tokenizer and write its output folder. Returns the final evaluation (`eval_results.json`).
+
+    `command` is the command line that started the run (program and arguments, as `sys.argv`): Ctrl-C and a resume
+    refused for its number of processes print the command that resumes the run, launched the same way."""
     threads = torch.get_num_threads()
     if args.torch_num_threads is not None:
         torch.set_num_threads(args.torch_num_threads)
     try:
-        return _run(model_args, data_args, resolve_warmup(args))
+        return _run(model_args, data_args, args, None if command is None else resume_command(command, os.environ))
     finally:
         torch.set_num_threads(threads)
 
@@ -512,7 +549,7 @@ def _accelerator(args: VQRAETrainingArguments):
     )
 
 
-def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments) -> dict:
+def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments, resume: str | None):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -523,6 +560,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
         resuming = args.resume_from_checkpoint is not None
         prepare_output_dir(args.output_dir, RUN_OUTPUTS, overwrite=args.overwrite_output_dir, resuming=resuming)
     accelerator.wait_for_everyone()
+    # The options as given (a resume compares these), never values derived from them such as a shortened warm-up.
     options = {**options_to_dict(model_args, data_args, args), "resume_from_checkpoint": None}
 
     set_seed(args.seed)
@@ -539,8 +577,11 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
         "dataset": data.identity,
         "options": options,
     }
-    if resume_path is not None:
-        check_resume(read_checkpoint_record(resume_path), record, resume_path)
+    saved = read_checkpoint_record(resume_path) if resume_path is not None else None
+    if saved is not None:
+        check_resume(saved, record, resume_path)
+    args = _run_schedule(args, saved)
+    record.update(warmup_steps_used=args.warmup_steps, resume_command=resume)
     state = build_training_state(model, args, accelerator, stage)
     _log_start(state, stage, model_args, image_size)
     metrics_path = os.path.join(args.output_dir, METRICS_FILE)
@@ -551,9 +592,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
         logger.info("Resumed from %s at step %d.", resume_path, state.step)
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, state.step)
-        config_path = os.path.join(args.output_dir, TRAINING_CONFIG_FILE)
-        if resume_path is None or not os.path.isfile(config_path):  # a resume keeps the run's own record
-            write_training_config(config_path, options)
+        _write_run_config(os.path.join(args.output_dir, TRAINING_CONFIG_FILE), options, args, saved, state.step)
     if args.report_to != "none":
         accelerator.init_trackers("vqrae", config=_tracker_config(options))
 
@@ -577,12 +616,45 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
                 _save(state, args, data, record)
                 last_saved = step
     except KeyboardInterrupt:
-        _report_interrupt(args, state.step)
+        _report_interrupt(args, state.step, resume)
         raise
     progress.close()
-    if last_saved != state.step:  # resumed from the final checkpoint, or max_steps lowered: keep one at the end
+    if last_saved != state.step:  # resumed from the final checkpoint: keep one at the end
         _save(state, args, data, record)
     return _finish(state, data, args, log)
+
+
+def _run_schedule(args: VQRAETrainingArguments, saved: dict | None) -> VQRAETrainingArguments:
+    """`args` with the warm-up the run trains with. A new run: from --warmup_steps and --max_steps
+    (`resolve_warmup`). A resume keeps the warm-up of its checkpoint, also when a larger --max_steps extends the
+    run: the schedule is then rebuilt for the new max_steps with that warm-up (`load_checkpoint` takes the
+    learning rate of the resumed step from it), so the decay stretches to the new end."""
+    if saved is None or "options" not in saved:
+        return resolve_warmup(args)
+    # Checkpoints written before `warmup_steps_used` recorded the warm-up used as the option itself.
+    return dataclasses.replace(args, warmup_steps=saved.get("warmup_steps_used", saved["options"]["warmup_steps"]))
+
+
+def _write_run_config(path: str, options: dict, args: VQRAETrainingArguments, saved: dict | None, step: int) -> None:
+    """`training_config.yaml`: a new run's options, with a note when the warm-up was derived from them; a resume
+    keeps the run's own record, and adds the new max_steps and a note when it extends the run."""
+    if saved is None or not os.path.isfile(path):
+        derived = args.warmup_steps != options["warmup_steps"]
+        note = (
+            f"--warmup_steps {options['warmup_steps']} is not below --max_steps {args.max_steps}: the run warms up "
+            f"for {args.warmup_steps} steps, derived from --max_steps."
+        )
+        write_training_config(path, options, notes=[note] if derived else [])
+        return
+    recorded, notes = read_training_config(path)
+    if recorded.get("max_steps", args.max_steps) >= args.max_steps:
+        return
+    notes.append(
+        f"Extended on resume at step {step}: --max_steps {recorded['max_steps']} -> {args.max_steps}. The learning "
+        f"rate schedule was rebuilt for {args.max_steps} steps with the run's {args.warmup_steps}-step warm-up, so "
+        "a new run with this file follows that schedule from the start and does not give these weights."
+    )
+    write_training_config(path, {**recorded, "max_steps": args.max_steps}, notes=notes)
 
 
 def _build_loss(args: VQRAETrainingArguments, image_processor, stage: str) -> VQRAELoss:
@@ -633,6 +705,7 @@ def _save(state: TrainingState, args: VQRAETrainingArguments, data: TrainingData
         data_state={"examples_read": getattr(data.batches, "examples_read", None), "step": state.step},
         record=record,
         total_limit=args.save_total_limit,
+        model_config=state.unwrapped.config,
     )
 
 
@@ -659,16 +732,14 @@ def _summary(metrics: dict, step: int) -> str:
     )
 
 
-def _report_interrupt(args: VQRAETrainingArguments, step: int) -> None:
-    """Ctrl-C: say where the last checkpoint is and how to go on from it (main process)."""
-    if int(os.environ.get("RANK", "0")) != 0:
+def _report_interrupt(args: VQRAETrainingArguments, step: int, resume: str | None) -> None:
+    """Ctrl-C: say where the last checkpoint is and the command that resumes from it (main process)."""
+    if not is_main_process():
         return
     checkpoint = latest_checkpoint(args.output_dir)
-    command = shlex.join(["vqrae-train", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "vqrae-train ..."
-    if "--resume_from_checkpoint" not in command:
-        command += " --resume_from_checkpoint latest"
     where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
-    logger.warning("Interrupted at step %d; %s. To continue from it, run: %s", step, where, command)
+    how = f"run: {resume}" if resume else "rerun with the same options and --resume_from_checkpoint latest"
+    logger.warning("Interrupted at step %d; %s. To continue from it, %s", step, where, how)
 
 
 def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArguments, log: MetricsLog) -> dict:
