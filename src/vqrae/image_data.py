@@ -555,13 +555,13 @@ def image_name(value, root: str | None = None, image_column: str = "image") -> s
     data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
     if data is None and path:
-        return _relative_path(os.fspath(path), root)
+        return relative_path(os.fspath(path), root)
     if data is not None:
         return "sha256:" + hashlib.sha256(data).hexdigest()
     raise UsageError(f"Column {image_column!r} holds a {type(value).__name__}, not an image; pass --image_column.")
 
 
-def _relative_path(path: str, root: str | None) -> str:
+def relative_path(path: str, root: str | None) -> str:
     """`path` relative to the folder `root` (as given or with its links resolved) when inside it, in `/` form."""
     if root is not None:
         for folder, file in ((os.path.abspath(root), os.path.abspath(path)), (os.path.realpath(root), path)):

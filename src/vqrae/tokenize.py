@@ -308,15 +308,10 @@ def describe_source_change(saved: dict, current: dict) -> str | None:
 
 def image_identifier(value, index: int, root: Path | None) -> str:
     """The file the image came from (relative to `root` when inside it), or its index when it has no name."""
+    from .image_data import relative_path
+
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    if not path:
-        return str(index)
-    if root is not None:
-        try:
-            return Path(path).resolve().relative_to(root).as_posix()
-        except ValueError:
-            pass
-    return str(path)
+    return relative_path(os.fspath(path), root) if path else str(index)
 
 
 @dataclass
