@@ -550,8 +550,9 @@ def main(argv=None):
     # AOTAutograd but without inductor's C++ build (seconds, not minutes), and a simulated out-of-memory error above
     # batch 3, so the inference batch of 4 walks the halving path.
     smoke = {
-        "sizes": ["tiny"], "steps": ["encode", "train stage 1"], "inference_batch": 4, "train_batch": 2, "rounds": 2, "round_seconds": 0.0,
-        "compile_backend": "aot_eager", "fake_oom_above": 3, "cpu_size": "tiny", "cpu_batch": 1, "rounds_cpu": 1,
+        "sizes": ["tiny"], "steps": ["encode", "train stage 1"], "inference_batch": 4, "train_batch": 2, "rounds": 2,
+        "round_seconds": 0.0, "compile_backend": "aot_eager", "fake_oom_above": 3, "cpu_size": "tiny", "cpu_batch": 1,
+        "rounds_cpu": 1,
     }  # fmt: skip
     args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()

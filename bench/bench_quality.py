@@ -312,8 +312,8 @@ def report(runs: dict, variants: list[str], seeds: list[int], steps: int, num_cr
         f"{steps} steps per run for every variant, seeds {seeds} (a seed's runs are paired: same crops, same "
         "initialisation where the layers agree); cells are the mean over seeds [95 % t interval over seeds]. "
         f"Held-out set: {first['num_images']} tiles of the held-out photos, {first['image_size']} px. Codebook use: "
-        f"{num_crops} random crops of the training photos ({num_crops * 64:,} tokens). Seam score: 1 = patch borders no more "
-        "visible than in the photos.\n\n" + markdown_table(header, rows) + "\n\n" + ALGEBRA
+        f"{num_crops} random crops of the training photos ({num_crops * 64:,} tokens). Seam score: 1 = patch borders "
+        "no more visible than in the photos.\n\n" + markdown_table(header, rows) + "\n\n" + ALGEBRA
     )
 
 
