@@ -3,7 +3,7 @@ self-distillation (stage 2), against no further training.
 
     python bench/bench_stage2.py                                   # from outputs/vqrae-tiny-cpu: 3 arms x 2 seeds
     python bench/bench_stage2.py --start out/stage1 --steps 100 --seeds 1 --no-write
-    python bench/bench_stage2.py --smoke                           # a 2-step start, 2 arms x 2 steps: checks it runs
+    python bench/bench_stage2.py --smoke                           # a 2-step start, one arm of 2 steps: checks it runs
 
 Every arm starts from the same saved model (`--start`, default the output of `vqrae-train`, the default run) with the
 built-in CPU recipe (`configs/tiny_cpu.yaml`) and `--init_from`, for the same number of steps and seeds, at a fifth
@@ -62,7 +62,7 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=recipe["learning_rate"] / 5)
     add_run_options(parser)
     # --smoke without --start: the start is a run of the recipe trained here for a few steps.
-    smoke = {"start": None, "steps": 2, "seeds": [1], "arms": ["stage1", "distill"], "crops": 16}
+    smoke = {"start": None, "steps": 2, "seeds": [1], "arms": ["distill"], "crops": 16}
     args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
     runs = {}
