@@ -8,8 +8,8 @@ The held-out set is square tiles of the held-out photos at three scales (`vqrae.
 photo's shorter side, a half and a quarter of it, each resized to the model's resolution). A quarter-side tile is a
 close-up: smooth, with little beyond its colours, which an 8-bit RGB thumbnail of the token grid (24 bits per patch,
 bicubically enlarged) holds almost exactly, while a token carries log2(codebook size) bits (about 16 for the
-default FSQ's 64,000 codes). PSNR and SSIM per scale show where
-the tokens win and where the thumbnail does; intervals are 95 % bootstrap intervals over the tiles of a scale.
+default FSQ's 64,000 codes). PSNR and SSIM per scale show where the tokens win and where the thumbnail does;
+intervals are 95 % bootstrap intervals over the tiles of a scale.
 """
 
 from __future__ import annotations

@@ -189,16 +189,19 @@ def _finished(output_dir: Path, arguments: list[str], steps: int) -> bool:
 def _describe_code(code: dict | None) -> str:
     if code is None:
         return "code it did not record"
+    if code["commit"] == "unknown":
+        return "code outside a git checkout, which cannot be identified"
     dirty = code["dirty"]
     return f"commit {code['commit'][:12]}" + ("" if dirty is None else f" with uncommitted changes ({dirty})")
 
 
 def _train(output_dir: Path, arguments: list[str], continuous: bool, log_path: Path) -> float:
+    code_of_run = code_identity()  # before the run: the code that trains it
     with open(log_path, "w") as log:
         code, wall, _, _ = run_and_sample_memory(train_command(arguments, continuous), stdout=log, stderr=log)
     if code != 0:
         raise RuntimeError(f"{output_dir.name} failed:\n{log_path.read_text()[-3000:]}")
-    (output_dir / "bench_command.json").write_text(json.dumps({"arguments": arguments, "code": code_identity()}))
+    (output_dir / "bench_command.json").write_text(json.dumps({"arguments": arguments, "code": code_of_run}))
     return wall
 
 
