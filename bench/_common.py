@@ -10,6 +10,7 @@ measured call, so both sides of a comparison are measured in the same process.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import re
@@ -60,17 +61,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
+# What a benchmark's figures depend on: the library, the scripts and the recipes. BENCHMARKS.md and the curves are
+# what the scripts write, so they do not count as a change of the code.
+_CODE_PATHS = ["src", "bench", "configs", ":(exclude)bench/BENCHMARKS.md", ":(exclude)bench/quality_curves.png"]
+
+
+def _git(*arguments: str) -> str:
+    return subprocess.run(["git", *arguments], cwd=BENCH_DIR.parent, capture_output=True, text=True, check=True).stdout
+
+
+def code_identity() -> dict:
+    """The commit the scripts run from (`git rev-parse HEAD`) and whether the code differs from it: `dirty` is None
+    for a clean tree, else a hash of the uncommitted changes (tracked diffs and untracked files) to the library,
+    the scripts and the recipes, so that two runs of the same uncommitted code have the same identity. Both are
+    "unknown" outside a git checkout."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip() + ("+dirty src" if dirty.stdout.strip() else "")
+        commit = _git("rev-parse", "HEAD").strip()
+        status = _git("status", "--porcelain", "--untracked-files=all", "--", *_CODE_PATHS)
     except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": "unknown"}
+    if not status.strip():
+        return {"commit": commit, "dirty": None}
+    digest = hashlib.sha256(_git("diff", "HEAD", "--binary", "--", *_CODE_PATHS).encode())
+    root = BENCH_DIR.parent
+    for line in sorted(status.splitlines()):
+        if line.startswith("??"):
+            path = line[3:]
+            digest.update(path.encode() + b"\0" + (root / path).read_bytes())
+    return {"commit": commit, "dirty": digest.hexdigest()[:16]}
+
+
+def git_commit() -> str:
+    """The short commit of the machine line, "+dirty" when the library, the scripts or the recipes differ from it."""
+    identity = code_identity()
+    if identity["commit"] == "unknown":
         return "unknown"
+    return identity["commit"][:7] + ("+dirty" if identity["dirty"] else "")
 
 
 def load_average() -> float:
@@ -187,28 +213,45 @@ def write_section(
 
 
 def bench_parser(description: str, repeats: int | None = None, threads: bool = True) -> argparse.ArgumentParser:
-    """The options every script shares: `--no-write` and, where it times things, `--repeats` and `--threads`."""
+    """The options every script shares: `--smoke`, `--no-write` and, where it times things, `--repeats` and
+    `--threads`."""
     parser = argparse.ArgumentParser(description=description)
     if repeats is not None:
         parser.add_argument("--repeats", type=int, default=repeats)
     if threads:
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the script's whole code path at tiny sizes, in seconds, to check that it runs; implies --no-write",
+    )
     return parser
 
 
-def parse_bench_args(parser: argparse.ArgumentParser, argv=None):
-    """Parse, and set torch's threads when `--threads` is given."""
+def parse_bench_args(parser: argparse.ArgumentParser, argv=None, smoke: dict | None = None):
+    """Parse, and set torch's threads when `--threads` is given. With `--smoke`, the values in `smoke` replace the
+    defaults of those options (an option given on the command line still wins) and nothing is written."""
     args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**(smoke or {}))
+        args = parser.parse_args(argv)
+        args.no_write = True
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return args
 
 
-def publish(name: str, title: str, body: str, start_load: float, no_write: bool) -> None:
-    """The ending every script shares: print the section (`--no_write`) or write it into BENCHMARKS.md."""
+def publish(
+    name: str, title: str, body: str, start_load: float, no_write: bool, subsection: tuple | None = None
+) -> None:
+    """The ending every script shares: print the body (`--no-write`), or write it into BENCHMARKS.md under the
+    machine line and the command (`write_section`). `subsection`: `(intro, subsections, sub_key)` of
+    `write_subsection`, for a script whose parts run on different machines."""
     if no_write:
-        print(body)
+        print(body, flush=True)
+    elif subsection is not None:
+        write_subsection(name, title, *subsection, body, start_load)
     else:
         write_section(name, title, body, start_load)
 

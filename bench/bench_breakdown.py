@@ -2,6 +2,7 @@
 
     python bench/bench_breakdown.py                 # SigLIP-B/16 at 256 px, batch 8, float32 CPU (~4 min on 2 cores)
     python bench/bench_breakdown.py --batch-size 2 --repeats 3 --no-write
+    python bench/bench_breakdown.py --smoke         # the tiny preset, batch 1: checks the script runs; writes nothing
 
 Randomly initialised SigLIP-B/16 encoder at 256 px (width 768, 12 layers, 256 tokens; the `base` preset of
 `vqrae-train`) and its mirrored ViT decoder, under `torch.inference_mode()`, float32, on the CPU. Four models share
@@ -94,10 +95,11 @@ def claims_verdict(k1, k3, fsq512, vq, conv_weight_share: float) -> str:
 def main(argv=None):
     parser = bench_parser(__doc__.split("\n\n")[0], repeats=5)
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parse_bench_args(parser, argv)
+    parser.add_argument("--vision-config", default="base", choices=sorted(VISION_PRESETS), help="the encoder preset")
+    args = parse_bench_args(parser, argv, smoke={"vision_config": "tiny", "batch_size": 1, "repeats": 1})
     start_load = load_average()
 
-    vision = VISION_PRESETS["base"]
+    vision = VISION_PRESETS[args.vision_config]
     models = build_models(vision)
     torch.manual_seed(1)
     pixel_values = torch.rand(args.batch_size, 3, vision["image_size"], vision["image_size"]) * 2 - 1
@@ -156,7 +158,9 @@ def main(argv=None):
         f"{vision['num_hidden_layers']} layers, {(vision['image_size'] // vision['patch_size']) ** 2} tokens per "
         "image, float32, inference mode.\n\n" + markdown_table(header, rows) + "\n\n" + verdict
     )
-    publish("bench_breakdown", "2. Where the time goes (SigLIP-B/16, 256 px)", body, start_load, args.no_write)
+    encoder = "SigLIP-B/16" if args.vision_config == "base" else f"the {args.vision_config} preset"
+    title = f"2. Where the time goes ({encoder}, {vision['image_size']} px)"
+    publish("bench_breakdown", title, body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

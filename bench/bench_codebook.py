@@ -2,6 +2,7 @@
 
     python bench/bench_codebook.py                 # 3 runs x 3000 steps (~25 min on 2 cores)
     python bench/bench_codebook.py --steps 200 --no-write
+    python bench/bench_codebook.py --smoke          # FSQ and VQ, 2 steps, 16 crops: checks it runs; writes nothing
 
 Each quantizer trains with the built-in CPU recipe (`configs/tiny_cpu.yaml`, its 3000 steps and seed) and only the
 quantizer changed: `--quantizer cosmos_fsq` (the default), `--quantizer vq` and `--quantizer vq --use_simvq true`
@@ -17,14 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from _common import bench_parser, load_average, markdown_table, publish
-from bench_quality import CROPS, add_keep_option, run_folders, train_run
+from _common import bench_parser, load_average, markdown_table, parse_bench_args, publish
+from bench_quality import add_run_options, run_folders, train_run
 
+# name -> (label, options added to the tiny CPU recipe); the first is the reference of the paired differences
 QUANTIZERS = {
-    "FSQ 64,000 (tiny preset)": [],
-    "VQ 16384 (vq preset)": ["--quantizer", "vq"],
-    "SimVQ 16384 (vq preset + SimVQ)": ["--quantizer", "vq", "--use_simvq", "true"],
+    "fsq": ("FSQ 64,000 (tiny preset)", []),
+    "vq": ("VQ 16384 (vq preset)", ["--quantizer", "vq"]),
+    "simvq": ("SimVQ 16384 (vq preset + SimVQ)", ["--quantizer", "vq", "--use_simvq", "true"]),
 }
+REFERENCE = "fsq"
 
 
 def per_image_psnr(folder: Path) -> np.ndarray:
@@ -61,18 +64,23 @@ def main(argv=None):
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--steps", type=int, default=load_config_file("tiny_cpu")["max_steps"])
     parser.add_argument("--seed", type=int, default=load_config_file("tiny_cpu")["seed"])
-    add_keep_option(parser)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--quantizers", nargs="+", default=list(QUANTIZERS), choices=list(QUANTIZERS), help=f"first: {REFERENCE}"
+    )
+    add_run_options(parser)
+    args = parse_bench_args(parser, argv, smoke={"steps": 2, "quantizers": [REFERENCE, "vq"], "crops": 16})
+    if args.quantizers[0] != REFERENCE:
+        parser.error(f"--quantizers must start with {REFERENCE}, the reference (got {args.quantizers})")
     start_load = load_average()
     results = {}
     with run_folders(args.keep, "bench-codebook") as tmp:
-        for index, (name, options) in enumerate(QUANTIZERS.items()):
-            folder = tmp / f"q{index}"
-            result = train_run(folder, options, args.steps, args.seed)
+        for name in args.quantizers:
+            folder = tmp / f"q{list(QUANTIZERS).index(name)}"
+            result = train_run(folder, QUANTIZERS[name][1], args.steps, args.seed, crops=args.crops)
             result["per_image"] = per_image_psnr(folder)
             results[name] = result
             print(name, f"{result['final']['psnr']:.2f} dB, {result['crops']['used_codes']} codes", flush=True)
-    reference = results[next(iter(QUANTIZERS))]["per_image"]
+    reference = results[REFERENCE]["per_image"]
     rows = []
     for name, result in results.items():
         final, use = result["final"], result["crops"]
@@ -81,17 +89,17 @@ def main(argv=None):
         difference = result["per_image"] - reference
         d_low, d_high = bootstrap_interval(difference)
         rows.append([
-            name,
+            QUANTIZERS[name][0],
             f"{use['used_codes']:,} of {use['codebook_size']:,} ({100 * use['codebook_utilization']:.1f} %)",
             f"{use['perplexity']:,.0f}",
             f"{final['psnr']:.2f} [{low:.2f}, {high:.2f}]",
-            "—" if name == next(iter(QUANTIZERS)) else f"{difference.mean():+.2f} [{d_low:+.2f}, {d_high:+.2f}]",
+            "—" if name == REFERENCE else f"{difference.mean():+.2f} [{d_low:+.2f}, {d_high:+.2f}]",
             f"{final['ssim']:.3f} [{ssim_low:.3f}, {ssim_high:.3f}]",
             f"{final['seam_score']:.2f}",
         ])  # fmt: skip
-    final = results[next(iter(QUANTIZERS))]["final"]
-    header = ["quantizer", f"codes used, {CROPS} crops ({CROPS * 64:,} tokens)", "perplexity", "PSNR dB [95 % CI]",
-              "Δ PSNR vs FSQ, paired [95 % CI]", "SSIM [95 % CI]", "seam score"]  # fmt: skip
+    final = results[REFERENCE]["final"]
+    header = ["quantizer", f"codes used, {args.crops} crops ({args.crops * 64:,} tokens)", "perplexity",
+              "PSNR dB [95 % CI]", "Δ PSNR vs FSQ, paired [95 % CI]", "SSIM [95 % CI]", "seam score"]  # fmt: skip
     body = (
         f"{args.steps} steps, seed {args.seed}, the tiny CPU recipe; held-out set: {final['num_images']} tiles "
         f"(bicubic thumbnail of the same grid: {final['bicubic_psnr']:.2f} dB, SSIM {final['bicubic_ssim']:.3f}).\n\n"

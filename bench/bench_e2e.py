@@ -2,6 +2,7 @@
 
     python bench/bench_e2e.py                       # tiny and base, batch 1 and 32 (~10 min on 2 quiet cores)
     python bench/bench_e2e.py --configs tiny --batch-sizes 1 32 --no-write
+    python bench/bench_e2e.py --smoke               # tiny, batch 1, one round: checks the script runs; writes nothing
 
 Randomly initialised models exactly as `vqrae-train --vision_config SIZE` builds them (`build_model`): `tiny`, the
 built-in CPU preset (64 px, patch 8, width 128, 1 encoder block, 3 decoder blocks, 3x3 post_quant_conv) and `base`
@@ -40,7 +41,7 @@ def main(argv=None):
     parser = bench_parser(__doc__.split("\n\n")[0], repeats=3)
     parser.add_argument("--configs", nargs="+", default=["tiny", "base"], choices=sorted(VISION_PRESETS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    args = parse_bench_args(parser, argv)
+    args = parse_bench_args(parser, argv, smoke={"configs": ["tiny"], "batch_sizes": [1], "repeats": 1})
     start_load = load_average()
 
     rows, weights, results = [], {}, {}

@@ -2,6 +2,7 @@
 
     python bench/bench_fsq.py                       # dims 6, 768, 1152; 16K, 64K, 256K tokens (~3 min on 2 cores)
     python bench/bench_fsq.py --dims 6 --tokens 16384 --no-write
+    python bench/bench_fsq.py --smoke               # dims 6 and 32, 512 tokens: checks the script runs; writes nothing
 
 Both quantizers get levels [8, 8, 8, 5, 5, 5], the same projection weights (copied) and the same inputs
 `(tokens / 256, 256, dim)`, under `torch.inference_mode()`. "quantize" is the forward pass (codes of width `dim`
@@ -16,16 +17,23 @@ plus indices); "indices_to_codes" maps the indices back to codes of width `dim`.
   vector-quantize-pytorch's `nn.Linear` (the same indices depend on it), so vqp / GEMMs bounds the ratio.
 - goal: 2x where the write floor is under half of vqp's time, 1.5x elsewhere.
 
-A profile of the largest dim-768 row follows the table (torch.profiler, self CPU time per op).
+A profile of the largest row of dim `--profile-dim` (768) follows the table (torch.profiler, self CPU time per op).
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from _common import compare, fmt_rate, load_average, markdown_table, publish, time_once
+from _common import (
+    bench_parser,
+    compare,
+    fmt_rate,
+    load_average,
+    markdown_table,
+    parse_bench_args,
+    publish,
+    time_once,
+)
 
 from vqrae import VQRAEFSQuantizer
 
@@ -147,16 +155,14 @@ def verdict(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[6, 768, 1152])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536, 262144])
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per row (5-25 rounds)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--profile-dim", type=int, default=768, help="the dim of the profiled row (if among --dims)")
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    smoke = {"dims": [6, 32], "tokens": [512], "budget": 0.01, "profile_dim": 32}
+    args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
 
     rows = []
@@ -201,9 +207,9 @@ def main(argv=None):
             ]
         )
     body = markdown_table(header, table) + "\n\n" + verdict(rows) + "\n"
-    if not args.no_profile and 768 in args.dims:
-        ours, theirs = build_pair(768)
-        body += "\nProfile:\n\n" + profile_table(ours, theirs, 768, max(args.tokens))
+    if not args.no_profile and args.profile_dim in args.dims:
+        ours, theirs = build_pair(args.profile_dim)
+        body += "\nProfile:\n\n" + profile_table(ours, theirs, args.profile_dim, max(args.tokens))
     publish("bench_fsq", "1. FSQ operation vs vector-quantize-pytorch", body, start_load, args.no_write)
 
 

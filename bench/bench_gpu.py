@@ -2,7 +2,7 @@
 attention, torch.compile on and off (on a CUDA GPU); bf16 vs float32 weights (on the CPU).
 
     python bench/bench_gpu.py                   # on a GPU: base + so400m (~4 min on an H100/H200); else the CPU part
-    python bench/bench_gpu.py --smoke           # the GPU code path, tiny, on the CPU (~1 min); writes nothing
+    python bench/bench_gpu.py --smoke           # both parts, tiny, on the CPU (GPU part: aot_eager); writes nothing
     python bench/bench_gpu.py --cpu             # the CPU part even where a GPU is present
 
 On a device machine, copy the results back as they come (a run stopped by a time limit keeps what it measured):
@@ -54,11 +54,13 @@ import torch
 import torch.nn.functional as F
 from _common import (
     BENCHMARKS_MD,
+    bench_parser,
     compare_samples,
     load_average,
     markdown_table,
+    parse_bench_args,
     peak_rss_mib,
-    write_subsection,
+    publish,
 )
 from torch._dynamo.utils import counters
 
@@ -69,7 +71,7 @@ from vqrae.training.trainer import build_model
 SECTION = ("bench_gpu", "8. bf16 end to end: GPU throughput and memory, CPU bf16 vs float32")
 SUBSECTIONS = [
     ("bench_gpu_cuda", "8a. On a GPU: base and so400m, bf16, SDPA vs eager, torch.compile on and off"),
-    ("bench_gpu_cpu", "8b. On the CPU: bf16 vs float32 weights (base)"),
+    ("bench_gpu_cpu", "8b. On the CPU: bf16 vs float32 weights ({size})"),
 ]
 INTRO = (
     "Written by `bench/bench_gpu.py` (its docstring has the details). Random weights built from config (no "
@@ -87,7 +89,7 @@ SIZES = {
         "num_attention_heads": 16,
         "intermediate_size": 4304,
     },
-    "tiny": {"vision_config": "tiny"},  # --smoke only
+    "tiny": {"vision_config": "tiny"},  # --smoke
 }
 STEPS = ("encode", "decode", "train stage 1", "train joint")
 VARIANTS = ("sdpa", "eager", "sdpa + compile")
@@ -99,7 +101,7 @@ def describe(model: VQRAEModel) -> str:
     return (
         f"{vision.image_size} px, patch {vision.patch_size}, encoder width {vision.hidden_size}, "
         f"{vision.num_hidden_layers} layers, {vision.num_attention_heads} heads, MLP {vision.intermediate_size}; "
-        f"decoder width {config.decoder_hidden_size_resolved}, {config.decoder_num_hidden_layers_resolved} layers"
+        f"decoder width {config.decoder_hidden_size}, {config.decoder_num_hidden_layers} layers"
     )
 
 
@@ -371,12 +373,9 @@ def run_gpu_part(args, device: torch.device, start_load: float) -> None:
     results, weights, skipped = [], {}, []
     json_path = Path(args.copy_to) / "bench_gpu.json" if args.copy_to else None
 
-    def publish(finished: bool) -> None:
+    def write(finished: bool) -> None:
         body = gpu_body(results, weights, skipped, finished, args)
-        if args.no_write:
-            print(body, flush=True)
-        else:
-            write_subsection(*SECTION, INTRO, SUBSECTIONS, "bench_gpu_cuda", body, start_load)
+        publish(*SECTION, body, start_load, args.no_write, subsection=(INTRO, SUBSECTIONS, "bench_gpu_cuda"))
         if args.copy_to:
             Path(args.copy_to).mkdir(parents=True, exist_ok=True)
             if not args.no_write:
@@ -417,10 +416,10 @@ def run_gpu_part(args, device: torch.device, start_load: float) -> None:
                 )
             results.extend(block)
             free_memory(device)
-            publish(finished=False)
+            write(finished=False)
         del variants, model
         free_memory(device)
-    publish(finished=True)
+    write(finished=True)
     print(f"GPU part done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -430,7 +429,7 @@ def run_gpu_part(args, device: torch.device, start_load: float) -> None:
 
 
 def run_cpu_part(args, start_load: float) -> None:
-    size = "base"
+    size = args.cpu_size
     float32 = build(size, torch.device("cpu")).eval()
     float32.set_attn_implementation("sdpa")
     bfloat16 = copy.deepcopy(float32).to(torch.bfloat16)
@@ -512,7 +511,7 @@ def run_cpu_part(args, start_load: float) -> None:
             )
     isa = "AMX-BF16" if "amx_bf16" in Path("/proc/cpuinfo").read_text() else "no AMX-BF16"
     lines = [
-        f"`base` ({describe(float32)}), random weights, batch {args.cpu_batch}, SDPA, no compile, "
+        f"`{size}` ({describe(float32)}), random weights, batch {args.cpu_batch}, SDPA, no compile, "
         f"`torch.inference_mode()`, {args.rounds_cpu} alternating rounds of one call each after a warm-up; the CPU "
         f"has {isa}. Weights resident: float32 {weights['float32']:.0f} MiB, bf16 {weights['bf16']:.0f} MiB (the "
         "quantizer stays float32). Decode uses the float32 model's indices for all three.",
@@ -524,16 +523,12 @@ def run_cpu_part(args, start_load: float) -> None:
         f"- The rounds of one call differ by up to {100 * worst_spread:.0f} % (slowest over fastest); on a shared "
         "machine the fastest rounds are the closest to the speed of a quiet one.",
     ]
-    body = "\n".join(lines)
-    if args.no_write:
-        print(body)
-    else:
-        write_subsection(*SECTION, INTRO, SUBSECTIONS, "bench_gpu_cpu", body, start_load)
+    subsections = [(key, heading.format(size=size)) for key, heading in SUBSECTIONS]
+    publish(*SECTION, "\n".join(lines), start_load, args.no_write, subsection=(INTRO, subsections, "bench_gpu_cpu"))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="the GPU code path, tiny, on the CPU; writes nothing")
+    parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--cpu", action="store_true", help="run the CPU part even where a GPU is present")
     parser.add_argument("--sizes", nargs="+", default=["base", "so400m"], choices=sorted(SIZES))
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
@@ -548,20 +543,23 @@ def main(argv=None):
     )
     parser.add_argument("--copy-to", default=None, help="GPU part: copy BENCHMARKS.md and a JSON here as it goes")
     parser.add_argument("--fake-oom-above", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-size", default="base", choices=sorted(SIZES), help="CPU part: the model size")
     parser.add_argument("--cpu-batch", type=int, default=8)
     parser.add_argument("--rounds-cpu", type=int, default=15, help="CPU part: timed rounds")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
+    # --smoke: both parts, tiny, on the CPU; the GPU part for one inference and one training step, with dynamo +
+    # AOTAutograd but without inductor's C++ build (seconds, not minutes), and a simulated out-of-memory error above
+    # batch 3, so the inference batch of 4 walks the halving path.
+    smoke = {
+        "sizes": ["tiny"], "steps": ["encode", "train stage 1"], "inference_batch": 4, "train_batch": 2, "rounds": 2,
+        "round_seconds": 0.0, "compile_backend": "aot_eager", "fake_oom_above": 3, "cpu_size": "tiny", "cpu_batch": 1,
+        "rounds_cpu": 1,
+    }  # fmt: skip
+    args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
 
     if args.smoke:
-        args.no_write = True
-        args.sizes = ["tiny"]
-        args.inference_batch, args.train_batch, args.rounds, args.round_seconds = 4, 2, 2, 0.0
-        args.fake_oom_above = args.fake_oom_above or 3  # the inference batch of 4 goes through the OOM halving
-        if args.compile_backend == "inductor":
-            args.compile_backend = "aot_eager"  # dynamo + AOTAutograd without the C++ build: seconds, not minutes
         run_gpu_part(args, torch.device("cpu"), start_load)
+        run_cpu_part(args, start_load)
     elif torch.cuda.is_available() and not args.cpu:
         run_gpu_part(args, torch.device("cuda"), start_load)
     else:

@@ -2,24 +2,55 @@
 
     python bench/bench_heldout.py                          # the output of `vqrae-train` (outputs/vqrae-tiny-cpu)
     python bench/bench_heldout.py --model out/stage1 --no-write
+    python bench/bench_heldout.py --smoke                  # a random tiny model (or --model): checks it runs
 
 The held-out set is square tiles of the held-out photos at three scales (`vqrae.image_data.validation_tiles`: the
 photo's shorter side, a half and a quarter of it, each resized to the model's resolution). A quarter-side tile is a
 close-up: smooth, with little beyond its colours, which an 8-bit RGB thumbnail of the token grid (24 bits per patch,
-bicubically enlarged) holds almost exactly, while a token carries about 16 bits. PSNR and SSIM per scale show where
-the tokens win and where the thumbnail does; intervals are 95 % bootstrap intervals over the tiles of a scale.
+bicubically enlarged) holds almost exactly, while a token carries log2(codebook size) bits (about 16 for the
+default FSQ's 64,000 codes). PSNR and SSIM per scale show where the tokens win and where the thumbnail does;
+intervals are 95 % bootstrap intervals over the tiles of a scale.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import bench_parser, load_average, markdown_table, publish
+from _common import bench_parser, load_average, markdown_table, parse_bench_args, publish
 
 
-def per_tile(model_path: str) -> tuple[dict, list[str]]:
-    """PSNR and SSIM of every held-out tile through the tokens and through the bicubic thumbnail, and its scale."""
+def bits_per_image(config) -> tuple[float, int]:
+    """The bits of one image in the tokens of a model (`config`): log2(codebook size) per token of its grid, and in
+    the bicubic baseline's thumbnail, one 8-bit RGB pixel (24 bits) per token of the grid."""
+    height, width = config.token_grid_size
+    return height * width * math.log2(config.codebook_size), height * width * 24
+
+
+@contextlib.contextmanager
+def smoke_model(model_path: str | None):
+    """`model_path`, or (None, `--smoke` without `--model`) a randomly initialised tiny model saved to a temporary
+    folder, as `vqrae-train` builds it."""
+    if model_path is not None:
+        yield model_path
+        return
+    import torch
+
+    from vqrae.training.args import ModelArguments
+    from vqrae.training.trainer import build_model
+
+    with tempfile.TemporaryDirectory(prefix="vqrae-bench-heldout-") as folder:
+        torch.manual_seed(0)
+        build_model(ModelArguments()).save_pretrained(folder)
+        yield folder
+
+
+def per_tile(model_path: str) -> tuple[dict, list[str], object]:
+    """PSNR and SSIM of every held-out tile through the tokens and through the bicubic thumbnail, its scale, and
+    the model's config."""
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -65,7 +96,7 @@ def per_tile(model_path: str) -> tuple[dict, list[str]]:
                 ssim = structural_similarity_index_measure(prediction, target, data_range=1.0, reduction="none")
                 values[prefix + "psnr"] += psnr.clamp(max=100).tolist()
                 values[prefix + "ssim"] += ssim.tolist()
-    return {name: np.array(v) for name, v in values.items()}, scales
+    return {name: np.array(v) for name, v in values.items()}, scales, model.config
 
 
 def main(argv=None):
@@ -74,10 +105,12 @@ def main(argv=None):
 
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--model", default=load_config_file("tiny_cpu")["output_dir"])
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv, smoke={"model": None})
     start_load = load_average()
-    values, scales = per_tile(args.model)
+    with smoke_model(args.model) as model_path:
+        values, scales, config = per_tile(model_path)
     scales = np.array(scales)
+    token_bits, thumbnail_bits = bits_per_image(config)
 
     def cell(samples: np.ndarray, digits: int) -> str:
         low, high = bootstrap_interval(samples)
@@ -95,8 +128,9 @@ def main(argv=None):
     header = ["tiles", "count", "VQRAE PSNR dB", "bicubic PSNR dB", "VQRAE - bicubic, paired", "VQRAE SSIM",
               "bicubic SSIM"]  # fmt: skip
     body = (
-        f"Model: `{args.model}` ({Path(args.model).name}); 1022 bits per image in tokens against 1536 in the "
-        "thumbnail. Cells: mean [95 % bootstrap interval over the tiles].\n\n" + markdown_table(header, rows)
+        f"Model: `{model_path}` ({Path(model_path).name}); {token_bits:.0f} bits per image in tokens against "
+        f"{thumbnail_bits} in the thumbnail. Cells: mean [95 % bootstrap interval over the tiles].\n\n"
+        + markdown_table(header, rows)
     )
     publish("bench_heldout", "6c. The default model against the bicubic thumbnail, by tile scale", body, start_load,
             args.no_write)  # fmt: skip

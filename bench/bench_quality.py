@@ -2,6 +2,7 @@
 
     python bench/bench_quality.py                               # 9 variants x 3 seeds x 600 steps (~45 min, 2 cores)
     python bench/bench_quality.py --steps 100 --seeds 1 2 --variants a b --no-write
+    python bench/bench_quality.py --smoke                       # a and e, 2 steps, 1 seed: checks it runs
 
 Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`: random tiny model, 64-px crops of
 the built-in photos, its batch, learning rate and L1 loss; the warm-up is the preset's, at most a quarter of the
@@ -16,6 +17,10 @@ Each difference to the reference variant `a` is the mean over seeds of the paire
 t interval over seeds (the seed-to-seed spread of training, which dominates): a difference whose interval holds 0
 is reported as inside the noise.
 
+`--reuse` reads the finished runs in `--keep` instead of training them again, only where the run was made by the same
+code: each run records the commit it ran from and a hash of any uncommitted changes (`bench_command.json`), and a
+run of other code is refused, not mixed into the table.
+
 The continuous variant `e` bypasses the quantizer (a patch applied by this script in its worker process only, since
 the model has no such option), so the decoder reads the encoder's features directly: the price of tokens.
 """
@@ -29,8 +34,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import BENCH_DIR, bench_parser, load_average, markdown_table, publish, run_and_sample_memory
+from _common import (
+    BENCH_DIR,
+    bench_parser,
+    code_identity,
+    load_average,
+    markdown_table,
+    parse_bench_args,
+    publish,
+    run_and_sample_memory,
+)
 
+from vqrae.cli_utils import UsageError, run_cli
 from vqrae.training.args import load_config_file
 
 # name -> (label, options added to the tiny CPU recipe)
@@ -96,8 +111,10 @@ def continuous_worker(cli_args: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def add_keep_option(parser) -> None:
+def add_run_options(parser) -> None:
+    """The options of the scripts that train through `train_run`."""
     parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument("--crops", type=int, default=CROPS, help="random crops of the codebook-use count")
 
 
 @contextlib.contextmanager
@@ -117,11 +134,18 @@ def train_command(options: list[str], continuous: bool = False) -> list[str]:
 
 
 def train_run(
-    output_dir: Path, options: list[str], steps: int, seed: int, continuous: bool = False, reuse: bool = False
+    output_dir: Path,
+    options: list[str],
+    steps: int,
+    seed: int,
+    continuous: bool = False,
+    reuse: bool = False,
+    crops: int = CROPS,
 ) -> dict:
     """Train one run of `steps` steps and return its records, final evaluation and (quantized runs) the codebook
-    use over random crops of the training photos. `reuse`: a finished run of the same arguments already in
-    `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of trained again."""
+    use over `crops` random crops of the training photos. `reuse`: a finished run of the same arguments already in
+    `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of trained again; one
+    made by other code is refused (`UsageError`)."""
     warmup = load_config_file("tiny_cpu")["warmup_steps"]
     schedule = [
         "--output_dir", str(output_dir), "--seed", str(seed), "--max_steps", str(steps),
@@ -137,27 +161,51 @@ def train_run(
         wall = _train(output_dir, [*options, *schedule], continuous, log_path)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = json.loads((output_dir / "eval_results.json").read_text())
-    return {"records": records, "final": final, "wall": wall, "crops": None if continuous else crop_use(output_dir)}
+    use = None if continuous else crop_use(output_dir, crops)
+    return {"records": records, "final": final, "wall": wall, "crops": use}
 
 
 def _finished(output_dir: Path, arguments: list[str], steps: int) -> bool:
-    """Whether `output_dir` holds a finished run of exactly these arguments."""
+    """Whether `output_dir` holds a finished run of exactly these arguments, made by this code; a finished run of
+    these arguments made by other code (another commit, other uncommitted changes, or not recorded) is refused."""
     results, command = output_dir / "eval_results.json", output_dir / "bench_command.json"
     if not (results.is_file() and command.is_file()):
         return False
-    return json.loads(command.read_text()) == arguments and json.loads(results.read_text())["step"] == steps
+    recorded = json.loads(command.read_text())
+    if not isinstance(recorded, dict):  # written before the code was recorded: only the arguments
+        recorded = {"arguments": recorded, "code": None}
+    if recorded["arguments"] != arguments or json.loads(results.read_text())["step"] != steps:
+        return False
+    code = code_identity()
+    if recorded["code"] != code or code["dirty"] == "unknown":
+        raise UsageError(
+            f"--reuse: the run in {output_dir} was made by {_describe_code(recorded['code'])}, not by this code "
+            f"({_describe_code(code)}); rerun without --reuse or with another --keep folder, so that it is trained "
+            "again."
+        )
+    return True
+
+
+def _describe_code(code: dict | None) -> str:
+    if code is None:
+        return "code it did not record"
+    if code["commit"] == "unknown":
+        return "code outside a git checkout, which cannot be identified"
+    dirty = code["dirty"]
+    return f"commit {code['commit'][:12]}" + ("" if dirty is None else f" with uncommitted changes ({dirty})")
 
 
 def _train(output_dir: Path, arguments: list[str], continuous: bool, log_path: Path) -> float:
+    code_of_run = code_identity()  # before the run: the code that trains it
     with open(log_path, "w") as log:
         code, wall, _, _ = run_and_sample_memory(train_command(arguments, continuous), stdout=log, stderr=log)
     if code != 0:
         raise RuntimeError(f"{output_dir.name} failed:\n{log_path.read_text()[-3000:]}")
-    (output_dir / "bench_command.json").write_text(json.dumps(arguments))
+    (output_dir / "bench_command.json").write_text(json.dumps({"arguments": arguments, "code": code_of_run}))
     return wall
 
 
-def crop_use(folder: Path) -> dict:
+def crop_use(folder: Path, crops: int = CROPS) -> dict:
     import torch
 
     from vqrae import VQRAEModel
@@ -167,7 +215,7 @@ def crop_use(folder: Path) -> dict:
     torch.set_num_threads(2)
     model = VQRAEModel.from_pretrained(folder).eval()
     photos = [example["image"].convert("RGB") for example in builtin_photos("train")]
-    return codebook_use_on_crops(model, photos, model.get_image_processor(), CROPS, seed=0)
+    return codebook_use_on_crops(model, photos, model.get_image_processor(), crops, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +283,7 @@ def plot_curves(runs: dict, variants: list[str], path: Path) -> None:
     plt.close(figure)
 
 
-def report(runs: dict, variants: list[str], seeds: list[int], steps: int) -> str:
+def report(runs: dict, variants: list[str], seeds: list[int], steps: int, num_crops: int = CROPS) -> str:
     rows = []
     for variant in variants:
         finals = [runs[(variant, s)]["final"] for s in seeds]
@@ -262,13 +310,13 @@ def report(runs: dict, variants: list[str], seeds: list[int], steps: int) -> str
         f"{first['bicubic_seam_score']:.2f}", "—", "—", f"{first['bicubic_bits_per_image']:.0f}",
     ])  # fmt: skip
     header = ["variant", "PSNR dB [95 % CI]", f"Δ PSNR vs {REFERENCE}, paired [95 % CI]", "SSIM [95 % CI]",
-              "seam score", f"codebook use, {CROPS} crops", "perplexity", "bits/image"]  # fmt: skip
+              "seam score", f"codebook use, {num_crops} crops", "perplexity", "bits/image"]  # fmt: skip
     return (
         f"{steps} steps per run for every variant, seeds {seeds} (a seed's runs are paired: same crops, same "
         "initialisation where the layers agree); cells are the mean over seeds [95 % t interval over seeds]. "
         f"Held-out set: {first['num_images']} tiles of the held-out photos, {first['image_size']} px. Codebook use: "
-        f"{CROPS} random crops of the training photos ({CROPS * 64:,} tokens). Seam score: 1 = patch borders no more "
-        "visible than in the photos.\n\n" + markdown_table(header, rows) + "\n\n" + ALGEBRA
+        f"{num_crops} random crops of the training photos ({num_crops * 64:,} tokens). Seam score: 1 = patch borders "
+        "no more visible than in the photos.\n\n" + markdown_table(header, rows) + "\n\n" + ALGEBRA
     )
 
 
@@ -290,11 +338,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=600, help="training steps of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    add_keep_option(parser)
+    add_run_options(parser)
     parser.add_argument(
-        "--reuse", action="store_true", help="read finished runs of the same options found in --keep, train the rest"
+        "--reuse", action="store_true", help="read finished runs of the same options and code found in --keep"
     )
-    args = parser.parse_args(argv)
+    smoke = {"steps": 2, "seeds": [1], "variants": [REFERENCE, CONTINUOUS], "crops": 16}
+    args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
     runs = {}
     with run_folders(args.keep, "bench-quality") as tmp:
@@ -302,7 +351,7 @@ def main(argv=None):
             for variant in args.variants if seed_index % 2 == 0 else args.variants[::-1]:
                 result = train_run(
                     tmp / f"{variant}-seed{seed}", VARIANTS[variant][1], args.steps, seed, variant == CONTINUOUS,
-                    reuse=args.reuse,
+                    reuse=args.reuse, crops=args.crops,
                 )  # fmt: skip
                 runs[(variant, seed)] = result
                 use = result["crops"]
@@ -311,13 +360,14 @@ def main(argv=None):
                     + ("" if use is None else f", {use['used_codes']} of {use['codebook_size']} codes"),
                     flush=True,
                 )
-    body = report(runs, args.variants, args.seeds, args.steps)
+        body = report(runs, args.variants, args.seeds, args.steps, args.crops)
+        # The curves go next to BENCHMARKS.md when it is written, else to the run folder (looked at, not published).
+        plot_curves(runs, args.variants, tmp / CURVES_PNG.name if args.no_write else CURVES_PNG)
     if not args.no_write:
-        plot_curves(runs, args.variants, CURVES_PNG)
         body += f"\n![validation PSNR and codebook use over training]({CURVES_PNG.name})\n"
     publish("bench_quality", "6. Quality of the variants at an equal number of steps", body, start_load, args.no_write)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(Path(__file__).name, main))

@@ -3,6 +3,7 @@ self-distillation (stage 2), against no further training.
 
     python bench/bench_stage2.py                                   # from outputs/vqrae-tiny-cpu: 3 arms x 2 seeds
     python bench/bench_stage2.py --start out/stage1 --steps 100 --seeds 1 --no-write
+    python bench/bench_stage2.py --smoke                           # a 2-step start, one arm of 2 steps: checks it runs
 
 Every arm starts from the same saved model (`--start`, default the output of `vqrae-train`, the default run) with the
 built-in CPU recipe (`configs/tiny_cpu.yaml`) and `--init_from`, for the same number of steps and seeds, at a fifth
@@ -16,13 +17,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import bench_parser, load_average, markdown_table, publish
-from bench_quality import add_keep_option, run_folders, t_interval, train_run
+from _common import bench_parser, load_average, markdown_table, parse_bench_args, publish
+from bench_quality import add_run_options, run_folders, t_interval, train_run
 
+# name -> (label, options added to the tiny CPU recipe)
 ARMS = {
-    "stage 1 continued (encoder frozen)": ["--stage", "1"],
-    "stage 2, self-distillation (weight 1)": ["--stage", "2", "--distillation_weight", "1"],
-    "stage 2, no distillation (weight 0)": ["--stage", "2", "--distillation_weight", "0"],
+    "stage1": ("stage 1 continued (encoder frozen)", ["--stage", "1"]),
+    "distill": ("stage 2, self-distillation (weight 1)", ["--stage", "2", "--distillation_weight", "1"]),
+    "no-distill": ("stage 2, no distillation (weight 0)", ["--stage", "2", "--distillation_weight", "0"]),
 }
 
 
@@ -56,19 +58,24 @@ def main(argv=None):
     parser.add_argument("--start", default=recipe["output_dir"], help="the saved model every arm starts from")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--learning_rate", type=float, default=recipe["learning_rate"] / 5)
-    add_keep_option(parser)
-    args = parser.parse_args(argv)
-    start = Path(args.start)
+    add_run_options(parser)
+    # --smoke without --start: the start is a run of the recipe trained here for a few steps.
+    smoke = {"start": None, "steps": 2, "seeds": [1], "arms": ["distill"], "crops": 16}
+    args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
-    start_eval = json.loads((start / "eval_results.json").read_text())
     runs = {}
     with run_folders(args.keep, "bench-stage2") as tmp:
+        start = Path(args.start) if args.start is not None else tmp / "start"
+        if args.start is None:
+            train_run(start, [], args.steps, recipe["seed"], crops=args.crops)
+        start_eval = json.loads((start / "eval_results.json").read_text())
         for seed in args.seeds:
-            for index, (arm, options) in enumerate(ARMS.items()):
-                folder = tmp / f"arm{index}-seed{seed}"
-                options = [*options, "--init_from", str(start), "--learning_rate", str(args.learning_rate)]
-                result = train_run(folder, options, args.steps, seed)
+            for arm in args.arms:
+                folder = tmp / f"arm{list(ARMS).index(arm)}-seed{seed}"
+                options = [*ARMS[arm][1], "--init_from", str(start), "--learning_rate", str(args.learning_rate)]
+                result = train_run(folder, options, args.steps, seed, crops=args.crops)
                 result["similarity"] = encoder_similarity(folder, start)
                 runs[(arm, seed)] = result
                 print(arm, seed, f"{result['final']['psnr']:.2f} dB, cos {result['similarity']:.4f}", flush=True)
@@ -79,14 +86,15 @@ def main(argv=None):
 
     rows = [["no stage 2: the starting model", "—", interval(start_eval, "psnr", 2), interval(start_eval, "ssim", 3),
              "—", "1 (itself)"]]  # fmt: skip
-    for arm in ARMS:
+    for arm in args.arms:
+        label = ARMS[arm][0]
         for seed in args.seeds:
             final = runs[(arm, seed)]["final"]
             delta = final["psnr"] - start_eval["psnr"]
-            rows.append([arm, seed, interval(final, "psnr", 2), interval(final, "ssim", 3), f"{delta:+.2f}",
+            rows.append([label, seed, interval(final, "psnr", 2), interval(final, "ssim", 3), f"{delta:+.2f}",
                          f"{runs[(arm, seed)]['similarity']:.4f}"])  # fmt: skip
         mean, low, high = t_interval([runs[(arm, seed)]["final"]["psnr"] - start_eval["psnr"] for seed in args.seeds])
-        rows.append([f"{arm}: mean over seeds", "", "", "", f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]", ""])
+        rows.append([f"{label}: mean over seeds", "", "", "", f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]", ""])
     header = ["arm", "seed", "PSNR dB [95 % CI]", "SSIM [95 % CI]", "Δ PSNR vs start", "encoder cosine to start"]
     body = (
         f"Start: `{start}` (step {start_eval['step']}), then {args.steps} steps at learning rate "

@@ -2,6 +2,7 @@
 
     python bench/bench_tokenize.py                                  # tiny and base, on this machine's CPU
     python bench/bench_tokenize.py --configs base --num_images 128 --batch_size 32
+    python bench/bench_tokenize.py --smoke                          # tiny, 8 images: checks it runs; writes nothing
 
 For each configuration, a randomly initialised VQRAE model (the training presets: `tiny` = the built-in CPU
 encoder; `base` = SigLIP-B/16 at 256 px, width 768, 12 layers; the table names each one's size; FSQ
@@ -14,7 +15,6 @@ how much of the time the data preparation takes. Prints a Markdown table and wri
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import load_average, write_section
+from _common import bench_parser, load_average, parse_bench_args, publish
 from PIL import Image
 
 from vqrae import VQRAEConfig, VQRAEModel
@@ -53,13 +53,14 @@ def encoder_only(model: VQRAEModel, batch_size: int, repeats: int) -> float:
     return batch_size * repeats / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--configs", nargs="+", default=["tiny", "base"], choices=sorted(VISION_PRESETS))
     parser.add_argument("--num_images", type=int, nargs="+", default=None, help="Per config (default 512 / 64).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--shard_size", type=int, default=256)
-    args = parser.parse_args()
+    smoke = {"configs": ["tiny"], "num_images": [8], "batch_size": 4, "shard_size": 4}
+    args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
     defaults = {"tiny": 512, "small": 128, "base": 64}
     counts = args.num_images or [defaults[name] for name in args.configs]
@@ -106,7 +107,7 @@ def main() -> None:
         f"post_quant_conv, float32 CPU.\n\n{table}\n\n- End to end includes decoding, cropping and preprocessing the "
         'images and writing the Parquet shards; the gap to "encoder only" is the data preparation.'
     )
-    write_section("bench_tokenize", "7. Tokenizing throughput (vqrae-tokenize)", body, start_load)
+    publish("bench_tokenize", "7. Tokenizing throughput (vqrae-tokenize)", body, start_load, args.no_write)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/bench_training.py                  # 6 runs x 2 rounds of 40 steps (~5 min on 2 cores)
     python bench/bench_training.py --steps 20 --rounds 1 --no-write
+    python bench/bench_training.py --smoke          # stage 2 in 1 and 2 processes, 2 steps: checks it runs
 
 Each run is `vqrae-train --config tiny_cpu` (the built-in default: random tiny encoder, 64-px crops of the
 built-in photos, FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv, one torch thread and one data worker per process) for
@@ -22,7 +23,6 @@ with its parent count once. Runs alternate: the second round goes in reverse ord
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import load_average, markdown_table, publish, run_and_sample_memory
+from _common import bench_parser, load_average, markdown_table, parse_bench_args, publish, run_and_sample_memory
 
 from vqrae.training.args import ModelArguments, load_config_file
 from vqrae.training.trainer import build_model
@@ -74,20 +74,50 @@ def images_per_second(metrics_path: Path) -> float:
     return statistics.median(rates[1:] or rates)
 
 
+def verdict_lines(mean, modes: list[str], processes: list[int]) -> str:
+    """What the table says, for the modes and process counts that ran (`mean(run, column)`: a run's mean)."""
+    lines = []
+    if {"joint", "stage 1", "stage 2"} <= set(modes):
+        joint, stage1, stage2 = (mean((mode, 1), 0) for mode in MODES)
+        lines.append(
+            f"- One process: stage 1 (encoder frozen) trains at {stage1:.0f} images/s, {stage1 / joint:.2f}x the "
+            f"joint run's {joint:.0f}; stage 2 (encoder trained, plus the teacher's forward pass) at {stage2:.0f} "
+            f"images/s, {stage2 / joint:.2f}x joint."
+        )
+    for count in processes[1:]:
+        speedups = [mean((mode, count), 0) / mean((mode, 1), 0) for mode in modes]
+        memory = [mean((mode, count), 1) / mean((mode, 1), 1) for mode in modes]
+        number = "two" if count == 2 else str(count)
+        lines.append(
+            f"- {number.capitalize()} CPU processes on this {os.cpu_count()}-core machine: {min(speedups):.2f}x to "
+            f"{max(speedups):.2f}x the one-process throughput, with {min(memory):.2f}x to {max(memory):.2f}x the "
+            "memory (each process holds the model, optimiser and data). "
+            + (
+                f"{number.capitalize()} processes beat one here: one process's threads do not keep the cores busy."
+                if min(speedups) > 1.1
+                else f"On these cores one process's threads already use the machine: {number} processes buy no speed."
+            )
+        )
+    return "".join(line + "\n" for line in lines)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all runs, every other one reversed")
     parser.add_argument(
         "--batch-size", type=int, default=None, help="global batch, split over the processes (default: the preset's)"
     )
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts; 1 comes first")
+    args = parse_bench_args(parser, argv, smoke={"steps": 2, "rounds": 1, "modes": ["stage 2"]})
     if args.batch_size is None:
         args.batch_size = load_config_file("tiny_cpu")["per_device_train_batch_size"]
+    if args.processes[0] != 1:
+        parser.error(f"--processes must start with 1, the reference of the speed-ups (got {args.processes})")
     start_load = load_average()
 
-    runs = [(mode, processes) for mode in MODES for processes in (1, 2)]
+    runs = [(mode, processes) for mode in args.modes for processes in args.processes]
     results: dict[tuple, list] = {run: [] for run in runs}
     with tempfile.TemporaryDirectory(prefix="vqrae-bench-training-") as tmp:
         start_model = save_start_model(Path(tmp) / "start")
@@ -134,23 +164,7 @@ def main(argv=None):
         "peak RSS MiB, largest process",
         "wall s (incl. start-up, eval)",
     ]
-    joint, stage1, stage2 = (mean((mode, 1), 0) for mode in MODES)
-    speedups = [mean((mode, 2), 0) / mean((mode, 1), 0) for mode in MODES]
-    memory = [mean((mode, 2), 1) / mean((mode, 1), 1) for mode in MODES]
-    verdict = (
-        f"- One process: stage 1 (encoder frozen) trains at {stage1:.0f} images/s, {stage1 / joint:.2f}x the "
-        f"joint run's {joint:.0f}; stage 2 (encoder trained, plus the teacher's forward pass) at {stage2:.0f} "
-        f"images/s, {stage2 / joint:.2f}x joint.\n"
-        f"- Two CPU processes on this {os.cpu_count()}-core machine: {min(speedups):.2f}x to {max(speedups):.2f}x "
-        f"the one-process throughput, with {min(memory):.2f}x to {max(memory):.2f}x the memory (each process "
-        "holds the model, optimiser and data). "
-        + (
-            "Two processes beat one here: one process's threads do not keep both cores busy."
-            if min(speedups) > 1.1
-            else "On these cores one process's threads already use the machine: two processes buy no speed."
-        )
-        + "\n"
-    )
+    verdict = verdict_lines(mean, args.modes, args.processes)
     spread = max(
         (max(sample[0] for sample in samples) - min(sample[0] for sample in samples))
         / statistics.mean(sample[0] for sample in samples)

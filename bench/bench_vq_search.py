@@ -2,6 +2,7 @@
 
     python bench/bench_vq_search.py                 # 16384 x 1536 codebook, 64 x 256 tokens (~3 min on 2 cores)
     python bench/bench_vq_search.py --tokens 4096 --no-write
+    python bench/bench_vq_search.py --smoke         # 1024 x 64 codes, 4096 tokens, in chunks: checks it runs
 
 The VQRAE paper's codebook (16384 codes of dimension 1536) against 64 images x 256 tokens, float32, under
 `torch.inference_mode()`. Three ways to find each token's nearest code:
@@ -37,11 +38,15 @@ def main(argv=None):
     parser.add_argument("--num-embeddings", type=int, default=16384)
     parser.add_argument("--codebook-dim", type=int, default=1536)
     parser.add_argument("--tokens", type=int, default=64 * 256)
-    args = parse_bench_args(parser, argv)
+    parser.add_argument("--max-distance-elements", type=int, default=2**24, help="the chunk bound of the search")
+    smoke = {"num_embeddings": 1024, "codebook_dim": 64, "tokens": 4096, "repeats": 1, "max_distance_elements": 2**20}
+    args = parse_bench_args(parser, argv, smoke)
     start_load = load_average()
 
     torch.manual_seed(0)
-    vq = VQRAEVectorQuantizer(num_embeddings=args.num_embeddings, dim=args.codebook_dim).eval()
+    vq = VQRAEVectorQuantizer(
+        num_embeddings=args.num_embeddings, dim=args.codebook_dim, max_distance_elements=args.max_distance_elements
+    ).eval()
     vectors = torch.randn(args.tokens, args.codebook_dim)
     with torch.inference_mode():
         codebook = vq.codebook.detach()
