@@ -117,11 +117,18 @@ def train_command(options: list[str], continuous: bool = False) -> list[str]:
 
 
 def train_run(
-    output_dir: Path, options: list[str], steps: int, seed: int, continuous: bool = False, reuse: bool = False
+    output_dir: Path,
+    options: list[str],
+    steps: int,
+    seed: int,
+    continuous: bool = False,
+    reuse: bool = False,
+    crops: bool = True,
 ) -> dict:
-    """Train one run of `steps` steps and return its records, final evaluation and (quantized runs) the codebook
-    use over random crops of the training photos. `reuse`: a finished run of the same arguments already in
-    `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of trained again."""
+    """Train one run of `steps` steps and return its records, final evaluation and (quantized runs, unless not
+    `crops`) the codebook use over random crops of the training photos. `reuse`: a finished run of the same arguments
+    already in `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of trained
+    again."""
     warmup = load_config_file("tiny_cpu")["warmup_steps"]
     schedule = [
         "--output_dir", str(output_dir), "--seed", str(seed), "--max_steps", str(steps),
@@ -137,7 +144,8 @@ def train_run(
         wall = _train(output_dir, [*options, *schedule], continuous, log_path)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = json.loads((output_dir / "eval_results.json").read_text())
-    return {"records": records, "final": final, "wall": wall, "crops": None if continuous else crop_use(output_dir)}
+    use = crop_use(output_dir) if crops and not continuous else None
+    return {"records": records, "final": final, "wall": wall, "crops": use}
 
 
 def _finished(output_dir: Path, arguments: list[str], steps: int) -> bool:
