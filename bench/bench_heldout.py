@@ -48,6 +48,19 @@ def smoke_model(model_path: str | None):
         yield folder
 
 
+def tile_scales(dataset) -> list[float]:
+    """The scale of each tile of the built-in held-out set (`builtin_photos("validation")`), from its size before
+    resizing: per photo, the largest tiles are scale 1, and so on."""
+    from vqrae.image_data import VALIDATION_TILE_SCALES
+
+    photos, sides = [name.split("#")[0] for name in dataset["photo"]], [image.width for image in dataset["image"]]
+    scales = []
+    for photo, side in zip(photos, sides):
+        ranked = sorted({s for p, s in zip(photos, sides) if p == photo}, reverse=True)
+        scales.append(VALIDATION_TILE_SCALES[ranked.index(side)])
+    return scales
+
+
 def per_tile(model_path: str) -> tuple[dict, list[str], object]:
     """PSNR and SSIM of every held-out tile through the tokens and through the bicubic thumbnail, its scale, and
     the model's config."""
@@ -56,7 +69,6 @@ def per_tile(model_path: str) -> tuple[dict, list[str], object]:
 
     from vqrae import VQRAEModel, to_pil_images
     from vqrae.image_data import (
-        VALIDATION_TILE_SCALES,
         builtin_photos,
         load_validation_images,
         processor_resample,
@@ -72,12 +84,7 @@ def per_tile(model_path: str) -> tuple[dict, list[str], object]:
         dataset, "image", model.config.vision_config.image_size, dataset_name="builtin", dataset_split="validation",
         resample=processor_resample(processor),
     )  # fmt: skip
-    # The scale of each tile, from its size before resizing: per photo, the largest tiles are scale 1, and so on.
-    photos, sides = [name.split("#")[0] for name in dataset["photo"]], [image.width for image in dataset["image"]]
-    scales = []
-    for photo, side in zip(photos, sides):
-        ranked = sorted({s for p, s in zip(photos, sides) if p == photo}, reverse=True)
-        scales.append(VALIDATION_TILE_SCALES[ranked.index(side)])
+    scales = tile_scales(dataset)
 
     def unit(images):
         return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2) / 255.0

@@ -142,10 +142,10 @@ def train_run(
     reuse: bool = False,
     crops: int = CROPS,
 ) -> dict:
-    """Train one run of `steps` steps and return its records, final evaluation and (quantized runs) the codebook
-    use over `crops` random crops of the training photos. `reuse`: a finished run of the same arguments already in
-    `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of trained again; one
-    made by other code is refused (`UsageError`)."""
+    """Train one run of `steps` steps and return its records, final evaluation and (quantized runs, unless `crops`
+    is 0) the codebook use over `crops` random crops of the training photos. `reuse`: a finished run of the same
+    arguments already in `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of
+    trained again; one made by other code is refused (`UsageError`)."""
     warmup = load_config_file("tiny_cpu")["warmup_steps"]
     schedule = [
         "--output_dir", str(output_dir), "--seed", str(seed), "--max_steps", str(steps),
@@ -161,7 +161,7 @@ def train_run(
         wall = _train(output_dir, [*options, *schedule], continuous, log_path)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = json.loads((output_dir / "eval_results.json").read_text())
-    use = None if continuous else crop_use(output_dir, crops)
+    use = crop_use(output_dir, crops) if crops and not continuous else None
     return {"records": records, "final": final, "wall": wall, "crops": use}
 
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
+from vqrae.cli_utils import UsageError
 from vqrae.image_data import (
     BUILTIN_DATASET_NAME,
     BUILTIN_TRAIN_PHOTOS,
@@ -16,6 +17,7 @@ from vqrae.image_data import (
     random_resized_crop_box,
     validation_tiles,
 )
+from vqrae.training.args import DataArguments
 from vqrae.training.data import StreamingTrainingBatches, TrainingBatches
 
 
@@ -103,6 +105,63 @@ def test_training_stream_is_a_function_of_seed_and_position(processor):
         for r in range(2)
     ]
     assert torch.equal(torch.cat([half["pixel_values"] for half in halves]), first)
+
+
+def _pixels(image):
+    return np.asarray(image, dtype=np.float64) / 255
+
+
+def test_crops_without_colour_augmentation_are_the_plain_crop_and_flip_of_seed_and_position():
+    dataset, column = load_image_dataset("train")
+    processor = tiny_model().get_image_processor()
+    default = TrainingBatches(dataset, column, processor, batch_size=4, seed=3)
+    none = TrainingBatches(dataset, column, processor, batch_size=4, seed=3, color_augment="none")
+    for position in (0, 5, 17, 40):
+        # What the stream drew before colour augmentation existed: the box, then the flip, from (seed, position).
+        rng = np.random.default_rng((3, position))
+        image = default._image(default._permutation(position // len(dataset))[position % len(dataset)])
+        box = random_resized_crop_box(image.width, image.height, rng, scale=(0.08, 1.0))
+        expected = image.resize((32, 32), int(processor.resample), box=box)
+        if rng.random() < 0.5:
+            expected = expected.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        assert np.asarray(default.example(position)).tobytes() == np.asarray(expected).tobytes()
+        assert np.asarray(none.example(position)).tobytes() == np.asarray(expected).tobytes()
+
+
+def test_colour_augmentation_is_a_function_of_seed_and_position_and_keeps_luma_or_values(processor):
+    from skimage.color import rgb2yiq
+
+    dataset, column = load_image_dataset("train")
+
+    def stream(kind, seed=3):
+        return TrainingBatches(dataset, column, processor, batch_size=4, seed=seed, color_augment=kind)
+
+    plain, hue, permute = stream("none"), stream("hue"), stream("permute")
+    hue_shifts = []
+    for position in range(0, 48, 3):
+        crop, recoloured, permuted = (_pixels(s.example(position)) for s in (plain, hue, permute))
+        assert np.array_equal(recoloured, _pixels(stream("hue").example(position)))  # a fresh stream: same pixels
+        assert np.array_equal(permuted, _pixels(stream("permute").example(position)))
+        # hue: the same crop (its draws come after the box and flip), each pixel's luma kept up to clipping/rounding.
+        luma = np.abs(rgb2yiq(recoloured)[..., 0] - rgb2yiq(crop)[..., 0])
+        assert luma.max() <= 1.5 / 255
+        if np.abs(rgb2yiq(crop)[..., 1:]).mean() > 0.03:  # grey photos (coins, moon, text) have no hue to turn
+            hue_shifts.append(np.abs(recoloured - crop).mean())
+        # permute: exactly the crop's channels in some order.
+        assert any(np.array_equal(permuted, crop[..., list(order)]) for order in np.ndindex(3, 3, 3))
+    assert len(hue_shifts) >= 4 and np.median(hue_shifts) > 0.02  # the colours did move
+    assert not np.array_equal(_pixels(hue.example(3)), _pixels(hue.example(6)))
+    assert not np.array_equal(_pixels(hue.example(3)), _pixels(stream("hue", seed=4).example(3)))
+
+
+def test_an_unknown_colour_augmentation_is_refused_by_name(processor):
+    dataset, column = load_image_dataset("train")
+    with pytest.raises(
+        UsageError, match=r"`color_augment` must be one of \['none', 'hue', 'permute'\] \(got 'sepia'\)"
+    ):
+        TrainingBatches(dataset, column, processor, batch_size=4, seed=0, color_augment="sepia")
+    with pytest.raises(UsageError, match=r"`color_augment` must be one of .* \(got 'sepia'\)"):
+        DataArguments(color_augment="sepia")
 
 
 def test_streaming_shards_across_processes_and_skips_consumed_examples(processor):

@@ -55,6 +55,7 @@ def test_results_and_pictures_from_a_folder(setup):
     assert metrics["bits_per_image"] == pytest.approx(16 * np.log2(64000))
     assert 0 < metrics["used_codes"] <= 5 * 16 and metrics["rfid"] is None
     assert 1.0 <= metrics["perplexity"] <= metrics["used_codes"]
+    assert metrics["color_error"] > 0 and metrics["bicubic_color_error"] >= 0  # what vqrae-evaluate prints too
     for name in (RECONSTRUCTIONS_FILE, CODEBOOK_USAGE_FILE):
         assert Image.open(output / name).format == "PNG"
 

@@ -16,6 +16,7 @@ from vqrae.training.metrics import (
     bicubic_baseline,
     bootstrap_interval,
     evaluate_model,
+    mean_color_error,
     save_eval_results,
     seam_score,
     seam_sums,
@@ -167,6 +168,45 @@ def test_evaluation_reports_intervals_seams_and_the_token_count(validation):
     assert metrics["codebook_tokens"] == 5 * 16
     assert metrics["seam_score"] > 0 and metrics["bicubic_seam_score"] > 0
     assert metrics["crop_codebook_use"] is None  # only vqrae-evaluate --num_crops measures it
+
+
+def test_colour_error_of_a_known_shift_is_skimages_ciede2000_of_the_two_mean_colours():
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    # Two images whose pixels vary but whose mean colours are known exactly (in RGB [0, 1]).
+    rng = np.random.default_rng(0)
+    texture = torch.from_numpy(rng.choice([-0.1, 0.1], size=(1, 1, 8, 8))).float()
+    texture = texture - texture.mean()
+    original_mean, shifted_mean = np.array([0.5, 0.4, 0.3]), np.array([0.7, 0.35, 0.3])  # toward red
+    original = torch.tensor(original_mean).float().view(1, 3, 1, 1) + texture
+    shifted = torch.tensor(shifted_mean).float().view(1, 3, 1, 1) + texture
+    expected = deltaE_ciede2000(rgb2lab(shifted_mean), rgb2lab(original_mean))
+    assert expected > 10  # a cast anyone sees
+    assert mean_color_error(shifted, original) == pytest.approx([expected], rel=1e-5)
+    assert mean_color_error(original, original).tolist() == [0.0]
+    # The mean is taken in RGB before the conversion: averaging per-pixel Lab would give another figure here.
+    per_pixel_lab = deltaE_ciede2000(
+        rgb2lab(shifted[0].permute(1, 2, 0).double().numpy()).mean((0, 1)),
+        rgb2lab(original[0].permute(1, 2, 0).double().numpy()).mean((0, 1)),
+    )
+    assert abs(per_pixel_lab - expected) > 1e-3
+
+
+def test_evaluation_reports_the_colour_error_of_the_model_and_the_baseline(validation, tmp_path):
+    result = evaluate_model(tiny_model(seed=1), validation)
+    metrics = result.metrics
+    target = _unit(validation.images)
+    for name, images in (("color_error", result.reconstructions), ("bicubic_color_error", result.bicubic)):
+        per_image = mean_color_error(_unit(images), target)
+        assert metrics[name] == pytest.approx(float(per_image.mean()), rel=1e-9)
+        assert metrics[f"{name}_interval"] == bootstrap_interval(per_image)
+    assert metrics["color_error"] > metrics["bicubic_color_error"] > 0  # an untrained model is far off in colour
+    # The same images as their own reconstructions: no colour error.
+    originals = _unit(validation.images)
+    assert mean_color_error(originals, originals).tolist() == [0.0] * 5
+    save_eval_results(metrics, tmp_path / "eval_results.json")
+    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    assert saved["color_error"] == metrics["color_error"] and saved["bicubic_color_error_interval"] is not None
 
 
 def _steps(width: int, offsets, step: int) -> np.ndarray:

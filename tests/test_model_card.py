@@ -107,6 +107,18 @@ def test_rfid_not_measured_is_said_and_left_out_of_the_model_index(tmp_path):
     assert {result.metric_type for result in card.data.eval_results} == {"psnr", "ssim", "codebook_utilization"}
 
 
+def test_colour_error_row_shows_both_figures_with_intervals_and_old_results_still_render(tmp_path):
+    colour = {"color_error": 8.7654, "color_error_interval": [7.5, 9.25], "bicubic_color_error": 0.125}
+    text = render_model_card(make_run_folder(tmp_path / "run", **colour)).text
+    # The baseline without an interval shows just its value.
+    assert "| Colour error (CIEDE2000 of the mean colour) ↓ | 8.77 (7.50–9.25) | 0.12 |" in text
+    old = render_model_card(make_run_folder(tmp_path / "old")).text  # eval_results.json from before the metric
+    assert "| Colour error (CIEDE2000 of the mean colour) ↓ | not measured | not measured |" in old
+    (tmp_path / "old" / "eval_results.json").write_text(json.dumps({**EVAL_RESULTS, "color_error": "red"}))
+    with pytest.raises(ValueError, match=r"`color_error` .* must be a number or null \(got 'red'\)"):
+        read_eval_results(tmp_path / "old")
+
+
 def test_only_hub_datasets_go_into_the_metadata(tmp_path):
     folder = make_run_folder(tmp_path / "run", dataset_name="builtin:photos")
     (folder / "training_config.yaml").write_text("train_dir: data/train\nmax_steps: 10\n")

@@ -1,5 +1,5 @@
-"""The training streams of a VQRAE tokenizer: random resized crops, randomly flipped, of `datasets` images, batched
-per process.
+"""The training streams of a VQRAE tokenizer: random resized crops, randomly flipped and (optionally) recoloured,
+of `datasets` images, batched per process.
 
 Every random choice of the training stream is a function of `(seed, position)`, where `position` counts the
 examples of the global batch stream. The stream can therefore restart at any step (resuming a run) and gives the
@@ -25,19 +25,67 @@ from ..image_data import (
     try_decode,
 )
 
-__all__ = ["StreamingTrainingBatches", "TrainingBatches"]
+__all__ = [
+    "COLOR_AUGMENTATIONS",
+    "StreamingTrainingBatches",
+    "TrainingBatches",
+    "check_color_augment",
+    "color_augment",
+]
+
+# Colour augmentations of the training crops. A few photos hold a narrow palette (the built-in ones: reds, oranges and
+# greys), and a model trained on them alone pulls every colour toward it; recolouring the crops shows it other hues.
+#   none     the crop as cut;
+#   hue      the chroma rotated by a random angle in YIQ (scikit-image's rgb2yiq): every hue moves, the luma Y of
+#            each pixel stays (up to rounding to 8 bits; a colour the rotation takes out of the RGB cube is desaturated
+#            until it fits, rather than clipped);
+#   permute  the RGB channels in a random order (exactly the same pixel values, reassigned).
+COLOR_AUGMENTATIONS = ("none", "hue", "permute")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training stream
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _train_crop(image: Image.Image, image_size: int, rng: np.random.Generator, scale, flip: bool, resample: int):
+def check_color_augment(kind) -> None:
+    """`UsageError` unless `kind` names one of `COLOR_AUGMENTATIONS`."""
+    if kind not in COLOR_AUGMENTATIONS:
+        raise UsageError(f"`color_augment` must be one of {list(COLOR_AUGMENTATIONS)} (got {kind!r}).")
+
+
+def color_augment(crop: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
+    """`crop` (8-bit RGB) recoloured by `kind` (one of `COLOR_AUGMENTATIONS`), with random draws from `rng` only
+    (none for `"none"`, so a stream without augmentation draws exactly what it drew before the option existed)."""
+    check_color_augment(kind)
+    if kind == "none":
+        return crop
+    pixels = np.asarray(crop.convert("RGB"))
+    if kind == "permute":
+        return Image.fromarray(np.ascontiguousarray(pixels[..., rng.permutation(3)]))
+    from skimage.color import rgb2yiq, yiq2rgb
+
+    yiq = rgb2yiq(pixels / 255.0)
+    angle = rng.uniform(0.0, 2 * np.pi)
+    cos, sin = np.cos(angle), np.sin(angle)
+    luma, i, q = yiq[..., 0:1], yiq[..., 1], yiq[..., 2]
+    chroma = yiq2rgb(np.stack([np.zeros_like(i), cos * i - sin * q, sin * i + cos * q], axis=-1))
+    # A rotated colour can leave the RGB cube; shrink its chroma (toward grey) just enough to stay inside, so that
+    # the luma stays exact rather than clipped (yiq2rgb of (Y, 0, 0) is the grey (Y, Y, Y)).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(chroma > 0, (1 - luma) / chroma, np.where(chroma < 0, -luma / chroma, np.inf))
+    shrink = np.clip(room.min(axis=-1, keepdims=True), 0.0, 1.0)
+    rgb = (luma + shrink * chroma).clip(0.0, 1.0)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def _train_crop(
+    image: Image.Image, image_size: int, rng: np.random.Generator, scale, flip: bool, resample: int, color: str
+):
     box = random_resized_crop_box(image.width, image.height, rng, scale=scale)
     crop = image.resize((image_size, image_size), resample, box=box)
     if flip and rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return crop
+    return color_augment(crop, color, rng)  # drawn after the crop's and the flip's draws: those stay as they were
 
 
 class _TrainingCrops:
@@ -56,7 +104,9 @@ class _TrainingCrops:
         num_processes: int = 1,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         random_flip: bool = True,
+        color_augment: str = "none",
     ):
+        check_color_augment(color_augment)
         self.image_column = image_column
         self.image_processor = image_processor
         self.image_size = processor_size(image_processor, image_size)
@@ -67,11 +117,14 @@ class _TrainingCrops:
         self.num_processes = num_processes
         self.crop_scale = tuple(crop_scale)
         self.random_flip = random_flip
+        self.color_augment = color_augment
         self.counter = ImageDecodeCounter()
 
     def crop(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        """A random resized crop of `image`, `image_size` square, randomly flipped."""
-        return _train_crop(image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample)
+        """A random resized crop of `image`, `image_size` square, randomly flipped and recoloured."""
+        return _train_crop(
+            image, self.image_size, rng, self.crop_scale, self.random_flip, self.resample, self.color_augment
+        )
 
     def pixel_values(self, crops: list[Image.Image]) -> dict[str, torch.Tensor]:
         """The batch: `pixel_values`, and `unreadable`, the names of the images this copy of the stream found
@@ -86,8 +139,8 @@ class TrainingBatches(_TrainingCrops, torch.utils.data.Dataset):
     """Training batches of one process, from a map-style dataset; item `k` is the `k`-th micro-batch.
 
     The global stream is an endless sequence of positions `0, 1, 2, ...`; position `p` is example
-    `perm_e[p mod n]` of epoch `e = p // n` (`perm_e` a permutation seeded by `(seed, e)`), cropped and flipped
-    with a generator seeded by `(seed, p)`. Micro-batch `k` of process `r` (of `W`) holds the positions
+    `perm_e[p mod n]` of epoch `e = p // n` (`perm_e` a permutation seeded by `(seed, e)`), cropped, flipped and
+    recoloured with a generator seeded by `(seed, p)`. Micro-batch `k` of process `r` (of `W`) holds the positions
     `k * B * W + r * B + [0, B)`, so all processes together see exactly the global batch a single process with
     batch `B * W` would see. An unreadable image is replaced by the next one of the permutation (and counted).
 

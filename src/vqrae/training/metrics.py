@@ -11,6 +11,12 @@ What is measured, on 8-bit RGB images (what a user gets back as a PNG):
 - `psnr_interval`, `ssim_interval` (and the bicubic baseline's): 95 % bootstrap intervals of those means over the
   images (`BOOTSTRAP_RESAMPLES` resamples, a fixed seed). Tiles of one photo are correlated, so the interval is
   that of this set of images, not of the photos they come from;
+- `color_error` (and `color_error_interval`, `bicubic_color_error`, `bicubic_color_error_interval`): how far each
+  reconstruction's overall colour is from its image's, the mean over images of the CIEDE2000 difference
+  (`skimage.color.deltaE_ciede2000`) between the image's mean colour and its reconstruction's, each mean taken over
+  the pixels in RGB scaled to [0, 1] (8-bit values / 255) and then converted to CIELAB (`skimage.color.rgb2lab`,
+  sRGB, illuminant D65, 2-degree observer), with a 95 % bootstrap interval as for PSNR. 0 is the same mean colour;
+  above about 5 the cast is obvious to anyone. It sees a colour cast that PSNR mixes with everything else;
 - `seam_score`: how much more the reconstructions change across the borders of the decoder's pixel patches than
   within them, relative to the originals: `(border / within) of the reconstructions` over `(border / within) of
   the originals`, where `border` and `within` are the mean absolute differences of neighbouring pixels across a
@@ -59,6 +65,7 @@ __all__ = [
     "codebook_use_on_crops",
     "evaluate_model",
     "find_inception_weights",
+    "mean_color_error",
     "save_eval_results",
     "write_evaluation",
 ]
@@ -74,6 +81,8 @@ EVAL_RESULT_KEYS = (
     "psnr_interval",
     "ssim",
     "ssim_interval",
+    "color_error",
+    "color_error_interval",
     "seam_score",
     "codebook_utilization",
     "used_codes",
@@ -85,6 +94,8 @@ EVAL_RESULT_KEYS = (
     "bicubic_psnr_interval",
     "bicubic_ssim",
     "bicubic_ssim_interval",
+    "bicubic_color_error",
+    "bicubic_color_error_interval",
     "bicubic_seam_score",
     "bicubic_bits_per_image",
     "rfid",
@@ -153,6 +164,15 @@ def _image_quality(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     psnr = psnr.clamp(max=PSNR_CAP_DB)
     ssim = structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none")
     return psnr.double(), ssim.double()
+
+
+def mean_color_error(preds: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Per image `(B,)`: the CIEDE2000 difference between the mean colours of `preds` and `target` (`(B, 3, H, W)`
+    RGB in [0, 1]); each mean is taken in RGB, then converted to CIELAB with scikit-image (sRGB, D65)."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    means = [images.double().mean(dim=(2, 3)).clamp(0, 1).numpy() for images in (preds, target)]
+    return deltaE_ciede2000(rgb2lab(means[0]), rgb2lab(means[1]))
 
 
 def _gather(records: list, accelerator) -> list:
@@ -243,6 +263,8 @@ def _evaluate_batch(model, images: list[Image.Image], image_processor, device, f
     target = batch["original"].float() / 255
     batch["psnr"], batch["ssim"] = _image_quality(batch["reconstruction"].float() / 255, target)
     batch["bicubic_psnr"], batch["bicubic_ssim"] = _image_quality(batch["bicubic"].float() / 255, target)
+    for prefix, name in (("", "reconstruction"), ("bicubic_", "bicubic")):
+        batch[prefix + "color_error"] = mean_color_error(batch[name].float() / 255, target)
     patch = pixel_values.shape[-1] // grid[-1]
     for name in ("original", "reconstruction", "bicubic"):
         batch[f"{name}_seams"] = seam_sums(batch[name], patch)
@@ -271,7 +293,7 @@ def _summary(records: list[dict], validation: ValidationImages, codebook_size: i
         "step": int(step),
     }
     for prefix in ("", "bicubic_"):
-        for name in ("psnr", "ssim"):
+        for name in ("psnr", "ssim", "color_error"):
             values = column(prefix + name)
             metrics[prefix + name] = float(values.mean())
             metrics[f"{prefix}{name}_interval"] = bootstrap_interval(values)
@@ -335,7 +357,8 @@ def evaluate_model(
     finally:
         model.train(was_training)
     for record in records:
-        record.update({name: float(record[name]) for name in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")})
+        names = [prefix + name for prefix in ("", "bicubic_") for name in ("psnr", "ssim", "color_error")]
+        record.update({name: float(record[name]) for name in names})
         record.update({name: record[name].numpy() for name in record if name.endswith("_seams")})
         for name in ("original", "reconstruction", "bicubic"):
             del record[name]

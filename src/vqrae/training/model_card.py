@@ -51,6 +51,8 @@ PICTURE_CAPTIONS = {
 }
 
 _REAL = (int, float)
+# Metrics whose 95 % intervals eval_results.json holds (`<name>_interval`, `bicubic_<name>_interval`).
+_INTERVAL_METRICS = ("psnr", "ssim", "color_error")
 # eval_results.json: field -> allowed types. `rfid` is measured only where Inception weights exist (else null).
 _EVAL_FIELDS = {
     "dataset_name": (str,),
@@ -90,12 +92,14 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
             allowed = " or ".join(t.__name__ for t in types)
             raise ValueError(f"`{name}` in {path} must be {allowed} (got {value!r}).")
     # Absent from results written before these were measured.
-    for name in ("psnr_interval", "ssim_interval", "bicubic_psnr_interval", "bicubic_ssim_interval"):
+    for name in [f"{prefix}{metric}_interval" for prefix in ("", "bicubic_") for metric in _INTERVAL_METRICS]:
         interval = results.setdefault(name, None)
         if interval is not None and (not isinstance(interval, list) or len(interval) != 2):
             raise ValueError(f"`{name}` in {path} must be null or a [low, high] pair (got {interval!r}).")
-    for name in ("seam_score", "bicubic_seam_score", "codebook_tokens"):
-        results.setdefault(name, None)
+    for name in ("seam_score", "bicubic_seam_score", "codebook_tokens", "color_error", "bicubic_color_error"):
+        value = results.setdefault(name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, _REAL)):
+            raise ValueError(f"`{name}` in {path} must be a number or null (got {value!r}).")
     crops = results.setdefault("crop_codebook_use", None)
     if crops is not None and (not isinstance(crops, dict) or not {"crops", "tokens", "used_codes"} <= set(crops)):
         raise ValueError(
@@ -371,6 +375,17 @@ def _evaluation(evaluation: dict, codebook_size: int) -> dict:
                 "SSIM ↑",
                 _with_interval(evaluation["ssim"], evaluation["ssim_interval"], 4),
                 _with_interval(evaluation["bicubic_ssim"], evaluation["bicubic_ssim_interval"], 4),
+            ),
+            (
+                "Colour error (CIEDE2000 of the mean colour) ↓",
+                *(
+                    "not measured"
+                    if evaluation[prefix + "color_error"] is None
+                    else _with_interval(
+                        evaluation[prefix + "color_error"], evaluation[prefix + "color_error_interval"], 2
+                    )
+                    for prefix in ("", "bicubic_")
+                ),
             ),
             (
                 "Seam score (1 = as in the photos)",

@@ -308,6 +308,7 @@ def load_training_data(
         "num_processes": accelerator.num_processes,
         "crop_scale": (data_args.min_crop_scale, 1.0),
         "random_flip": data_args.random_flip,
+        "color_augment": data_args.color_augment,
     }
     if data_args.streaming:
         shuffle = data_args.shuffle_buffer_size
