@@ -136,6 +136,8 @@ def default_run(s: Sources) -> dict[str, str]:
         "default.bicubic_psnr": interval([e["bicubic_psnr"], *e["bicubic_psnr_interval"]], 2),
         "default.bicubic_ssim": interval([e["bicubic_ssim"], *e["bicubic_ssim_interval"]], 3),
         "default.bicubic_seam": f"{e['bicubic_seam_score']:.2f}",
+        "default.color": interval([e["color_error"], *e["color_error_interval"]], 1),
+        "default.bicubic_color": interval([e["bicubic_color_error"], *e["bicubic_color_error_interval"]], 2),
         "default.used_codes": f"{e['used_codes']:,}",
         "default.codebook_size": f"{codebook_size:,}",
         "default.codebook_tokens": f"{e['codebook_tokens']:,}",
