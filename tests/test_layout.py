@@ -34,6 +34,21 @@ def test_the_library_never_imports_the_training_package():
     assert not upward, upward
 
 
+def test_library_modules_never_import_the_command_line_helpers():
+    """Only the command-line tools (`cli_utils.py` itself and `tokenize.py`, vqrae-tokenize) use `vqrae.cli_utils`;
+    the rest of the library raises its own `vqrae.errors.UsageError`."""
+    tools = {"cli_utils.py", "tokenize.py"}
+    modules = [path for path in sorted(LIBRARY.glob("*.py")) if path.name not in tools]
+    assert {path.name for path in modules} >= {"image_data.py", "token_dataset.py", "modeling_vqrae.py"}
+    upward = [
+        f"{path.name}:{line} imports {module}"
+        for path in modules
+        for line, module in _imported_modules(path)
+        if module == "vqrae.cli_utils" or module.startswith("vqrae.cli_utils.")
+    ]
+    assert not upward, upward
+
+
 def test_the_check_sees_relative_and_absolute_imports(tmp_path):
     source = "from .training.data import TrainingBatches\nimport vqrae.training.trainer\nfrom .image_data import x\n"
     (tmp_path / "module.py").write_text(source)

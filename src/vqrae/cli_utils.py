@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from .errors import UsageError
+
 __all__ = [
     "ComputeArguments",
     "ImageSourceArguments",
@@ -35,10 +37,6 @@ __all__ = [
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 _NOISY_LOGGERS = ("accelerate", "httpx", "urllib3", "filelock", "fsspec")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: the message says which option or file, the value, and what is allowed."""
 
 
 def check_at_least(name: str, value, minimum: int, optional: bool = False) -> None:

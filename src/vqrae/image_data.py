@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .cli_utils import UsageError
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .atomic_io import atomic_file, atomic_write
-from .cli_utils import UsageError
+from .errors import UsageError
 from .image_utils import to_pil_images
 
 __all__ = [
