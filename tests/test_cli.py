@@ -35,6 +35,7 @@ def _one_error_line(result) -> str:
         (["--max_steps", "many"], "argument --max_steps/--max-steps: invalid int value: 'many'"),
         (["--config", "nope"], "`config` must be a YAML file or the name of a preset"),
         (["--fsq_levels", "8", "1"], "`fsq_levels` must be a non-empty list of integers >= 2 (got [8, 1])"),
+        (["--image_size", "0"], "`vision_config.image_size` must be an integer >= 1 (got 0)"),
         (["--init_from", "outputs/does-not-exist"], "'outputs/does-not-exist' is not a folder"),
         (["--train_dir", "no/such/folder"], "`train_dir` must be a folder of images (got 'no/such/folder'"),
     ],

@@ -12,7 +12,6 @@ import vqrae
 from conftest import tiny_model
 from vqrae.image_data import ValidationImages
 from vqrae.training.metrics import (
-    EVAL_RESULT_KEYS,
     bicubic_baseline,
     bootstrap_interval,
     evaluate_model,
@@ -21,6 +20,7 @@ from vqrae.training.metrics import (
     seam_score,
     seam_sums,
 )
+from vqrae.training.run_files import EVAL_RESULT_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_metrics_match_an_independent_computation(validation):
     model = tiny_model(seed=1).eval()
     result = evaluate_model(model, validation, batch_size=2, step=7)
     metrics = result.metrics
-    assert list(metrics) == list(EVAL_RESULT_KEYS)
+    assert list(metrics) == list(EVAL_RESULT_FIELDS)
 
     processor = model.get_image_processor()
     pixel_values = processor(images=validation.images, return_tensors="pt")["pixel_values"]

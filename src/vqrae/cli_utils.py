@@ -10,20 +10,26 @@ else is a bug and keeps its traceback. `UsageError` is a `ValueError`, so librar
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import ClassVar
 
+from transformers import HfArgumentParser
+
+from .configuration_vqrae import is_int
 from .errors import UsageError
 
 __all__ = [
     "ComputeArguments",
     "ImageSourceArguments",
     "ModelSourceArguments",
+    "OptionParser",
     "UsageError",
     "check_at_least",
     "check_output_dir",
@@ -43,7 +49,7 @@ def check_at_least(name: str, value, minimum: int, optional: bool = False) -> No
     """`UsageError` unless `value` is an integer >= `minimum` (or None, when `optional`)."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or unset" if optional else "")
         raise UsageError(f"`--{name}` must be {allowed} (got {value!r}).")
 
@@ -75,7 +81,9 @@ class ImageSourceArguments:
     image_column: str | None = field(
         default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
     )
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it."})
+    streaming: bool = field(
+        default=False, metadata={"changes_tokens": False, "help": "Stream the dataset instead of downloading it."}
+    )
     # How this tool's command line chooses a split (named when a split is missing).
     SPLIT_OPTION: ClassVar[str] = "--split"
 
@@ -96,19 +104,34 @@ class ComputeArguments:
     """How the images are pushed through the model."""
 
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass (per process)."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes that decode images."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"changes_tokens": False, "help": "Processes that decode images."}
+    )
 
     def __post_init__(self):
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("dataloader_num_workers", self.dataloader_num_workers, 0)
 
 
+# What an option's field metadata may say about it besides argparse's keywords: `resumable` (a training resume may
+# change it), `changes_tokens` (False: the tokens do not depend on it).
+OPTION_FLAGS = ("resumable", "changes_tokens")
+
+
+class OptionParser(HfArgumentParser):
+    """`HfArgumentParser`, which passes a field's whole metadata to `add_argument`, without the `OPTION_FLAGS`."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        field = copy.copy(field)
+        field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in OPTION_FLAGS})
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
 def parse_dataclasses(dataclass_type, prog: str, description: str, argv: Sequence[str] | None, positional=()):
     """Parse `argv` into one `dataclass_type` with `transformers.HfArgumentParser` (errors in one line); the
     `positional` `(name, help)` arguments come back as a dict beside it."""
-    from transformers import HfArgumentParser
-
-    parser = one_line_errors(HfArgumentParser(dataclass_type, prog=prog, description=description))
+    parser = one_line_errors(OptionParser(dataclass_type, prog=prog, description=description))
     for name, help_text in positional:
         parser.add_argument(name, help=help_text)
     *outputs, unused = parser.parse_args_into_dataclasses(

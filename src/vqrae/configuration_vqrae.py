@@ -63,8 +63,14 @@ EFFECTIVE_ONLY_WITH = {
 }
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An integer, not a bool (`True` is an `int` to Python, never a count or a size to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An integer or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_at_least(name: str, value, minimum: int) -> None:
@@ -272,10 +278,12 @@ class VQRAEConfig(PreTrainedConfig):
         """The encoder and decoder sizes fit together."""
         super().validate_architecture()
         vision = self.vision_config
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
+        for name in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            _check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
+        for name in ("intermediate_size", "num_channels"):
             _check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
         image_size, patch_size = vision.image_size, vision.patch_size
-        if not _is_int(image_size) or not _is_int(patch_size) or patch_size < 1 or image_size % patch_size != 0:
+        if not is_int(image_size) or not is_int(patch_size) or patch_size < 1 or image_size % patch_size != 0:
             raise ValueError(
                 "`vision_config.image_size` must be a multiple of `vision_config.patch_size` "
                 f"(got image_size={image_size!r}, patch_size={patch_size!r})."
@@ -363,7 +371,7 @@ class VQRAEConfig(PreTrainedConfig):
                 f"resolution SigLIP/SigLIP2), got {kind!r}; variable-resolution (NaFlex) processors are not supported."
             )
         resample = settings.get("resample")
-        if resample is not None and (not _is_int(resample) or not 0 <= resample <= 5):
+        if resample is not None and (not is_int(resample) or not 0 <= resample <= 5):
             raise ValueError(
                 f"`preprocessor_config.resample` must be a PIL resampling filter, 0 to 5 (got {resample!r})."
             )
@@ -375,7 +383,7 @@ class VQRAEConfig(PreTrainedConfig):
             if (
                 not isinstance(values, (list, tuple))
                 or len(values) != channels
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values)
+                or any(not is_number(v) or not math.isfinite(v) for v in values)
                 or (name == "image_std" and any(v <= 0 for v in values))
             ):
                 allowed = "positive numbers" if name == "image_std" else "finite numbers"
@@ -384,7 +392,7 @@ class VQRAEConfig(PreTrainedConfig):
                     f"{values!r})."
                 )
         factor = settings.get("rescale_factor")
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
+        if factor is not None and (not is_number(factor) or not factor > 0):
             raise ValueError(f"`preprocessor_config.rescale_factor` must be a number > 0 (got {factor!r}).")
         convert = settings.get("do_convert_rgb")
         if convert is not None and not isinstance(convert, bool):
@@ -419,6 +427,20 @@ class VQRAEConfig(PreTrainedConfig):
         """`(h, w)` of the token grid at the encoder's native resolution."""
         side = self.vision_config.image_size // self.vision_config.patch_size
         return side, side
+
+
+# -- the fields as options of `vqrae-train` -------------------------------------------------------------------------
+# `vqrae-train` offers every field above as an option of the same name, documented by the field's entry in the
+# docstring, except those named here with what sets them instead (None: nothing; the config's default holds). Every
+# field shapes the weights, so a resume may change none of them. A test checks that each field is one or the other.
+NOT_TRAINING_OPTIONS = {
+    "vision_config": "--vision_config and the size options, or the pretrained encoder",
+    "encoder_name_or_path": "--encoder_name_or_path",
+    "use_fsq": "--quantizer",
+    "decoder_hidden_act": None,
+    "initializer_range": None,
+    "preprocessor_config": "the pretrained encoder's preprocessor_config.json",
+}
 
 
 __all__ = ["VQRAEConfig"]

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .atomic_io import atomic_file, atomic_write
+from .configuration_vqrae import is_int
 from .errors import UsageError
 from .image_utils import to_pil_images
 
@@ -269,7 +270,7 @@ def decode_token_rows(model, rows, batch_size: int = 32, image_processor=None) -
         image_processor (*optional*): the processor whose rescale, `image_mean` and `image_std` are undone;
             defaults to the model's own (`model.get_image_processor()`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1 (got {batch_size!r}).")
     indices = token_rows_to_indices(rows)
     processor = image_processor if image_processor is not None else model.get_image_processor()

@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import count, islice
 from pathlib import Path
 from typing import Literal
@@ -84,24 +84,6 @@ from .token_dataset import (
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "tokenize_config.json"
-# Arguments that decide the content of the shards: a resume must use the same values.
-CONTENT_ARGUMENTS = (
-    "model",
-    "revision",
-    "dataset_name",
-    "dataset_config_name",
-    "dataset_revision",
-    "train_dir",
-    "split",
-    "image_column",
-    "keep_columns",
-    "max_images",
-    "crop",
-    "shard_size",
-    "save_features",
-    "features_dtype",
-    "mixed_precision",
-)
 FEATURES_DTYPES = ("float16", "float32")
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16")
 CROP_CHOICES = ("center", "none")
@@ -117,7 +99,7 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
     """Arguments of `vqrae-tokenize` (see `--help`): the model, the source images (one of `--dataset_name` /
     `--train_dir`), the output and the compute."""
 
-    output_dir: str = field(metadata={"help": "Where the token dataset is written."})
+    output_dir: str = field(metadata={"changes_tokens": False, "help": "Where the token dataset is written."})
     train_dir: str | None = field(
         default=None, metadata={"help": "A folder of images (loaded as an `imagefolder`), instead of --dataset_name."}
     )
@@ -138,8 +120,12 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
     features_dtype: Literal["float16", "float32"] = field(
         default="float16", metadata={"help": "dtype of the stored features."}
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete earlier output first."})
-    batch_size: int = field(default=64, metadata={"help": "Images per forward pass (per process)."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"changes_tokens": False, "help": "Delete earlier output first."}
+    )
+    batch_size: int = field(
+        default=64, metadata={"changes_tokens": False, "help": "Images per forward pass (per process)."}
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = field(
         default="auto",
         metadata={
@@ -194,6 +180,10 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
         if config["train_dir"] is not None:
             config["train_dir"] = str(Path(config["train_dir"]).resolve())
         return config
+
+
+# Arguments that decide the content of the shards (all not marked `"changes_tokens": False`): a resume must keep them.
+CONTENT_ARGUMENTS = tuple(item.name for item in fields(TokenizeArguments) if item.metadata.get("changes_tokens", True))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:

@@ -12,21 +12,28 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
+import yaml
+
 from ..atomic_io import atomic_write
-from ..cli_utils import ImageSourceArguments, UsageError, one_line_errors
+from ..cli_utils import ImageSourceArguments, OptionParser, UsageError, check_at_least, one_line_errors
+from ..configuration_vqrae import NOT_TRAINING_OPTIONS, VQRAEConfig, is_number
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
 from .data import check_color_augment
 
 __all__ = [
     "DataArguments",
+    "MODEL_OPTIONS",
     "ModelArguments",
+    "RESUMABLE_OPTIONS",
     "VQRAETrainingArguments",
     "load_config_file",
     "options_to_dict",
@@ -43,25 +50,6 @@ VISION_SIZE_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
     "intermediate_size",
-)
-MODEL_CONFIG_FIELDS = (
-    "fsq_levels",
-    "num_embeddings",
-    "codebook_dim",
-    "commitment_cost",
-    "use_simvq",
-    "vq_cosine_lookup",
-    "vq_restart_unused_steps",
-    "use_post_quant_conv",
-    "post_quant_conv_kernel_size",
-    "post_quant_conv_on_codes",
-    "normalize_codes",
-    "decoder_hidden_size",
-    "decoder_num_hidden_layers",
-    "decoder_num_attention_heads",
-    "decoder_intermediate_size",
-    "decoder_patch_overlap",
-    "decoder_conv_head_channels",
 )
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "all")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -82,19 +70,59 @@ def _error(name: str, value, allowed: str) -> UsageError:
     return UsageError(f"`{name}` must be {allowed} (got {value!r}).")
 
 
-def _check_positive_int(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _error(name, value, "a positive integer" + (" or None" if optional else ""))
-
-
 def _check_non_negative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+    if not is_number(value) or not value >= 0 or math.isinf(value):
         raise _error(name, value, "a finite number >= 0")
 
 
+def _config_field_docs() -> dict[str, str]:
+    """Each VQRAEConfig field's entry in the `Args:` section of its docstring, as one line (`%` escaped for
+    argparse): the help of its option."""
+    docs, name = {}, None
+    for line in VQRAEConfig.__doc__.splitlines():
+        entry = re.match(r" {8}(\w+) \(", line)
+        if entry:
+            name = entry.group(1)
+            docs[name] = []
+        elif name is not None and line.startswith(" " * 12):
+            docs[name].append(line.strip())
+        else:
+            name = None
+    return {name: " ".join(lines).replace("%", "%%") for name, lines in docs.items()}
+
+
+def _option_type(annotation):
+    """The command-line type of a VQRAEConfig field, unset (None) by default."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    if bool in kinds:
+        return bool | None
+    if float in kinds:
+        return float | None
+    if any(typing.get_origin(kind) is list for kind in kinds):
+        return list[int] | None
+    if int in kinds:
+        return int | None
+    raise TypeError(f"VQRAEConfig field of type {annotation} has no command-line type: add one here.")
+
+
+# The VQRAEConfig fields `vqrae-train` offers as options of the same name (in the config's order).
+MODEL_OPTIONS = tuple(name for name in VQRAEConfig.__annotations__ if name not in NOT_TRAINING_OPTIONS)
+
+
+def _with_model_options(cls):
+    """Add every option of `MODEL_OPTIONS` to `cls` as an unset (None) field, documented by the config's docstring:
+    unset, the quantizer and size presets and then the config's own defaults apply (`config_kwargs`)."""
+    docs = _config_field_docs()
+    for name in MODEL_OPTIONS:
+        if name in cls.__annotations__:
+            raise TypeError(f"`{name}` is a VQRAEConfig field: its option comes from the config, not from {cls}.")
+        cls.__annotations__[name] = _option_type(VQRAEConfig.__annotations__[name])
+        setattr(cls, name, field(default=None, metadata={"help": docs[name]}))
+    return cls
+
+
 @dataclass
+@_with_model_options
 class ModelArguments:
     """Which model to train: a pretrained SigLIP encoder, a VQRAE folder, or a randomly initialised encoder."""
 
@@ -123,35 +151,7 @@ class ModelArguments:
         default=None,
         metadata={"help": f"Quantizer preset: {', '.join(QUANTIZER_PRESETS)} (default cosmos_fsq for a new model)."},
     )
-    fsq_levels: list[int] | None = field(default=None, metadata={"help": "FSQ levels, e.g. 8 8 8 5 5 5."})
-    num_embeddings: int | None = field(default=None, metadata={"help": "VQ codebook size."})
-    codebook_dim: int | None = field(default=None, metadata={"help": "VQ code width (default: encoder width)."})
-    commitment_cost: float | None = field(default=None, metadata={"help": "VQ commitment loss weight."})
-    use_simvq: bool | None = field(default=None, metadata={"help": "SimVQ codebook for VQ."})
-    vq_cosine_lookup: bool | None = field(
-        default=None, metadata={"help": "VQ: l2-normalised latents and codes in the nearest-code search."}
-    )
-    vq_restart_unused_steps: int | None = field(
-        default=None, metadata={"help": "VQ: restart codes unused for this many steps (0: never; default 20)."}
-    )
-    use_post_quant_conv: bool | None = field(default=None, metadata={"help": "Conv2d on the codes before decoding."})
-    post_quant_conv_kernel_size: int | None = field(default=None, metadata={"help": "Its (odd) kernel size."})
-    post_quant_conv_on_codes: bool | None = field(
-        default=None, metadata={"help": "Cosmos placement: post_quant_conv on the FSQ-width codes, no project_out."}
-    )
-    normalize_codes: bool | None = field(default=None, metadata={"help": "LayerNorm the codes before the decoder."})
-    decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (default: encoder's)."})
-    decoder_num_hidden_layers: int | None = field(
-        default=None, metadata={"help": "Decoder depth (default: encoder's)."}
-    )
-    decoder_num_attention_heads: int | None = field(default=None, metadata={"help": "Decoder heads."})
-    decoder_intermediate_size: int | None = field(default=None, metadata={"help": "Decoder MLP width."})
-    decoder_patch_overlap: int | None = field(
-        default=None, metadata={"help": "Pixels each decoded patch overlaps its neighbours, blended (0: none)."}
-    )
-    decoder_conv_head_channels: int | None = field(
-        default=None, metadata={"help": "Width of the decoder's residual conv head on the image (0: none)."}
-    )
+    # Then every VQRAEConfig field `NOT_TRAINING_OPTIONS` does not exclude, added by `_with_model_options`.
 
     def __post_init__(self):
         if self.encoder_name_or_path is not None and self.init_from is not None:
@@ -171,8 +171,7 @@ class ModelArguments:
                 raise _error(
                     "vision_config", self.vision_config, f"one of {sorted(VISION_PRESETS)} or a JSON file of fields"
                 )
-        for name in VISION_SIZE_FIELDS:
-            _check_positive_int(name, getattr(self, name), optional=True)
+        for name in VISION_SIZE_FIELDS:  # their values are checked by the config the model is built from
             if getattr(self, name) is not None and (self.encoder_name_or_path or self.init_from):
                 raise UsageError(
                     f"`{name}` sets the size of a randomly initialised encoder; it cannot be combined with "
@@ -200,7 +199,7 @@ class ModelArguments:
         every field given explicitly."""
         preset = self.quantizer or default_quantizer
         kwargs = dict(QUANTIZER_PRESETS[preset]) if preset is not None else {}
-        explicit = {name: getattr(self, name) for name in MODEL_CONFIG_FIELDS if getattr(self, name) is not None}
+        explicit = {name: getattr(self, name) for name in MODEL_OPTIONS if getattr(self, name) is not None}
         if size_preset:
             kwargs.update(SIZE_PRESET_MODEL_FIELDS.get(self.vision_config or "tiny", {}))
         kwargs.update(explicit)
@@ -230,7 +229,9 @@ class DataArguments(ImageSourceArguments):
         default=None, metadata={"help": "Train on at most this many images (the first ones, after holding out)."}
     )
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Shuffle buffer when streaming."})
-    max_eval_samples: int | None = field(default=512, metadata={"help": "Evaluate on at most this many images."})
+    max_eval_samples: int | None = field(
+        default=512, metadata={"resumable": True, "help": "Evaluate on at most this many images."}
+    )
     min_crop_scale: float = field(
         default=0.08,
         metadata={
@@ -248,9 +249,12 @@ class DataArguments(ImageSourceArguments):
         },
     )
     dataloader_num_workers: int = field(
-        default=1, metadata={"help": "DataLoader worker processes preparing batches (map-style data only)."}
+        default=1,
+        metadata={"resumable": True, "help": "DataLoader worker processes preparing batches (map-style data only)."},
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and models."})
+    cache_dir: str | None = field(
+        default=None, metadata={"resumable": True, "help": "Cache folder for datasets and models."}
+    )
 
     def __post_init__(self):
         if self.train_dir is None and self.validation_dir is not None:
@@ -260,27 +264,28 @@ class DataArguments(ImageSourceArguments):
                 f"Pass either `dataset_name` or `train_dir`, not both (got {self.dataset_name!r} and "
                 f"{self.train_dir!r})."
             )
-        _check_positive_int("shuffle_buffer_size", self.shuffle_buffer_size)
-        _check_positive_int("max_eval_samples", self.max_eval_samples, optional=True)
-        _check_positive_int("max_train_samples", self.max_train_samples, optional=True)
+        check_at_least("shuffle_buffer_size", self.shuffle_buffer_size, 1)
+        check_at_least("max_eval_samples", self.max_eval_samples, 1, optional=True)
+        check_at_least("max_train_samples", self.max_train_samples, 1, optional=True)
         percentage = self.validation_split_percentage
-        if isinstance(percentage, bool) or not isinstance(percentage, (int, float)) or not 0 <= percentage < 100:
+        if not is_number(percentage) or not 0 <= percentage < 100:
             raise _error("validation_split_percentage", percentage, "a number in [0, 100) (0: never hold out)")
         scale = self.min_crop_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        if not is_number(scale) or not 0 < scale <= 1:
             raise _error("min_crop_scale", scale, "a number in (0, 1]")
         check_color_augment(self.color_augment)
-        if isinstance(self.dataloader_num_workers, bool) or self.dataloader_num_workers < 0:
-            raise _error("dataloader_num_workers", self.dataloader_num_workers, "an integer >= 0")
+        check_at_least("dataloader_num_workers", self.dataloader_num_workers, 0)
 
 
 @dataclass
 class VQRAETrainingArguments:
     """How to train: stage, losses, optimisation, checkpoints, evaluation, logging and publishing."""
 
-    output_dir: str = field(default="outputs/vqrae-tiny-cpu", metadata={"help": "Where the model and run files go."})
+    output_dir: str = field(
+        default="outputs/vqrae-tiny-cpu", metadata={"resumable": True, "help": "Where the model and run files go."}
+    )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh in an output_dir that holds an earlier run."}
+        default=False, metadata={"resumable": True, "help": "Start afresh in an output_dir that holds an earlier run."}
     )
     stage: int | None = field(
         default=None,
@@ -291,7 +296,9 @@ class VQRAETrainingArguments:
     )
     max_steps: int = field(default=3000, metadata={"help": "Optimiser steps to train for."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per process."})
+    per_device_eval_batch_size: int = field(
+        default=32, metadata={"resumable": True, "help": "Evaluation batch size per process."}
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases and norms)."})
@@ -316,7 +323,8 @@ class VQRAETrainingArguments:
     )
     perceptual_weight: float = field(default=0.0, metadata={"help": "Weight of the LPIPS loss (needs local weights)."})
     lpips_weights: str | None = field(
-        default=None, metadata={"help": "Folder holding vgg16-397923af.pth and LPIPS's vgg.pth (v0.1)."}
+        default=None,
+        metadata={"resumable": True, "help": "Folder holding vgg16-397923af.pth and LPIPS's vgg.pth (v0.1)."},
     )
     gan_weight: float = field(default=0.0, metadata={"help": "Weight of the patch-GAN loss (0: no GAN)."})
     gan_start_step: int = field(default=0, metadata={"help": "Step from which the GAN loss is used."})
@@ -331,31 +339,50 @@ class VQRAETrainingArguments:
     torch_num_threads: int | None = field(
         default=1,
         metadata={
+            "resumable": True,
             "help": "CPU threads of torch in each process (None: torch's default, one per core). On a small machine, "
-            "one compute thread plus a data worker beats threads that spin-wait for a busy core."
+            "one compute thread plus a data worker beats threads that spin-wait for a busy core.",
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the losses every this many steps."})
-    eval_steps: int = field(default=500, metadata={"help": "Evaluate every this many steps (and at the end)."})
-    save_steps: int = field(
-        default=500, metadata={"help": "Save a checkpoint every this many steps (and at the end)."}
+    logging_steps: int = field(
+        default=10, metadata={"resumable": True, "help": "Log the losses every this many steps."}
     )
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    eval_steps: int = field(
+        default=500, metadata={"resumable": True, "help": "Evaluate every this many steps (and at the end)."}
+    )
+    save_steps: int = field(
+        default=500, metadata={"resumable": True, "help": "Save a checkpoint every this many steps (and at the end)."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"resumable": True, "help": "Keep at most this many checkpoints."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint folder."},
+        metadata={
+            "resumable": True,
+            "help": "'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint folder.",
+        },
     )
-    report_to: str = field(default="none", metadata={"help": f"Tracker: {', '.join(REPORT_TO)}."})
-    num_reconstructions: int = field(default=8, metadata={"help": "Validation images shown in reconstructions.png."})
+    report_to: str = field(default="none", metadata={"resumable": True, "help": f"Tracker: {', '.join(REPORT_TO)}."})
+    num_reconstructions: int = field(
+        default=8, metadata={"resumable": True, "help": "Validation images shown in reconstructions.png."}
+    )
     inception_weights: str | None = field(
-        default=None, metadata={"help": "torch-fidelity Inception weights for rFID (default: torch hub cache)."}
+        default=None,
+        metadata={"resumable": True, "help": "torch-fidelity Inception weights for rFID (default: torch hub cache)."},
     )
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Publish the output folder at the end."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Repository id 'org/name' to publish to."})
-    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository private."})
-    hub_revision: str | None = field(default=None, metadata={"help": "Branch to publish to."})
+    disable_tqdm: bool = field(default=False, metadata={"resumable": True, "help": "No progress bar."})
+    push_to_hub: bool = field(
+        default=False, metadata={"resumable": True, "help": "Publish the output folder at the end."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"resumable": True, "help": "Repository id 'org/name' to publish to."}
+    )
+    hub_private_repo: bool = field(
+        default=False, metadata={"resumable": True, "help": "Create the repository private."}
+    )
+    hub_revision: str | None = field(default=None, metadata={"resumable": True, "help": "Branch to publish to."})
 
     def __post_init__(self):
         if self.stage not in (None, 1, 2):
@@ -371,19 +398,11 @@ class VQRAETrainingArguments:
             "discriminator_channels",
             "discriminator_layers",
         ):
-            _check_positive_int(name, getattr(self, name))
-        _check_positive_int("save_total_limit", self.save_total_limit, optional=True)
-        _check_positive_int("torch_num_threads", self.torch_num_threads, optional=True)
-        if isinstance(self.num_reconstructions, bool) or self.num_reconstructions < 0:
-            raise _error("num_reconstructions", self.num_reconstructions, "an integer >= 0")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise _error("warmup_steps", self.warmup_steps, "an integer >= 0")
-        if (
-            isinstance(self.gan_start_step, bool)
-            or not isinstance(self.gan_start_step, int)
-            or self.gan_start_step < 0
-        ):
-            raise _error("gan_start_step", self.gan_start_step, "an integer >= 0")
+            check_at_least(name, getattr(self, name), 1)
+        check_at_least("save_total_limit", self.save_total_limit, 1, optional=True)
+        check_at_least("torch_num_threads", self.torch_num_threads, 1, optional=True)
+        for name in ("num_reconstructions", "warmup_steps", "gan_start_step"):
+            check_at_least(name, getattr(self, name), 0)
         for name in (
             "learning_rate",
             "weight_decay",
@@ -408,7 +427,7 @@ class VQRAETrainingArguments:
             )
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if not is_number(value) or not 0 <= value < 1:
                 raise _error(name, value, "a number in [0, 1)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise _error("ema_decay", self.ema_decay, "a number in (0, 1) or None")
@@ -425,6 +444,11 @@ class VQRAETrainingArguments:
 
 
 ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, VQRAETrainingArguments)
+# Options a resume may change, marked `resumable` on their fields: they decide what is logged, saved, shown or
+# published, never the weights. Any other option (every model option among them) must keep its value.
+RESUMABLE_OPTIONS = frozenset(
+    item.name for cls in ALL_ARGUMENT_CLASSES for item in dataclasses.fields(cls) if item.metadata.get("resumable")
+)
 
 
 def preset_config_dir() -> Path:
@@ -446,8 +470,6 @@ def _resolve_config_path(config: str) -> Path:
 def load_config_file(config: str) -> dict:
     """The options of a YAML config file (a path, or a preset name such as `cosmos_fsq`), checked against the
     known option names."""
-    import yaml
-
     path = _resolve_config_path(config)
     with open(path, encoding="utf-8") as handle:
         try:
@@ -465,14 +487,12 @@ def load_config_file(config: str) -> dict:
 
 def parse_args(argv: list[str] | None = None):
     """Parse `[--config FILE_OR_PRESET] [--option value ...]` into the three argument dataclasses."""
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config", default=None)
     known, remaining = config_parser.parse_known_args(argv)
 
-    parser = HfArgumentParser(ALL_ARGUMENT_CLASSES, prog="vqrae-train", description=__doc__.split("\n\n")[0])
+    parser = OptionParser(ALL_ARGUMENT_CLASSES, prog="vqrae-train", description=__doc__.split("\n\n")[0])
     one_line_errors(parser)
     parser.add_argument(
         "--config", default=None, help="A YAML file of options (or a preset name: cosmos_fsq, vq, ...)."
@@ -503,16 +523,12 @@ TRAINING_CONFIG_HEADER = (
 def write_training_config(path: str, options: dict, notes: Sequence[str] = ()) -> None:
     """Write the options of a run, as given, to `training_config.yaml`, from which `vqrae-train --config` trains it
     again; `notes` (what was derived from them, how a resume extended the run) become comment lines."""
-    import yaml
-
     header = "".join(f"# {line}\n" for line in (*TRAINING_CONFIG_HEADER, *notes))
     atomic_write(path, header + yaml.safe_dump(options, sort_keys=False))
 
 
 def read_training_config(path: str) -> tuple[dict, list[str]]:
     """The options of a `training_config.yaml` and the notes written with them."""
-    import yaml
-
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     comments = [line[2:] for line in text.splitlines() if line.startswith("# ")]

@@ -33,12 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic_io import set_default_mode
 from ..cli_utils import UsageError
+from .args import RESUMABLE_OPTIONS
+from .run_files import CHECKPOINTS_DIR
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINTS_DIR",
-    "RESUMABLE_OPTIONS",
     "TRAINER_STATE_FILE",
     "check_resume",
     "latest_checkpoint",
@@ -53,36 +54,9 @@ __all__ = [
     "truncate_metrics",
 ]
 
-CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
 EMA_WEIGHTS_FILE = "ema_model.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Options a resume may change: they decide what is logged, saved, shown or published, never the weights.
-RESUMABLE_OPTIONS = frozenset(
-    {
-        "output_dir",
-        "overwrite_output_dir",
-        "resume_from_checkpoint",
-        "logging_steps",
-        "eval_steps",
-        "save_steps",
-        "save_total_limit",
-        "report_to",
-        "disable_tqdm",
-        "push_to_hub",
-        "hub_model_id",
-        "hub_private_repo",
-        "hub_revision",
-        "dataloader_num_workers",
-        "torch_num_threads",
-        "num_reconstructions",
-        "inception_weights",
-        "lpips_weights",
-        "per_device_eval_batch_size",
-        "max_eval_samples",
-        "cache_dir",
-    }
-)
 
 
 def _process_file(process_index: int) -> str:

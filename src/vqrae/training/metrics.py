@@ -54,12 +54,11 @@ from ..atomic_io import atomic_write
 from ..image_data import ValidationImages, processor_resample, random_resized_crop_box, to_pixel_values
 from ..image_utils import denormalize
 from ..quantizers import codebook_statistics
-from .run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
+from .run_files import CODEBOOK_USAGE_FILE, EVAL_RESULT_FIELDS, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EVAL_RESULT_KEYS",
     "EvaluationResult",
     "bicubic_baseline",
     "codebook_use_on_crops",
@@ -69,37 +68,6 @@ __all__ = [
     "save_eval_results",
     "write_evaluation",
 ]
-
-EVAL_RESULT_KEYS = (
-    "dataset_name",
-    "dataset_split",
-    "held_out",
-    "num_images",
-    "image_size",
-    "step",
-    "psnr",
-    "psnr_interval",
-    "ssim",
-    "ssim_interval",
-    "color_error",
-    "color_error_interval",
-    "seam_score",
-    "codebook_utilization",
-    "used_codes",
-    "codebook_tokens",
-    "perplexity",
-    "crop_codebook_use",
-    "bits_per_image",
-    "bicubic_psnr",
-    "bicubic_psnr_interval",
-    "bicubic_ssim",
-    "bicubic_ssim_interval",
-    "bicubic_color_error",
-    "bicubic_color_error_interval",
-    "bicubic_seam_score",
-    "bicubic_bits_per_image",
-    "rfid",
-)
 
 # torch-fidelity's Inception v3 weights (what torchmetrics' FID uses), looked up in the torch hub cache.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -114,7 +82,7 @@ class EvaluationResult:
     """What `evaluate_model` returns (the same on every process).
 
     Args:
-        metrics: the flat `eval_results.json` object (keys `EVAL_RESULT_KEYS`).
+        metrics: the flat `eval_results.json` object (keys `EVAL_RESULT_FIELDS`).
         code_counts: how often each code was used over the validation tokens, `(codebook_size,)` int64.
         originals, reconstructions, bicubic: `num_examples` validation images spread evenly over the split (the
             first ones when its size is unknown), their reconstructions and their bicubic baselines, as 8-bit RGB
@@ -310,7 +278,7 @@ def _summary(records: list[dict], validation: ValidationImages, codebook_size: i
         bicubic_bits_per_image=num_tokens * 24,
         rfid=rfid,
     )
-    return {key: metrics[key] for key in EVAL_RESULT_KEYS}
+    return {key: metrics[key] for key in EVAL_RESULT_FIELDS}
 
 
 @torch.no_grad()
@@ -449,10 +417,10 @@ def codebook_use_on_crops(
 def save_eval_results(metrics: dict, path: str) -> None:
     """Write `metrics` (the flat `eval_results.json` object) to `path`, atomically, as strict JSON: a non-finite
     value (which JSON cannot hold) raises a `ValueError` naming it, and nothing is written."""
-    missing = [key for key in EVAL_RESULT_KEYS if key not in metrics]
+    missing = [key for key in EVAL_RESULT_FIELDS if key not in metrics]
     if missing:
         raise ValueError(f"`metrics` lacks the eval_results keys {missing}.")
-    results = {key: metrics[key] for key in EVAL_RESULT_KEYS}
+    results = {key: metrics[key] for key in EVAL_RESULT_FIELDS}
     try:
         text = json.dumps(results, indent=2, allow_nan=False)
     except ValueError as error:  # Infinity / NaN: Python's json would write them, but they are not JSON

@@ -21,9 +21,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..atomic_io import atomic_write
-from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION
+from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION, is_number
 from .run_files import (
     CODEBOOK_USAGE_FILE,
+    EVAL_RESULT_FIELDS,
     EVAL_RESULTS_FILE,
     RECONSTRUCTIONS_FILE,
     TRAINING_CONFIG_FILE,
@@ -50,26 +51,10 @@ PICTURE_CAPTIONS = {
     CODEBOOK_USAGE_FILE: ("Codebook usage", "How often each code is used on the validation images."),
 }
 
-_REAL = (int, float)
-# Metrics whose 95 % intervals eval_results.json holds (`<name>_interval`, `bicubic_<name>_interval`).
 _INTERVAL_METRICS = ("psnr", "ssim", "color_error")
 # eval_results.json: field -> allowed types. `rfid` is measured only where Inception weights exist (else null).
-_EVAL_FIELDS = {
-    "dataset_name": (str,),
-    "dataset_split": (str,),
-    "num_images": (int,),
-    "image_size": (int,),
-    "step": (int,),
-    "psnr": _REAL,
-    "ssim": _REAL,
-    "codebook_utilization": _REAL,
-    "used_codes": (int,),
-    "perplexity": _REAL,
-    "bits_per_image": _REAL,
-    "bicubic_psnr": _REAL,
-    "bicubic_ssim": _REAL,
-    "bicubic_bits_per_image": _REAL,
-}
+# The fields eval_results.json must hold (the others may be null or absent), with their types.
+_REQUIRED_FIELDS = {name: types for name, types in EVAL_RESULT_FIELDS.items() if types is not None}
 
 
 def read_eval_results(folder: str | os.PathLike) -> dict | None:
@@ -83,10 +68,10 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path} is not valid JSON: {error}.") from error
     if not isinstance(results, dict):
         raise ValueError(f"{path} must hold a JSON object (got {type(results).__name__}).")
-    missing = sorted(set(_EVAL_FIELDS) - set(results))
+    missing = sorted(set(_REQUIRED_FIELDS) - set(results))
     if missing:
-        raise ValueError(f"{path} lacks the fields {missing}; it must hold {sorted(_EVAL_FIELDS)} and `rfid`.")
-    for name, types in _EVAL_FIELDS.items():
+        raise ValueError(f"{path} lacks the fields {missing}; it must hold {sorted(_REQUIRED_FIELDS)} and `rfid`.")
+    for name, types in _REQUIRED_FIELDS.items():
         value = results[name]
         if isinstance(value, bool) or not isinstance(value, types):
             allowed = " or ".join(t.__name__ for t in types)
@@ -98,7 +83,7 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
             raise ValueError(f"`{name}` in {path} must be null or a [low, high] pair (got {interval!r}).")
     for name in ("seam_score", "bicubic_seam_score", "codebook_tokens", "color_error", "bicubic_color_error"):
         value = results.setdefault(name, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, _REAL)):
+        if value is not None and not is_number(value):
             raise ValueError(f"`{name}` in {path} must be a number or null (got {value!r}).")
     crops = results.setdefault("crop_codebook_use", None)
     if crops is not None and (not isinstance(crops, dict) or not {"crops", "tokens", "used_codes"} <= set(crops)):
@@ -110,7 +95,7 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
     if held_out is not None and (not isinstance(held_out, dict) or "percentage" not in held_out):
         raise ValueError(f"`held_out` in {path} must be null or an object with `percentage` (got {held_out!r}).")
     rfid = results.setdefault("rfid", None)
-    if rfid is not None and (isinstance(rfid, bool) or not isinstance(rfid, _REAL)):
+    if rfid is not None and not is_number(rfid):
         raise ValueError(f"`rfid` in {path} must be a number or null (got {rfid!r}).")
     return results
 

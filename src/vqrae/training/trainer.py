@@ -56,7 +56,6 @@ from .args import (
     write_training_config,
 )
 from .checkpointing import (
-    CHECKPOINTS_DIR,
     TRAINER_STATE_FILE,
     check_resume,
     latest_checkpoint,
@@ -72,10 +71,10 @@ from .data import StreamingTrainingBatches, TrainingBatches
 from .losses import VQRAELoss, VQRAEPatchDiscriminator
 from .metrics import evaluate_model, write_evaluation
 from .run_files import (
-    EVAL_RESULTS_FILE,
     HELD_OUT_FILE,
     METRICS_FILE,
-    PICTURES,
+    RUN_OUTPUTS,
+    TRACKER_DIR,
     TRAINING_CONFIG_FILE,
     TRAINING_CURVES_FILE,
 )
@@ -85,20 +84,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["build_model", "load_training_data", "resolve_stage", "train", "train_step"]
 
-# What a run writes into output_dir (removed by --overwrite_output_dir).
-RUN_OUTPUTS = (
-    CHECKPOINTS_DIR,
-    METRICS_FILE,
-    "runs",
-    EVAL_RESULTS_FILE,
-    HELD_OUT_FILE,
-    TRAINING_CONFIG_FILE,
-    *PICTURES,
-    "config.json",
-    "model.safetensors",
-    "preprocessor_config.json",
-    "README.md",
-)
 # Warm-up, as a share of max_steps, when the asked warm-up would last the whole run.
 SHORT_RUN_WARMUP_SHARE = 0.1
 
@@ -544,7 +529,7 @@ def _accelerator(args: VQRAETrainingArguments):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, TRACKER_DIR)
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
