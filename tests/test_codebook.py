@@ -87,7 +87,7 @@ def test_cosine_lookup_searches_by_angle_and_decodes_unit_codes():
     similarity = F.normalize(z, dim=-1) @ F.normalize(vq.embedding.weight, dim=-1).t()
     assert torch.equal(out.indices, similarity.argmax(dim=1))
     torch.testing.assert_close(out.quantized.norm(dim=-1), torch.ones(30))
-    torch.testing.assert_close(vq.indices_to_codes(out.indices), out.quantized)
+    torch.testing.assert_close(vq.lookup(out.indices), out.quantized)
 
 
 def test_simvq_starts_at_the_identity_and_caches_its_codebook_between_updates():

@@ -199,7 +199,7 @@ def test_seed_example_runs_as_written():
     with torch.no_grad():
         tokens = model.encode(torch.rand(1, 3, size, size) * 2 - 1).indices
         assert tokens.shape == (1, size // 16, size // 16)
-        codes = model.quantizer.indices_to_codes(tokens)
+        codes = model.quantizer.lookup(tokens)
         assert codes.shape == (1, size // 16, size // 16, 768)
         images_out = model.decode_from_indices(tokens).reconstruction
     assert images_out.shape == (1, 3, size, size)
@@ -315,9 +315,7 @@ def test_cosmos_placement_puts_post_quant_conv_on_the_quantizers_codes(quantizer
         reconstruction = model.decode_from_indices(encoded.indices).reconstruction
         torch.testing.assert_close(reconstruction, model(x).reconstruction, atol=1e-5, rtol=0)
         if quantizer["use_fsq"]:  # the grid codes themselves, in [-1, 1]
-            assert torch.equal(
-                codes, model.quantizer.indices_to_codes(encoded.indices, project_out=False).permute(0, 3, 1, 2)
-            )
+            assert torch.equal(codes, model.quantizer.lookup(encoded.indices, project_out=False).permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match=rf"`codes` must have shape \(batch_size, {width}, h, w\)"):
         model.decode(torch.zeros(1, 32, 4, 4))
     model.save_pretrained(tmp_path)

@@ -1,6 +1,6 @@
 """Property tests (hypothesis) for both quantizers: any valid levels list or codebook, any finite input.
 
-FSQ: indices lie in [0, codebook_size), `codes_to_indices(indices_to_codes(i)) == i`, codes lie on the grid of
+FSQ: indices lie in [0, codebook_size), `codes_to_indices(lookup(i)) == i`, codes lie on the grid of
 DESIGN.md (`2 i / (L - 1) - 1`), indices follow DESIGN.md's formula, and huge inputs (up to the float32 maximum)
 give neither an error nor NaN. VQ: indices lie in [0, num_embeddings) and pick the nearest code, the returned
 vectors are exactly the codes of the indices (also in training, for huge inputs), a code quantizes to its own index,
@@ -69,7 +69,7 @@ def test_fsq_indices_codes_and_grid(data):
     # The returned codes are the grid codes of the returned indices, and they lie on DESIGN.md's grid.
     level_indices = quantizer.indices_to_level_indices(output.indices)
     assert torch.equal(output.quantized, _grid_codes(level_indices, levels))
-    assert torch.equal(quantizer.indices_to_codes(output.indices), output.quantized)
+    assert torch.equal(quantizer.lookup(output.indices), output.quantized)
     assert torch.equal(quantizer.codes_to_indices(output.quantized), output.indices)
 
     # Indices follow DESIGN.md's formula (away from a rounding boundary, where float32 and float64 may differ).
@@ -85,7 +85,7 @@ def test_fsq_indices_round_trip(levels, data):
     size = math.prod(levels)
     picks = data.draw(st.lists(st.integers(min_value=0, max_value=size - 1), min_size=1, max_size=32))
     indices = torch.tensor(picks + [0, size - 1], dtype=torch.int64)
-    codes = quantizer.indices_to_codes(indices)
+    codes = quantizer.lookup(indices)
     assert torch.equal(quantizer.codes_to_indices(codes), indices)
     assert codes.abs().max() <= 1
     if size <= 4096:  # the materialised codebook lists the same codes in index order
@@ -156,7 +156,7 @@ def test_vq_nearest_code_and_no_nan(case):
     quantizer, z = case
     with torch.no_grad():
         output = quantizer(z)
-        codes = quantizer.indices_to_codes(output.indices)
+        codes = quantizer.lookup(output.indices)
         latents = quantizer.project_in(z).double()
         codebook = quantizer.codebook.double()
     assert int(output.indices.min()) >= 0 and int(output.indices.max()) < quantizer.num_embeddings
@@ -179,7 +179,7 @@ def test_vq_training_forward_gives_the_codes_exactly(case):
     z = z.clone().requires_grad_(True)
     output = quantizer(z)
     with torch.no_grad():
-        codes = quantizer.indices_to_codes(output.indices)
+        codes = quantizer.lookup(output.indices)
     assert torch.equal(output.quantized.detach(), codes)
     assert not torch.isnan(output.loss)
     output.quantized.sum().backward()
@@ -198,7 +198,7 @@ def test_vq_code_quantizes_to_its_own_index(num_embeddings, dim, use_simvq, seed
         gaps = torch.cdist(codebook, codebook) + torch.eye(num_embeddings) * 1e9
         assume(gaps.min() > 1e-2)
         indices = torch.arange(num_embeddings)
-        assert torch.equal(quantizer(quantizer.indices_to_codes(indices)).indices, indices)
+        assert torch.equal(quantizer(quantizer.lookup(indices)).indices, indices)
 
 
 @pytest.mark.parametrize("value", [1e30, -1e30])

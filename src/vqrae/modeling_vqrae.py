@@ -486,7 +486,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
             raise ValueError(
                 f"`indices` is empty (shape {tuple(indices.shape)}); pass at least one image of at least one token."
             )
-        # dtype and range are checked by the quantizer's `indices_to_codes`.
+        # dtype and range are checked by the quantizer's `lookup`.
 
     # -- encode ----------------------------------------------------------------------------------------------------
 
@@ -533,7 +533,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
         """Token indices `(B, h, w)` to codes `(B, D, h, w)` (codebook lookup and `project_out`; `D` is
         `quantizer.output_dim`)."""
         self._check_indices(indices)
-        codes = self.quantizer.indices_to_codes(indices)
+        codes = self.quantizer.lookup(indices)
         return codes.permute(0, 3, 1, 2).to(self._codes_dtype)
 
     def decode(self, codes: torch.Tensor, return_dict: bool | None = None) -> VQRAEDecoderOutput | tuple:

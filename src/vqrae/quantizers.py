@@ -5,7 +5,7 @@ This file depends on torch only, so it can travel with a model to the Hub and be
 Both quantizers share one surface: ``forward(z)`` returns a :class:`VQRAEQuantizerOutput` with the
 straight-through ``quantized`` vectors (``output_dim`` wide: the width of ``z``, or the codes' own width for a
 quantizer built with ``project_out=False``), the integer ``indices`` and a scalar ``loss``;
-``indices_to_codes(indices)`` maps indices back to vectors of that width; ``codebook_size`` counts the codes.
+``lookup(indices)`` maps indices `(...)` back to vectors `(..., output_dim)`; ``codebook_size`` counts the codes.
 """
 
 from __future__ import annotations
@@ -83,27 +83,6 @@ def _check_indices(indices: torch.Tensor, codebook_size: int) -> None:
         )
 
 
-def _floor_divider(divisor: int, index_bits: int) -> tuple[int, int, int]:
-    """`(divisor, multiplier, shift)` for :func:`_floor_divide` of int64 tensors of `0 <= i < 2**index_bits`.
-
-    Integer division has no vector instruction, so where the product fits in int64 it becomes a multiply and a shift
-    (Granlund & Montgomery, 1994): with `shift = index_bits + ceil(log2 divisor)` and `multiplier =
-    ceil(2**shift / divisor)`, the error `multiplier * divisor - 2**shift` is below `divisor`, so `i * error` stays
-    below `2**shift` and `(i * multiplier) >> shift == i // divisor` exactly. `multiplier` is 0 where it could
-    overflow (plain division then).
-    """
-    shift = index_bits + (divisor - 1).bit_length()
-    multiplier = -(-(1 << shift) // divisor)
-    return (divisor, multiplier, shift) if multiplier.bit_length() + index_bits <= 62 else (divisor, 0, 0)
-
-
-def _floor_divide(indices: torch.Tensor, divider: tuple[int, int, int]) -> torch.Tensor:
-    divisor, multiplier, shift = divider
-    if multiplier:
-        return (indices * multiplier) >> shift
-    return torch.div(indices, divisor, rounding_mode="floor")
-
-
 def codebook_statistics(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
     """Codebook usage of a set of indices.
 
@@ -128,24 +107,20 @@ def codebook_statistics(indices: torch.Tensor, codebook_size: int) -> dict[str, 
 # Finite scalar quantization
 # ---------------------------------------------------------------------------------------------------------------
 
-# A per-dimension constant broadcast over an `(n, d)` tensor with d = len(levels) (about 6) runs ATen's scalar loop
-# d elements at a time. Viewed as `(n / 256, 256 d)` against the constant tiled 256 times, the very same IEEE
-# operations vectorise: bit-identical results, several times faster (see bench/bench_fsq.py).
-_TILE_ROWS = 256
-# `indices_to_codes` gathers grid codes from tables of groups of dimensions, each group with at most this many
-# codes ([8, 8, 8, 5, 5, 5]: 512 + 125 rows), instead of dividing every index once per dimension.
-_MAX_GROUP_CODES = 1024
-
 
 class VQRAEFSQuantizer(_Float32Module):
     """Finite scalar quantization with an implicit codebook (Mentzer et al., 2023, "Finite Scalar Quantization:
     VQ-VAE Made Simple"), in the symmetric form used by NVIDIA Cosmos-Tokenizer.
 
     A dimension with `L` levels is bounded by `tanh` and rounded to one of `L` evenly spaced values in [-1, 1]:
-    level index `i = floor((tanh(z) + 1) / 2 * (L - 1) + 1/2)` (round half up) and code `2 i / (L - 1) - 1`.
-    The index of a token is `sum_k i_k * basis_k` with `basis = cumprod([1] + levels[:-1])`: the first dimension
-    is the least significant, as in Cosmos-Tokenizer and vector-quantize-pytorch (`FSQ(preserve_symmetry=True)`).
-    The codebook (`prod(levels)` codes) is never built unless :meth:`implicit_codebook` is called.
+    with `h = (L - 1) / 2`, level index `i = floor((tanh(z) + 1) * h + 1/2)` (round half up) and code `(i - h) / h`
+    (one rounding: the closest float to the exact grid value). The index of a token is `sum_k i_k * basis_k` with
+    `basis = cumprod([1] + levels[:-1])`: the first dimension is the least significant, as in Cosmos-Tokenizer and
+    vector-quantize-pytorch (`FSQ(preserve_symmetry=True)`), whose indices these are. The codebook (`prod(levels)`
+    codes) is never built unless :meth:`implicit_codebook` is called.
+
+    The arguments are the values `VQRAEConfig` has validated (`fsq_levels`, the encoder width, and
+    `post_quant_conv_on_codes`), which `VQRAEModel` builds the quantizer from; they are not checked again here.
 
     Args:
         levels (`list[int]`): number of levels per dimension, each >= 2.
@@ -158,175 +133,77 @@ class VQRAEFSQuantizer(_Float32Module):
 
     def __init__(self, levels: list[int] | tuple[int, ...], dim: int, project_out: bool = True):
         super().__init__()
-        levels = list(levels) if isinstance(levels, (list, tuple)) else levels
-        if (
-            not isinstance(levels, list)
-            or len(levels) == 0
-            or any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 2 for lv in levels)
-        ):
-            raise ValueError(f"`levels` must be a non-empty list of integers >= 2 (got {levels!r}).")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"`dim` must be a positive integer (got {dim!r}).")
-        self.levels = levels
+        self.levels = list(levels)
         self.dim = dim
-        self.codebook_dim = len(levels)
-        self.codebook_size = math.prod(levels)
-
+        self.codebook_dim = len(self.levels)
+        self.codebook_size = math.prod(self.levels)
         for name, table in self.level_tables().items():
             self.register_buffer(name, table, persistent=False)
-        self._float_indices_exact = self.codebook_size <= 2**24
-        # Per-device cache of `_grid_code_tables` (a few KB; a plain attribute, so never in the state dict).
-        self._grid_code_tables_cache: dict[torch.device, tuple] = {}
 
         needs_projection = dim != self.codebook_dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if needs_projection else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if needs_projection and project_out else nn.Identity()
-        # The width of `quantized` and of `indices_to_codes` (with `project_out=True`).
+        # The width of `quantized` and of `lookup` (with `project_out=True`).
         self.output_dim = dim if project_out else self.codebook_dim
 
     def level_tables(self) -> dict[str, torch.Tensor]:
         """The constant tables of the grid, kept as non-persistent buffers. A model loaded with
         `from_pretrained` is built on the meta device, so its `_init_weights` refills them from here."""
-        basis = [math.prod(self.levels[:i]) for i in range(len(self.levels))]
         return {
             "_levels": torch.tensor(self.levels, dtype=torch.int64),
-            "_basis": torch.tensor(basis, dtype=torch.int64),
-            # (L - 1) / 2: maps codes in [-1, 1] to level indices and back.
+            "_basis": torch.tensor([math.prod(self.levels[:i]) for i in range(len(self.levels))], dtype=torch.int64),
+            # h = (L - 1) / 2: level index i <-> code (i - h) / h.
             "_half_width": (torch.tensor(self.levels, dtype=torch.float32) - 1) / 2,
-            # Float basis for a one-matmul index when every index is exact in float32 (below 2**24).
-            "_basis_float": torch.tensor(basis, dtype=torch.float32),
         }
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
 
-    # -- level indices <-> codes <-> indices ---------------------------------------------------------------
-
-    def _level_indices_to_index(self, level_indices: torch.Tensor) -> torch.Tensor:
-        if self._float_indices_exact:
-            return (level_indices @ self._basis_float).long()
-        return (level_indices.long() * self._basis).sum(dim=-1)
-
-    def _tiled_blocks(self, *tensors: torch.Tensor) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-        """Views of contiguous `(n, len(levels))` tensors for per-dimension arithmetic: the first `n - n % 256`
-        rows as `(n // 256, 256 * len(levels))` paired with `_half_width` tiled 256 times, then the remaining rows
-        paired with `_half_width` itself."""
-        rows = tensors[0].shape[0]
-        full = rows - rows % _TILE_ROWS
-        blocks = []
-        if full:
-            width = _TILE_ROWS * self.codebook_dim
-            blocks.append(([t[:full].view(-1, width) for t in tensors], self._half_width.repeat(_TILE_ROWS)))
-        if full < rows:
-            blocks.append(([t[full:] for t in tensors], self._half_width))
-        return blocks
-
-    def _round_to_grid(self, bounded: torch.Tensor, reuse_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Level indices `floor((b + 1) * h + 1/2)` and codes `(i - h) / h` of bounded values `(..., len(levels))`,
-        both float32 `(n, len(levels))`; `(i - h) / h` is one rounding, so codes are the closest floats to the exact
-        grid values. `reuse_input=True` lets the level indices overwrite `bounded`."""
-        flat = bounded.detach().reshape(-1, self.codebook_dim)
-        # `bounded + 1` in the input's own dtype, exactly as the formula is written; float32 from there on.
-        shifted = flat.add_(1) if reuse_input else flat + 1
-        level_indices = shifted.float().contiguous()
-        codes = torch.empty_like(level_indices)
-        for (levels, grid), half_width in self._tiled_blocks(level_indices, codes):
-            levels.mul_(half_width).add_(0.5).floor_()
-            torch.sub(levels, half_width, out=grid).div_(half_width)
-        return level_indices, codes
-
-    def _grid_code_tables(self, device: torch.device) -> tuple[torch.Tensor, list[tuple]]:
-        """Codes of the grid, per group of consecutive dimensions: one `(sum of group sizes, len(levels))` table in
-        which group `g` holds, at rows `offset_g + j`, the codes of its own dimensions for sub-index `j` and zeros
-        elsewhere; plus `(size_g, offset_g, divider of the next group's basis or None)` per group. The code of index
-        `i` is the sum over groups of the row `offset_g + (i // basis_g) % size_g`: one gather per group instead of
-        one division per dimension, and exactly the arithmetic grid (adding zeros is exact). Cached per device."""
-        cached = self._grid_code_tables_cache.get(device)
-        if cached is not None:
-            return cached
-        bounds, start = [], 0
-        for end in range(1, self.codebook_dim + 1):
-            if end == self.codebook_dim or math.prod(self.levels[start : end + 1]) > _MAX_GROUP_CODES:
-                bounds.append((start, end))
-                start = end
-        half_width = (torch.tensor(self.levels, dtype=torch.float32, device=device) - 1) / 2
-        index_bits = (self.codebook_size - 1).bit_length()
-        tables, groups, offset = [], [], 0
-        for start, end in bounds:
-            size = math.prod(self.levels[start:end])
-            sub_basis = torch.tensor([math.prod(self.levels[start:k]) for k in range(start, end)], device=device)
-            sub_levels = torch.tensor(self.levels[start:end], device=device)
-            level_indices = (torch.arange(size, device=device).unsqueeze(-1) // sub_basis) % sub_levels
-            table = torch.zeros(size, self.codebook_dim, dtype=torch.float32, device=device)
-            table[:, start:end] = (level_indices.float() - half_width[start:end]) / half_width[start:end]
-            tables.append(table)
-            next_divider = (
-                _floor_divider(math.prod(self.levels[:end]), index_bits) if end < self.codebook_dim else None
+    def _check_width(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.shape[-1] != self.codebook_dim:
+            raise ValueError(
+                f"`{name}` must have {self.codebook_dim} values in its last dimension, one per FSQ level "
+                f"(got shape {tuple(tensor.shape)})."
             )
-            groups.append((size, offset, next_divider))
-            offset += size
-        cached = (torch.cat(tables), groups)
-        self._grid_code_tables_cache[device] = cached
-        return cached
+
+    def _level_indices_to_codes(self, level_indices: torch.Tensor) -> torch.Tensor:
+        return (level_indices.float() - self._half_width) / self._half_width
+
+    def _level_indices_to_indices(self, level_indices: torch.Tensor) -> torch.Tensor:
+        return (level_indices.long() * self._basis).sum(dim=-1)
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes `(..., len(levels))` on the grid (values in [-1, 1]) to indices `(...)` (int64)."""
-        if codes.shape[-1] != self.codebook_dim:
-            raise ValueError(
-                f"`codes` must have {self.codebook_dim} values in its last dimension, one per FSQ level "
-                f"(got shape {tuple(codes.shape)})."
-            )
+        self._check_width("codes", codes)
         with _float32_region(codes.device.type):
-            # round((c + 1) * h), blockwise as in `_round_to_grid`.
-            level_indices = (codes.detach().float().reshape(-1, self.codebook_dim) + 1).contiguous()
-            for (levels,), half_width in self._tiled_blocks(level_indices):
-                levels.mul_(half_width).round_()
-            return self._level_indices_to_index(level_indices).reshape(codes.shape[:-1])
+            return self._level_indices_to_indices(((codes.detach().float() + 1) * self._half_width).round())
 
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices `(...)` to per-dimension level indices `(..., len(levels))` in `{0, ..., L - 1}`."""
         return (indices.long().unsqueeze(-1) // self._basis) % self._levels
 
-    def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
+    def lookup(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices `(...)` to codes: `(..., len(levels))` on the grid, or `(..., dim)` after `project_out`."""
         _check_indices(indices, self.codebook_size)
         with _float32_region(indices.device.type):
-            table, groups = self._grid_code_tables(indices.device)
-            flat = indices.reshape(-1).long()
-            quotient, rows = flat, []  # quotient: index // basis of the current group
-            for size, offset, next_divider in groups:
-                if next_divider is None:  # the last group: indices < codebook_size, so no modulo
-                    row = quotient
-                else:
-                    next_quotient = _floor_divide(flat, next_divider)
-                    row = quotient - next_quotient * size  # == quotient % size
-                    quotient = next_quotient
-                rows.append(row + offset if offset else row)
-            if len(rows) == 1:
-                codes = F.embedding(rows[0], table)
-            else:
-                codes = F.embedding_bag(torch.stack(rows, dim=1), table, mode="sum")
-            codes = codes.view(*indices.shape, self.codebook_dim)
-            if project_out:
-                codes = self.project_out(codes)
-        return codes
+            codes = self._level_indices_to_codes(self.indices_to_level_indices(indices))
+            return self.project_out(codes) if project_out else codes
 
     def implicit_codebook(self) -> torch.Tensor:
         """All `codebook_size` codes, `(codebook_size, len(levels))`, in index order. Materialised on request."""
-        return self.indices_to_codes(torch.arange(self.codebook_size, device=self._levels.device), project_out=False)
-
-    # -- forward ---------------------------------------------------------------------------------------------
+        return self.lookup(torch.arange(self.codebook_size, device=self._levels.device), project_out=False)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bound and round `z` `(..., len(levels))`: returns straight-through codes and indices."""
-        bounded = torch.tanh(z)
-        needs_graph = torch.is_grad_enabled() and bounded.requires_grad
-        # Without a graph the fresh tanh output is not needed again, so it becomes the level-index buffer.
-        level_indices, codes = self._round_to_grid(bounded, reuse_input=not needs_graph)
-        codes = codes.view(z.shape)
-        if needs_graph:
-            codes = bounded + (codes - bounded).detach()
-        return codes, self._level_indices_to_index(level_indices).reshape(z.shape[:-1])
+        """Bound and round `z` `(..., len(levels))` in float32: returns straight-through codes and indices."""
+        self._check_width("z", z)
+        with _float32_region(z.device.type):
+            bounded = torch.tanh(z.float())
+            level_indices = torch.floor((bounded.detach() + 1) * self._half_width + 0.5)
+            codes = self._level_indices_to_codes(level_indices)
+            if torch.is_grad_enabled() and bounded.requires_grad:
+                # Straight-through: the forward value of the code, the gradient of `tanh`.
+                codes = bounded + (codes - bounded).detach()
+            return codes, self._level_indices_to_indices(level_indices)
 
     def forward(self, z: torch.Tensor) -> VQRAEQuantizerOutput:
         """Quantize `z` of shape `(..., dim)`."""
@@ -352,10 +229,9 @@ class VQRAEVectorQuantizer(_Float32Module):
     Collapse in Vector Quantized Models with One Linear Layer"), the setting of the VQRAE paper: a frozen random
     Gaussian codebook `C` times a learned linear map `W` (initialised to the identity, so the codes start as `C`),
     so every code moves with every update. The effective codebook `C W^T` is computed once per weight update
-    outside training (cached), not on every `indices_to_codes` call.
+    outside training (cached), not on every `lookup` call.
 
-    Two options against a codebook collapsing onto a few codes (restarts, on in VQRAEConfig, are measured in
-    BENCHMARKS.md sections 6 and 6b; cosine lookup is off by default and not benchmarked there):
+    Two options against a codebook collapsing onto a few codes (restarts are on in VQRAEConfig, cosine lookup off):
 
     - `cosine_lookup`: the latents and the codes are l2-normalised before the search, so the nearest code is the one
       of the closest direction and no code is out of reach for its norm (Yu et al., 2022, "Vector-quantized Image
@@ -371,6 +247,10 @@ class VQRAEVectorQuantizer(_Float32Module):
     The nearest-code search is one matmul per chunk of tokens, each chunk's distance matrix holding at most
     `max_distance_elements` numbers, so a 16384 x 1536 codebook against 16384 tokens never allocates the
     full 16384 x 16384 matrix.
+
+    The arguments but `max_distance_elements` are the values `VQRAEConfig` has validated (`num_embeddings`,
+    `codebook_dim`, `commitment_cost`, `use_simvq`, `vq_cosine_lookup`, `vq_restart_unused_steps`, the encoder width),
+    which `VQRAEModel` builds the quantizer from; they are not checked again here.
 
     Args:
         num_embeddings (`int`): number of codes, >= 2.
@@ -401,21 +281,7 @@ class VQRAEVectorQuantizer(_Float32Module):
         max_distance_elements: int = 2**24,
     ):
         super().__init__()
-        if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings < 2:
-            raise ValueError(f"`num_embeddings` must be an integer >= 2 (got {num_embeddings!r}).")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"`dim` must be a positive integer (got {dim!r}).")
         codebook_dim = dim if codebook_dim is None else codebook_dim
-        if isinstance(codebook_dim, bool) or not isinstance(codebook_dim, int) or codebook_dim < 1:
-            raise ValueError(f"`codebook_dim` must be a positive integer or None (got {codebook_dim!r}).")
-        if not isinstance(commitment_cost, (int, float)) or isinstance(commitment_cost, bool) or commitment_cost < 0:
-            raise ValueError(f"`commitment_cost` must be a number >= 0 (got {commitment_cost!r}).")
-        if (
-            not isinstance(restart_unused_steps, int)
-            or isinstance(restart_unused_steps, bool)
-            or restart_unused_steps < 0
-        ):
-            raise ValueError(f"`restart_unused_steps` must be an integer >= 0 (got {restart_unused_steps!r}).")
         if not isinstance(max_distance_elements, int) or max_distance_elements < 1:
             raise ValueError(f"`max_distance_elements` must be a positive integer (got {max_distance_elements!r}).")
         self.num_embeddings = num_embeddings
@@ -494,7 +360,7 @@ class VQRAEVectorQuantizer(_Float32Module):
             indices[start : start + chunk] = distances.argmin(dim=1)
         return indices
 
-    def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
+    def lookup(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Indices `(...)` to codes `(..., codebook_dim)`, or `(..., dim)` after `project_out`."""
         _check_indices(indices, self.codebook_size)
         with _float32_region(indices.device.type):
