@@ -7,7 +7,7 @@ self-distillation (stage 2), against no further training.
 
 Every arm starts from the same saved model (`--start`, default the output of `vqrae-train`, the default run) with the
 built-in CPU recipe (`configs/tiny_cpu.yaml`) and `--init_from`, for the same number of steps and seeds, at a fifth
-of the recipe's learning rate (the ratio of the README's stage-2 command to its stage 1). Measured on the built-in
+of the recipe's learning rate (docs/training.md's stage-2 command over its stage 1). Measured on the built-in
 held-out set: PSNR and SSIM (95 % bootstrap intervals over the images, per run) and how far the encoder moved: the
 cosine similarity of its features to the starting encoder's, averaged over every token of the held-out images.
 """

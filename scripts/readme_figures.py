@@ -1,14 +1,14 @@
-"""Write the figures README.md quotes from the committed files that hold them, so the README cannot drift from
-the measurements.
+"""Write the figures README.md and the pages under docs/ quote from the committed files that hold them, so the
+documentation cannot drift from the measurements.
 
-    python scripts/readme_figures.py           # rewrite the figure spans of README.md
+    python scripts/readme_figures.py           # rewrite the figure spans of README.md and docs/*.md
     python scripts/readme_figures.py --check   # exit 1, naming the spans that differ, without writing
 
-A figure in README.md is a span `<!-- fig:NAME -->TEXT<!-- /fig -->`; TEXT is what `FIGURES[NAME]` computes from
+A figure in a page is a span `<!-- fig:NAME -->TEXT<!-- /fig -->`; TEXT is what the figure NAME computes from
 `bench/BENCHMARKS.md` (the tables and notes the bench scripts write) and `docs/default_eval_results.json` (the
 `eval_results.json` of the default `vqrae-train` run, copied from `outputs/vqrae-tiny-cpu`). A span of an unknown
-name, a figure the README no longer quotes, or a benchmark section measured on another default model than the one
-in `docs/default_eval_results.json` is an error. Standard library only.
+name, a figure no page quotes any more, or a benchmark section measured on another default model than the one in
+`docs/default_eval_results.json` is an error. Standard library only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 BENCHMARKS = ROOT / "bench" / "BENCHMARKS.md"
 DEFAULT_EVAL = ROOT / "docs" / "default_eval_results.json"
 CONV_COLUMN = "post_quant_conv ms (% of decode)"
@@ -28,7 +29,7 @@ SPAN = re.compile(r"<!-- fig:([\w.-]+) -->(.*?)<!-- /fig -->", re.DOTALL)
 
 
 class FigureError(ValueError):
-    """A figure that cannot be computed, or a README span that names none."""
+    """A figure that cannot be computed, or a page's span that names none."""
 
 
 class Sources:
@@ -112,7 +113,7 @@ def ratio_range(ratios: list[float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The figures, by the README span that quotes them
+# The figures, by the name of the span that quotes them
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +180,7 @@ def precision(s: Sources) -> dict[str, str]:
 
 
 def headlines(s: Sources) -> dict[str, str]:
-    """The Benchmarks section's headlines: sections 1, 2, 4, 6, 6b, 8b and 10."""
+    """docs/benchmarks.md's headlines: sections 1, 2, 4, 6, 6b, 8b and 10."""
     fsq = [(int(r["dim"]), float(r["ratio"].rstrip("x"))) for r in s.rows("bench_fsq") if "ratio" in r]
     vq = {r["method"]: r for r in s.rows("bench_vq_search")}
     chunked, full = float(vq["vqrae chunked"]["s"]), float(vq["full matmul"]["s"])
@@ -265,9 +266,9 @@ def _codes(cell: str) -> str:
 
 
 def check_same_model(s: Sources) -> None:
-    """The sections the README quotes as measurements of the default model (6c, which fills rows of the default
+    """The sections the pages quote as measurements of the default model (6c, which fills rows of the default
     run's table, and 9) must have measured the one in docs/default_eval_results.json: a section left from an older
-    model would mix two models in one README. (Sections 6b and 10 train their own runs; the README says so.)"""
+    model would mix two models in one page. (Sections 6b and 10 train their own runs; docs/benchmarks.md says so.)"""
     e = s.eval
     expected = interval([e["psnr"], *e["psnr_interval"]], 2)
     found = s.cell("bench_heldout", "all tiles", "VQRAE PSNR dB")
@@ -293,7 +294,7 @@ FIGURE_GROUPS = (default_run, precision, headlines)
 
 
 def figures(sources: Sources) -> dict[str, str]:
-    """Every figure the README quotes, by span name."""
+    """Every figure the pages quote, by span name."""
     check_same_model(sources)
     result = {}
     for group in FIGURE_GROUPS:
@@ -301,24 +302,42 @@ def figures(sources: Sources) -> dict[str, str]:
     return result
 
 
-def render(readme: str, values: dict[str, str]) -> str:
-    """`readme` with every figure span holding its value. A span of an unknown name, or a figure that no span
-    quotes, raises `FigureError`."""
-    names = [match.group(1) for match in SPAN.finditer(readme)]
-    unknown = sorted(set(names) - set(values))
+def pages() -> list[Path]:
+    """The pages that may quote figures: README.md and the Markdown pages under docs/."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def read_pages() -> dict[str, str]:
+    """{page name relative to the repository: text} of every page."""
+    return {path.relative_to(ROOT).as_posix(): path.read_text() for path in pages()}
+
+
+def render(text: str, values: dict[str, str], name: str = "README.md") -> str:
+    """`text` (the page `name`) with every figure span holding its value. A span of an unknown name raises
+    `FigureError`."""
+    unknown = sorted({match.group(1) for match in SPAN.finditer(text)} - set(values))
     if unknown:
-        raise FigureError(f"README.md has figure spans of unknown names {unknown}; known: {sorted(values)}")
-    unused = sorted(set(values) - set(names))
+        raise FigureError(f"{name} has figure spans of unknown names {unknown}; known: {sorted(values)}")
+    return SPAN.sub(lambda match: f"<!-- fig:{match.group(1)} -->{values[match.group(1)]}<!-- /fig -->", text)
+
+
+def render_pages(texts: dict[str, str], values: dict[str, str]) -> dict[str, str]:
+    """Every page of `texts` ({page name: text}) rendered. A figure that no page quotes raises `FigureError`."""
+    quoted = {match.group(1) for text in texts.values() for match in SPAN.finditer(text)}
+    unused = sorted(set(values) - quoted)
     if unused:
-        raise FigureError(f"README.md quotes none of the figures {unused}; quote them or remove them from the script")
-    return SPAN.sub(lambda match: f"<!-- fig:{match.group(1)} -->{values[match.group(1)]}<!-- /fig -->", readme)
+        raise FigureError(
+            f"no page ({', '.join(texts)}) quotes the figures {unused}; quote them or remove them from the script"
+        )
+    return {name: render(text, values, name) for name, text in texts.items()}
 
 
-def differences(readme: str, rendered: str) -> list[str]:
-    """`name: README text != computed text` for every span that differs."""
-    found = [(m.group(1), m.group(2)) for m in SPAN.finditer(readme)]
+def differences(text: str, rendered: str, name: str = "") -> list[str]:
+    """`name: span: page text != computed text` for every span that differs."""
+    found = [(m.group(1), m.group(2)) for m in SPAN.finditer(text)]
     wanted = [m.group(2) for m in SPAN.finditer(rendered)]
-    return [f"{name}: {have!r} != {want!r}" for (name, have), want in zip(found, wanted) if have != want]
+    prefix = f"{name}: " if name else ""
+    return [f"{prefix}{span}: {have!r} != {want!r}" for (span, have), want in zip(found, wanted) if have != want]
 
 
 def load_sources(benchmarks: Path = BENCHMARKS, default_eval: Path = DEFAULT_EVAL) -> Sources:
@@ -329,19 +348,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="report the spans that differ; write nothing")
     args = parser.parse_args(argv)
-    readme = README.read_text()
+    texts = read_pages()
     try:
-        rendered = render(readme, figures(load_sources()))
+        rendered = render_pages(texts, figures(load_sources()))
     except FigureError as error:
         print(f"readme_figures.py: error: {error}", file=sys.stderr)
         return 2
+    diff = [line for name in texts for line in differences(texts[name], rendered[name], name)]
     if args.check:
-        diff = differences(readme, rendered)
         for line in diff:
             print(line)
         return 1 if diff else 0
-    if rendered != readme:
-        README.write_text(rendered)
+    for name, text in rendered.items():
+        if text != texts[name]:
+            (ROOT / name).write_text(text)
     return 0
 
 
