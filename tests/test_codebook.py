@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import tiny_model
 from vqrae.quantizers import VQRAEVectorQuantizer
 from vqrae.training.metrics import codebook_use_on_crops
-from vqrae.training.trainer import _optimizer_groups
+from vqrae.training.state import _optimizer_groups
 
 
 def _rows_in(rows: torch.Tensor, candidates: torch.Tensor, atol: float = 1e-5) -> torch.Tensor:

@@ -104,17 +104,17 @@ def test_each_preset_trains(preset, tmp_path):
 def test_the_log_counts_the_codes_of_its_window_and_starts_a_new_one(tmp_path):
     from accelerate import Accelerator
 
-    from vqrae.training.trainer import MetricsLog
+    from vqrae.training.metrics_log import MetricsLog
+    from vqrae.training.state import StepResult
 
-    log = MetricsLog(str(tmp_path / "metrics.jsonl"), Accelerator(cpu=True), images_per_step=4)
-    window = torch.zeros(10, dtype=torch.bool)
-    window[[1, 4, 7]] = True
-    log.add({"loss": 1.0})
-    assert log.flush(1, 0.1, window)["codebook_usage"] == pytest.approx(0.3)
-    assert not window.any()  # the next window starts empty
-    log.add({"loss": 1.0})
-    assert log.flush(2, 0.1, window)["codebook_usage"] == 0.0
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"), Accelerator(cpu=True), images_per_step=4, codebook_size=10)
+    log.add(StepResult(terms={"loss": 1.0}, codes=torch.tensor([1, 4, 7, 4]), unreadable=["a.png", "c.png"]))
+    assert log.flush(1, 0.1)["codebook_usage"] == pytest.approx(0.3)
+    assert not log.window_codes.any()  # the next window starts empty
+    log.add(StepResult(terms={"loss": 1.0}, codes=torch.tensor([], dtype=torch.long), unreadable=["a.png", "b.png"]))
+    assert log.flush(2, 0.1)["codebook_usage"] == 0.0
     assert [r["codebook_usage"] for r in records(tmp_path)] == [pytest.approx(0.3), 0.0]
+    assert log.unreadable_count() == 3  # each image once, however often it was met
 
 
 def test_output_folder_loads_and_its_results_match_a_fresh_evaluation(tmp_path):

@@ -1,6 +1,7 @@
 """Training losses of a VQRAE tokenizer: pixel losses, SSIM, LPIPS, the quantizer's loss, self-distillation and a
-patch-GAN, owned with their weights and schedule by one module, `VQRAELoss` (the pattern of taming-transformers'
-`VQLPIPSWithDiscriminator`): `generator_loss(...)` for the tokenizer, `discriminator_loss(...)` for the critic.
+patch-GAN, owned with their weights, schedule and the networks they need by one module, `VQRAELoss` (the pattern of
+taming-transformers' `VQLPIPSWithDiscriminator`): `generator_loss(...)` for the tokenizer; the critic's loss, its
+backward pass and its optimiser step (`critic_backward`, `critic_step`) for the GAN's discriminator.
 
 All image losses compare images in [0, 1] (the normalised pixels mapped back with the image processor's mean and
 std), in float32, outside any autocast region: under `--mixed_precision bf16` the model runs in bf16, its losses
@@ -9,11 +10,15 @@ std), in float32, outside any autocast region: under `--mixed_precision bf16` th
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ..cli_utils import UsageError
 
@@ -29,17 +34,22 @@ __all__ = [
 
 
 class VQRAELoss(nn.Module):
-    """Every term of a VQRAE tokenizer's objective, with its weight.
+    """Every term of a VQRAE tokenizer's objective, with its weight, and the networks the terms need.
 
     `generator_loss` = `reconstruction` (weighted L1, MSE, 1 - SSIM, image-gradient L1 and LPIPS between the images
     in [0, 1])
-    + `quantizer_weight` * the quantizer's loss + `distillation_weight` * `||f(x) - f_teacher(x)||^2` (stage 2)
+    + `quantizer_weight` * the quantizer's loss + `distillation_weight` * `||f(x) - f_teacher(x)||^2` (with a teacher)
     + the adaptive GAN weight times `gan_weight` times the generator's hinge loss, from step `gan_start_step` on.
-    `discriminator_loss` is the hinge loss of the patch discriminator on real images and reconstructions.
+    The critic (`discriminator`, a patch-GAN, with `discriminator_optimizer`) learns the hinge loss on real images and
+    reconstructions from the same step on.
 
     Args:
         image_mean, image_std: the image processor's normalisation, undone to compare images in [0, 1].
         lpips_weights: the folder of LPIPS's local weights (with `perceptual_weight > 0`).
+        teacher: stage 2's encoder to distil towards. The loss keeps a frozen copy taken now, so weights loaded
+            into the model later (a resume) never reach it; it is never saved.
+        discriminator_channels, discriminator_layers, discriminator_learning_rate: the critic (with `gan_weight > 0`)
+            and its AdamW's learning rate.
     """
 
     def __init__(
@@ -55,8 +65,12 @@ class VQRAELoss(nn.Module):
         lpips_weights: str | None = None,
         quantizer_weight: float = 1.0,
         distillation_weight: float = 0.0,
+        teacher: nn.Module | None = None,
         gan_weight: float = 0.0,
         gan_start_step: int = 0,
+        discriminator_channels: int = 64,
+        discriminator_layers: int = 3,
+        discriminator_learning_rate: float = 1e-4,
     ):
         super().__init__()
         # The weights of the pixel losses, as `reconstruction_losses` takes them.
@@ -69,9 +83,26 @@ class VQRAELoss(nn.Module):
         }
         self.quantizer_weight, self.distillation_weight = quantizer_weight, distillation_weight
         self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
+        # Built in this order (LPIPS, then the critic) so the random draws of their initialisation stay as they were.
         self.perceptual = LPIPS(lpips_weights) if perceptual_weight > 0 else None
+        self.teacher = None if teacher is None else copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.discriminator = self.discriminator_optimizer = None
+        if gan_weight > 0:
+            self.discriminator = VQRAEPatchDiscriminator(discriminator_channels, discriminator_layers)
+            self.discriminator_optimizer = torch.optim.AdamW(
+                self.discriminator.parameters(), lr=discriminator_learning_rate, betas=(0.5, 0.9), weight_decay=0.0
+            )
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+
+    def prepare(self, accelerator) -> None:
+        """Prepare the critic and its optimiser with `accelerator` (wrapped across processes, saved and loaded by
+        `save_state`/`load_state`). Call it after preparing the model and its optimiser: accelerate checkpoints in the
+        order prepared, so the critic is `model_1.safetensors` and its optimiser `optimizer_1.bin`."""
+        if self.discriminator is not None:
+            self.discriminator, self.discriminator_optimizer = accelerator.prepare(
+                self.discriminator, self.discriminator_optimizer
+            )
 
     def to_unit(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (the model's range) to float32 images in [0, 1] (not clamped)."""
@@ -81,18 +112,16 @@ class VQRAELoss(nn.Module):
         return self.gan_weight > 0 and step >= self.gan_start_step
 
     def generator_loss(
-        self,
-        output,
-        pixel_values: torch.Tensor,
-        *,
-        step: int,
-        last_layer: torch.Tensor | None = None,
-        teacher_features: torch.Tensor | None = None,
-        discriminator: nn.Module | None = None,
+        self, output, pixel_values: torch.Tensor, *, step: int, last_layer: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The tokenizer's loss for a `VQRAEModelOutput` of `pixel_values`, and its terms (unweighted, plus
-        `reconstruction`, `gan_weight` and `loss`). `last_layer` (the decoder's output weight) and `discriminator`
-        are needed from `gan_start_step` on, `teacher_features` in stage 2."""
+        `reconstruction`, `gan_weight` and `loss`). `last_layer` (the decoder's output weight) is needed from
+        `gan_start_step` on. Call it under the model's autocast: the teacher runs as the model it copies does, the
+        terms in float32 whatever the autocast."""
+        teacher_features = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_features = self.teacher(pixel_values=pixel_values).last_hidden_state
         with torch.autocast(pixel_values.device.type, enabled=False):
             target = self.to_unit(pixel_values)
             reconstruction = self.to_unit(output.reconstruction)
@@ -103,23 +132,45 @@ class VQRAELoss(nn.Module):
                 terms["distillation"] = F.mse_loss(output.last_hidden_state.float(), teacher_features.float())
                 loss = loss + self.distillation_weight * terms["distillation"]
             if self.uses_gan(step):
-                discriminator.requires_grad_(False)  # the generator's loss trains the tokenizer, not the critic
-                terms["generator"] = generator_hinge_loss(discriminator(reconstruction))
-                discriminator.requires_grad_(True)
+                # The critic itself, not its multi-process wrapper: this pass trains the tokenizer, not the critic.
+                critic = extract_model_from_parallel(self.discriminator)
+                critic.requires_grad_(False)
+                terms["generator"] = generator_hinge_loss(critic(reconstruction))
+                critic.requires_grad_(True)
                 weight = adaptive_gan_weight(terms["reconstruction"], terms["generator"], last_layer)
                 terms["gan_weight"] = weight * self.gan_weight
                 loss = loss + terms["gan_weight"] * terms["generator"]
             terms["loss"] = loss
         return loss, terms
 
-    def discriminator_loss(
-        self, pixel_values: torch.Tensor, reconstruction: torch.Tensor, discriminator: nn.Module
-    ) -> torch.Tensor:
+    def discriminator_loss(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """The critic's hinge loss on real images and (detached) reconstructions, both in the model's range."""
         with torch.autocast(pixel_values.device.type, enabled=False):
-            real_logits = discriminator(self.to_unit(pixel_values))
-            fake_logits = discriminator(self.to_unit(reconstruction.detach()))
+            real_logits = self.discriminator(self.to_unit(pixel_values))
+            fake_logits = self.discriminator(self.to_unit(reconstruction.detach()))
             return discriminator_hinge_loss(real_logits, fake_logits)
+
+    def no_sync(self, accelerator, step: int):
+        """A context in which the critic's gradients are not reduced across processes (all micro-batches of an
+        accumulated step but the last, as for the model)."""
+        return accelerator.no_sync(self.discriminator) if self.uses_gan(step) else contextlib.nullcontext()
+
+    def critic_backward(
+        self, accelerator, pixel_values: torch.Tensor, reconstruction: torch.Tensor, *, step: int, accumulation: int
+    ) -> dict[str, torch.Tensor]:
+        """From `gan_start_step` on: the critic's loss on one micro-batch, back-propagated (divided by the
+        `accumulation` micro-batches of a step), as `{"discriminator": loss}`; before, nothing (`{}`)."""
+        if not self.uses_gan(step):
+            return {}
+        loss = self.discriminator_loss(pixel_values, reconstruction)
+        accelerator.backward(loss / accumulation)
+        return {"discriminator": loss}
+
+    def critic_step(self, step: int) -> None:
+        """The critic's optimiser step, from `gan_start_step` on (after the micro-batches' `critic_backward`)."""
+        if self.uses_gan(step):
+            self.discriminator_optimizer.step()
+            self.discriminator_optimizer.zero_grad(set_to_none=True)
 
 
 def reconstruction_losses(
@@ -148,8 +199,6 @@ def reconstruction_losses(
         terms["mse"] = F.mse_loss(reconstruction, target)
         total = total + mse_weight * terms["mse"]
     if ssim_weight > 0:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
         terms["ssim"] = 1 - structural_similarity_index_measure(reconstruction, target, data_range=1.0)
         total = total + ssim_weight * terms["ssim"]
     if gradient_weight > 0:

@@ -1,14 +1,30 @@
-"""What a training run carries from step to step: the model and its optimiser, schedule, EMA, stage-2 teacher and
-GAN critic (`TrainingState`), and the exponential moving average of the weights (`ExponentialMovingAverage`)."""
+"""What a training run carries from step to step and the step itself: the model with its optimiser, schedule and
+EMA (`TrainingState`, built by `build_training_state`), one optimiser step (`train_step`), and the exponential moving
+average of the weights (`ExponentialMovingAverage`). The loss (`losses.VQRAELoss`) owns the rest: the stage-2
+teacher and the GAN critic with its optimiser."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from transformers import get_scheduler
 
-__all__ = ["ExponentialMovingAverage", "TrainingState"]
+from .args import VQRAETrainingArguments
+from .losses import VQRAELoss
+
+__all__ = ["ExponentialMovingAverage", "StepResult", "TrainingState", "build_training_state", "train_step"]
+
+# Parameters that weight decay would pull towards zero for no gain: the position embeddings and a VQ codebook (decay
+# shrinks the codes no batch chooses, which then fall further out of reach: a cause of codebook collapse).
+NO_DECAY_SUFFIXES = (
+    "position_embedding",
+    "position_embedding.weight",
+    "quantizer.embedding.weight",
+    "quantizer.codebook_transform.weight",
+)
 
 
 class ExponentialMovingAverage:
@@ -36,9 +52,8 @@ class ExponentialMovingAverage:
 
 @dataclass
 class TrainingState:
-    """The parts of a run the training step updates. `model`, `optimizer`, `discriminator` and
-    `discriminator_optimizer` are as `accelerator.prepare` returned them (possibly wrapped); `unwrapped` is the
-    `VQRAEModel` itself. `teacher` is stage 2's frozen copy of the starting encoder (never saved)."""
+    """The parts of a run the training step updates besides the loss. `model` and `optimizer` are as
+    `accelerator.prepare` returned them (possibly wrapped); `unwrapped` is the `VQRAEModel` itself."""
 
     accelerator: object
     model: torch.nn.Module
@@ -47,16 +62,101 @@ class TrainingState:
     scheduler: object
     gradient_accumulation_steps: int
     max_grad_norm: float
-    teacher: torch.nn.Module | None = None
-    discriminator: torch.nn.Module | None = None
-    discriminator_optimizer: torch.optim.Optimizer | None = None
     ema: ExponentialMovingAverage | None = None
     step: int = 0
-    # Which codes the training batches chose since the last logging window (bool, one per code).
-    window_codes: torch.Tensor | None = None
-    unreadable: set[str] = field(default_factory=set)  # the training images found unreadable, on this process
 
     @property
     def model_to_evaluate(self) -> torch.nn.Module:
         """What is evaluated and saved: the EMA weights when they are kept, else the trained weights."""
         return self.ema.model if self.ema is not None else self.unwrapped
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports: the mean of each loss term over its micro-batches (and `grad_norm`), the
+    codes its batches chose (flat indices), and the names of the training images its batches found unreadable."""
+
+    terms: dict[str, float]
+    codes: torch.Tensor
+    unreadable: list[str]
+
+
+def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_vector = parameter.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
+        (no_decay if is_vector else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_training_state(
+    model, loss_fn: VQRAELoss, args: VQRAETrainingArguments, accelerator, stage: str
+) -> TrainingState:
+    """Freeze the encoder in stage 1, build the optimiser, schedule and EMA, and prepare the model and its optimiser
+    with accelerate, then the loss's critic and its optimiser (the order of their files in a checkpoint)."""
+    if stage == "stage1":
+        model.freeze_encoder(True)
+    model.to(accelerator.device)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        _optimizer_groups(model, args.weight_decay),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    # Stepped once per optimiser step whatever the number of processes, so not prepared; checkpointed by us.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn.prepare(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    return TrainingState(
+        accelerator=accelerator,
+        model=model,
+        unwrapped=unwrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        ema=ExponentialMovingAverage(unwrapped, args.ema_decay) if args.ema_decay is not None else None,
+    )
+
+
+def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> StepResult:
+    """One optimiser step of the model and of the loss's critic over `gradient_accumulation_steps` micro-batches
+    from `batches`."""
+    accelerator, accumulation, step = state.accelerator, state.gradient_accumulation_steps, state.step
+    means: dict[str, float] = {}
+    codes, unreadable = [], []
+    for micro in range(accumulation):
+        batch = next(batches)
+        unreadable += batch["unreadable"]
+        pixel_values = batch["pixel_values"].to(accelerator.device)
+        with contextlib.ExitStack() as no_sync:
+            if micro < accumulation - 1:  # gradients are reduced across processes once, on the last micro-batch
+                no_sync.enter_context(accelerator.no_sync(state.model))
+                no_sync.enter_context(loss_fn.no_sync(accelerator, step))
+            with accelerator.autocast():
+                output = state.model(pixel_values)
+                last_layer = state.unwrapped.get_last_layer()
+                loss, terms = loss_fn.generator_loss(output, pixel_values, step=step, last_layer=last_layer)
+            accelerator.backward(loss / accumulation)
+            critic = loss_fn.critic_backward(
+                accelerator, pixel_values, output.reconstruction, step=step, accumulation=accumulation
+            )
+        codes.append(output.indices.flatten())
+        for name, value in {**terms, **critic}.items():
+            means[name] = means.get(name, 0.0) + float(value.detach()) / accumulation
+    if state.max_grad_norm > 0:
+        means["grad_norm"] = float(accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm))
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_fn.critic_step(step)
+    if state.ema is not None:
+        state.ema.update(state.unwrapped)
+    state.step += 1
+    return StepResult(terms=means, codes=torch.cat(codes), unreadable=unreadable)

@@ -6,9 +6,11 @@
    and picks the stage (`resolve_stage`);
 2. loads the data (`load_training_data`): the training stream and the validation images, holding out a share of the
    training examples when the data has no validation split or folder;
-3. builds the loss (`losses.VQRAELoss`) and the training state (`build_training_state`: optimiser, schedule, EMA,
-   stage-2 teacher, GAN critic), and resumes it from a checkpoint when asked (`checkpointing`);
-4. runs `train_step` until `max_steps`, logging, evaluating and checkpointing on the way;
+3. builds the loss (`losses.VQRAELoss`: the loss terms, the stage-2 teacher, the GAN critic and its optimiser) and
+   the training state (`state.build_training_state`: optimiser, schedule, EMA), and resumes them from a checkpoint
+   when asked (`checkpointing`);
+4. runs `state.train_step` until `max_steps`, logging (`metrics_log.MetricsLog`), evaluating and checkpointing on
+   the way;
 5. evaluates once more and writes the output folder: the model (`save_pretrained`), `eval_results.json`,
    `metrics.jsonl`, the pictures, `training_config.yaml` and the model card.
 
@@ -22,21 +24,21 @@ its last checkpoint ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
 
 from ..atomic_io import atomic_write
 from ..cli_utils import UsageError, is_main_process
+from ..configuration_vqrae import VQRAEConfig
 from ..image_data import (
     BUILTIN_DATASET_NAME,
     MissingSplitError,
@@ -47,6 +49,8 @@ from ..image_data import (
     load_image_dataset,
     load_validation_images,
 )
+from ..modeling_vqrae import VQRAEModel
+from . import hub, plots
 from .args import (
     DataArguments,
     ModelArguments,
@@ -68,8 +72,10 @@ from .checkpointing import (
     truncate_metrics,
 )
 from .data import StreamingTrainingBatches, TrainingBatches
-from .losses import VQRAELoss, VQRAEPatchDiscriminator
+from .losses import VQRAELoss
 from .metrics import evaluate_model, write_evaluation
+from .metrics_log import MetricsLog
+from .model_card import write_model_card
 from .run_files import (
     HELD_OUT_FILE,
     METRICS_FILE,
@@ -78,11 +84,11 @@ from .run_files import (
     TRAINING_CONFIG_FILE,
     TRAINING_CURVES_FILE,
 )
-from .state import ExponentialMovingAverage, TrainingState
+from .state import TrainingState, build_training_state, train_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_model", "load_training_data", "resolve_stage", "train", "train_step"]
+__all__ = ["build_model", "load_training_data", "resolve_stage", "train"]
 
 # Warm-up, as a share of max_steps, when the asked warm-up would last the whole run.
 SHORT_RUN_WARMUP_SHARE = 0.1
@@ -97,9 +103,6 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
     """The model to train, in float32: from `init_from`, around a pretrained `encoder_name_or_path`, or randomly
     initialised from a named vision config. Call after seeding: the random parts are initialised here. A model or
     encoder that cannot be found, or options that make no valid model, raise `UsageError`."""
-    from ..configuration_vqrae import VQRAEConfig
-    from ..modeling_vqrae import VQRAEModel
-
     try:
         if model_args.init_from is not None:
             _check_init_from_folder(model_args.init_from)
@@ -324,180 +327,6 @@ def _batch_iterator(data: TrainingData, args: VQRAETrainingArguments, num_worker
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training state and one step
-# ---------------------------------------------------------------------------------------------------------------
-
-
-# Parameters that weight decay would pull towards zero for no gain: the position embeddings and a VQ codebook (decay
-# shrinks the codes no batch chooses, which then fall further out of reach: a cause of codebook collapse).
-NO_DECAY_SUFFIXES = (
-    "position_embedding",
-    "position_embedding.weight",
-    "quantizer.embedding.weight",
-    "quantizer.codebook_transform.weight",
-)
-
-
-def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        is_vector = parameter.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
-        (no_decay if is_vector else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_training_state(model, args: VQRAETrainingArguments, accelerator, stage: str) -> TrainingState:
-    """Freeze or copy the encoder for the stage, build the optimiser, schedule, GAN critic and EMA, and prepare
-    them with accelerate."""
-    from transformers import get_scheduler
-
-    teacher = None
-    if stage == "stage1":
-        model.freeze_encoder(True)
-    elif stage == "stage2":
-        teacher = copy.deepcopy(model.encoder).eval().requires_grad_(False).to(accelerator.device)
-    model.to(accelerator.device)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        _optimizer_groups(model, args.weight_decay),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
-    # Stepped once per optimiser step whatever the number of processes, so not prepared; checkpointed by us.
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps
-    )
-    discriminator = discriminator_optimizer = None
-    if args.gan_weight > 0:
-        discriminator = VQRAEPatchDiscriminator(args.discriminator_channels, args.discriminator_layers)
-        discriminator_optimizer = torch.optim.AdamW(
-            discriminator.parameters(),
-            lr=args.discriminator_learning_rate or args.learning_rate,
-            betas=(0.5, 0.9),
-            weight_decay=0.0,
-        )
-        model, optimizer, discriminator, discriminator_optimizer = accelerator.prepare(
-            model, optimizer, discriminator, discriminator_optimizer
-        )
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    return TrainingState(
-        accelerator=accelerator,
-        model=model,
-        unwrapped=unwrapped,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm,
-        teacher=teacher,
-        discriminator=discriminator,
-        discriminator_optimizer=discriminator_optimizer,
-        ema=ExponentialMovingAverage(unwrapped, args.ema_decay) if args.ema_decay is not None else None,
-        window_codes=torch.zeros(unwrapped.codebook_size, dtype=torch.bool, device=accelerator.device),
-    )
-
-
-def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> dict[str, float]:
-    """One optimiser step over `gradient_accumulation_steps` micro-batches from `batches`; returns the mean of each
-    loss term over them (and `grad_norm`)."""
-    accelerator, accumulation = state.accelerator, state.gradient_accumulation_steps
-    gan_active = state.discriminator is not None and loss_fn.uses_gan(state.step)
-    critic = accelerator.unwrap_model(state.discriminator) if gan_active else None
-    means: dict[str, float] = {}
-    for micro in range(accumulation):
-        batch = next(batches)
-        state.unreadable.update(batch["unreadable"])
-        pixel_values = batch["pixel_values"].to(accelerator.device)
-        with contextlib.ExitStack() as no_sync:
-            if micro < accumulation - 1:  # gradients are reduced across processes once, on the last micro-batch
-                no_sync.enter_context(accelerator.no_sync(state.model))
-                if gan_active:
-                    no_sync.enter_context(accelerator.no_sync(state.discriminator))
-            with accelerator.autocast():
-                output = state.model(pixel_values)
-                teacher_features = None
-                if state.teacher is not None:
-                    with torch.no_grad():
-                        teacher_features = state.teacher(pixel_values=pixel_values).last_hidden_state
-            state.window_codes[output.indices.flatten()] = True
-            loss, terms = loss_fn.generator_loss(
-                output,
-                pixel_values,
-                step=state.step,
-                last_layer=state.unwrapped.get_last_layer(),
-                teacher_features=teacher_features,
-                discriminator=critic,
-            )
-            accelerator.backward(loss / accumulation)
-            if gan_active:
-                terms["discriminator"] = loss_fn.discriminator_loss(
-                    pixel_values, output.reconstruction, state.discriminator
-                )
-                accelerator.backward(terms["discriminator"] / accumulation)
-        for name, value in terms.items():
-            means[name] = means.get(name, 0.0) + float(value.detach()) / accumulation
-    if state.max_grad_norm > 0:
-        means["grad_norm"] = float(accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm))
-    state.optimizer.step()
-    state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    if gan_active:
-        state.discriminator_optimizer.step()
-        state.discriminator_optimizer.zero_grad(set_to_none=True)
-    if state.ema is not None:
-        state.ema.update(state.unwrapped)
-    state.step += 1
-    return means
-
-
-class MetricsLog:
-    """Averages the step terms over a logging window and appends records to `metrics.jsonl` (main process) and
-    the trackers."""
-
-    def __init__(self, path: str, accelerator, images_per_step: int):
-        self.path, self.accelerator, self.images_per_step = path, accelerator, images_per_step
-        self._start()
-
-    def _start(self) -> None:
-        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
-
-    def add(self, terms: dict[str, float]) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        self.steps += 1
-
-    def write(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        prefix = "eval" if record["type"] == "eval" else "train"
-        numbers = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        self.accelerator.log(numbers, step=record["step"])
-
-    def flush(self, step: int, learning_rate: float, window_codes: torch.Tensor) -> dict:
-        """Write the window's means as a `train` record (averaged over processes), with the share of the codebook
-        the window's batches used (over all processes), and start a new window (clearing `window_codes`)."""
-        names = list(self.sums)
-        means = torch.tensor([self.sums[name] / self.steps for name in names], device=self.accelerator.device)
-        means = dict(zip(names, self.accelerator.reduce(means, "mean").tolist()))
-        used = int((self.accelerator.reduce(window_codes.int(), "sum") > 0).sum())
-        window_codes.zero_()
-        elapsed = time.perf_counter() - self.started
-        record = {"type": "train", "step": step, **means, "learning_rate": learning_rate}
-        record["codebook_usage"] = used / len(window_codes)
-        record["grad_norm"] = record.get("grad_norm")
-        record["steps_per_second"] = self.steps / elapsed
-        record["images_per_second"] = self.steps * self.images_per_step / elapsed
-        self.write(record)
-        self._start()
-        return record
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -522,9 +351,6 @@ def train(
 
 
 def _accelerator(args: VQRAETrainingArguments):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
     return Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -536,9 +362,6 @@ def _accelerator(args: VQRAETrainingArguments):
 
 
 def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments, resume: str | None):
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     stage = resolve_stage(args.stage, model_args)
     accelerator = _accelerator(args)
     resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
@@ -554,7 +377,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     image_processor, image_size = model.get_image_processor(), model.config.vision_config.image_size
-    loss_fn = _build_loss(args, image_processor, stage).to(accelerator.device)
+    loss_fn = _build_loss(args, model, stage).to(accelerator.device)
     data = load_training_data(data_args, args, image_processor, image_size, accelerator)
     record = {
         "num_processes": accelerator.num_processes,
@@ -568,7 +391,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
         check_resume(saved, record, resume_path)
     args = _run_schedule(args, saved)
     record.update(warmup_steps_used=args.warmup_steps, resume_command=resume)
-    state = build_training_state(model, args, accelerator, stage)
+    state = build_training_state(model, loss_fn, args, accelerator, stage)
     _log_start(state, stage, model_args, image_size)
     metrics_path = os.path.join(args.output_dir, METRICS_FILE)
     if resume_path is not None:
@@ -584,7 +407,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
 
     batches = _batch_iterator(data, args, data_args.dataloader_num_workers, state.step)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    log = MetricsLog(metrics_path, accelerator, per_step)
+    log = MetricsLog(metrics_path, accelerator, per_step, state.unwrapped.codebook_size)
     show = not accelerator.is_main_process or args.disable_tqdm
     progress = tqdm(total=args.max_steps, initial=state.step, desc=f"vqrae {stage}", disable=show, dynamic_ncols=True)
     last_saved = state.step if resume_path is not None else None
@@ -594,7 +417,7 @@ def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETraini
             step = state.step
             progress.update(1)
             if step % args.logging_steps == 0 or step == args.max_steps:
-                means = log.flush(step, state.scheduler.get_last_lr()[0], state.window_codes)
+                means = log.flush(step, state.scheduler.get_last_lr()[0])
                 progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
             if step % args.eval_steps == 0 and step < args.max_steps:
                 progress.write(_summary(_evaluate(state, data.validation, args, log).metrics, step))
@@ -643,7 +466,10 @@ def _write_run_config(path: str, options: dict, args: VQRAETrainingArguments, sa
     write_training_config(path, {**recorded, "max_steps": args.max_steps}, notes=notes)
 
 
-def _build_loss(args: VQRAETrainingArguments, image_processor, stage: str) -> VQRAELoss:
+def _build_loss(args: VQRAETrainingArguments, model, stage: str) -> VQRAELoss:
+    """The loss of the run: its terms and weights, stage 2's teacher (a frozen copy of `model`'s encoder as it is
+    now) and, with a GAN, the critic and its optimiser."""
+    image_processor = model.get_image_processor()
     return VQRAELoss(
         image_mean=image_processor.image_mean,
         image_std=image_processor.image_std,
@@ -654,9 +480,13 @@ def _build_loss(args: VQRAETrainingArguments, image_processor, stage: str) -> VQ
         perceptual_weight=args.perceptual_weight,
         lpips_weights=args.lpips_weights,
         quantizer_weight=args.quantizer_loss_weight,
-        distillation_weight=args.distillation_weight if stage == "stage2" else 0.0,
+        distillation_weight=args.distillation_weight,
+        teacher=model.encoder if stage == "stage2" else None,
         gan_weight=args.gan_weight,
         gan_start_step=args.gan_start_step,
+        discriminator_channels=args.discriminator_channels,
+        discriminator_layers=args.discriminator_layers,
+        discriminator_learning_rate=args.discriminator_learning_rate or args.learning_rate,
     )
 
 
@@ -729,11 +559,9 @@ def _report_interrupt(args: VQRAETrainingArguments, step: int, resume: str | Non
 
 
 def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArguments, log: MetricsLog) -> dict:
-    from accelerate.utils import gather_object
-
     accelerator = state.accelerator
-    # Distinct images: the processes may meet the same unreadable training image; their validation shares differ.
-    unreadable_train = len(set(gather_object(sorted(state.unreadable))))
+    unreadable_train = log.unreadable_count()
+    # Summed: the processes' validation shares differ.
     validation = torch.tensor(data.validation.num_unreadable, device=accelerator.device)
     unreadable_validation = int(accelerator.reduce(validation, "sum"))
     record = {"unreadable_train": unreadable_train, "unreadable_validation": unreadable_validation}
@@ -753,10 +581,6 @@ def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArgumen
 
 
 def _write_outputs(args: VQRAETrainingArguments, model, result, metrics_path: str) -> None:
-    from . import plots
-    from .hub import push_to_hub
-    from .model_card import write_model_card
-
     output_dir = args.output_dir
     model.save_pretrained(output_dir)
     write_evaluation(output_dir, result)
@@ -779,4 +603,6 @@ def _write_outputs(args: VQRAETrainingArguments, model, result, metrics_path: st
         output_dir,
     )
     if args.push_to_hub:
-        push_to_hub(output_dir, repo_id=args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision)
+        hub.push_to_hub(
+            output_dir, repo_id=args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision
+        )
