@@ -1,8 +1,8 @@
-"""Turn an image dataset into a dataset of VQRAE tokens: `vqrae-tokenize` / `python -m vqrae.tokenize`.
+"""Turn an image dataset into a dataset of VQRAE tokens: `vqrae-tokenize` / `python -m vqrae.cli.tokenize`.
 
     vqrae-tokenize --model org/vqrae-cosmos --dataset_name org/images --split train --output_dir tokens/
     vqrae-tokenize --model out/stage1 --train_dir photos/ --output_dir tokens/
-    accelerate launch -m vqrae.tokenize --model ... --output_dir tokens/     # several processes, one dataset
+    accelerate launch -m vqrae.cli.tokenize --model ... --output_dir tokens/ # several processes, one dataset
 
 The output is a `datasets` dataset in Parquet shards, one row per image, in the order of the source split:
 
@@ -46,9 +46,8 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import count, islice
@@ -58,18 +57,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .arguments import ComputeArguments, ImageSourceArguments, ModelSourceArguments, check_at_least, check_output_dir
 from .atomic_io import atomic_write
-from .cli_utils import (
-    ComputeArguments,
-    ImageSourceArguments,
-    ModelSourceArguments,
-    UsageError,
-    check_at_least,
-    check_output_dir,
-    parse_dataclasses,
-    run_cli,
-    setup_logging,
-)
+from .errors import UsageError
+from .loading import load_model_and_processor
 from .token_dataset import (
     DATA_DIR,
     MANIFEST_FILE,
@@ -194,11 +185,6 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
         if config["train_dir"] is not None:
             config["train_dir"] = str(Path(config["train_dir"]).resolve())
         return config
-
-
-def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
-    description = "Encode every image of a dataset into VQRAE tokens, written as a resumable Parquet dataset."
-    return parse_dataclasses(TokenizeArguments, "vqrae-tokenize", description, argv)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,51 +384,6 @@ def iter_shard_rows(dataset, streaming: bool, shard_size: int, wanted) -> Iterat
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def load_model_and_processor(name_or_path: str, revision: str | None = None, device: torch.device | str = "cpu"):
-    """A VQRAE model (AutoModel; a folder or a Hub id, offline from the Hub cache) in eval mode, and its own image
-    processor (AutoImageProcessor from the same place; the model's default one if the folder has none).
-
-    A `--model` that cannot be loaded is a `UsageError` that says why: a path that is no folder (with the absolute
-    path looked for) and no model in the Hub cache or on the Hub, a folder without a saved model, or a model that is
-    not a VQRAE model."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    from transformers import AutoImageProcessor, AutoModel
-    from transformers.utils import logging as hf_logging
-
-    import vqrae  # noqa: F401  (registers VQRAEConfig / VQRAEModel with the Auto classes)
-
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        name_or_path = str(folder)
-        what = f"`--model` {name_or_path!r} is a folder but holds no loadable model"
-    else:
-        what = f"`--model` {name_or_path!r} is not a folder (looked for {folder.resolve()})"
-        try:
-            validate_repo_id(name_or_path)
-        except HFValidationError:
-            raise UsageError(f"{what} and not a Hub model id ('org/name').") from None
-        what += " and not a model in the Hub cache or reachable on the Hub"
-    # No loading bar: a rerun that is refused (other weights, source, precision) says so in one line.
-    progress_bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as error:  # transformers: no config.json, not found, offline; unknown model type
-        raise UsageError(f"{what}: {error}") from error
-    finally:
-        if progress_bar:
-            hf_logging.enable_progress_bar()
-    if not hasattr(model, "decode_from_indices"):
-        raise UsageError(f"`--model` {name_or_path!r} is a {type(model).__name__}, not a VQRAE model.")
-    model = model.to(device).eval()
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
-    except OSError:
-        logger.warning("%s has no preprocessor_config.json; using the model's default image processor.", name_or_path)
-        processor = model.get_image_processor()
-    return model, processor
 
 
 def weights_digest(model) -> str:
@@ -747,18 +688,3 @@ class _StreamingShardSet:
     def __contains__(self, shard: int) -> bool:
         owned = shard % self.num_processes == self.process_index
         return owned and not shard_is_complete(self.data_dir, self.split, shard)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    tokenize(parse_args(argv))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vqrae-tokenize`: a user error is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
-    return run_cli("vqrae-tokenize", _main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

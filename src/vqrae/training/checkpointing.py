@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic_io import set_default_mode
-from ..cli_utils import UsageError
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli_utils import UsageError
+from ..errors import UsageError
 from ..image_data import (
     ImageDecodeCounter,
     processor_resample,

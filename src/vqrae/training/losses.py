@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli_utils import UsageError
+from ..errors import UsageError
 
 __all__ = [
     "LPIPS",

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import is_main_process
 from ..atomic_io import atomic_write
-from ..cli_utils import UsageError, is_main_process
+from ..errors import UsageError
 from ..image_data import (
     BUILTIN_DATASET_NAME,
     MissingSplitError,
