@@ -15,9 +15,8 @@ from conftest import TINY_RUN_ARGS, TINY_SIZE_ARGS, photo_folder, tiny_model
 from test_training_processes import _free_port
 from vqrae.cli.train import parse_train_args
 from vqrae.image_data import example_identities, example_identity, hold_out, id_column
-from vqrae.training.data import StreamingTrainingBatches
+from vqrae.training.data import StreamingTrainingBatches, load_training_data
 from vqrae.training.run_files import HELD_OUT_FILE
-from vqrae.training.trainer import load_training_data
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,8 @@ import json, os, sys
 from accelerate import Accelerator
 from vqrae.image_data import example_identity, id_column
 from vqrae.cli.train import parse_train_args
-from vqrae.training.trainer import build_model, load_training_data
+from vqrae.training.data import load_training_data
+from vqrae.training.trainer import build_model
 
 model_args, data_args, args = parse_train_args(sys.argv[1:])
 accelerator = Accelerator()
