@@ -401,19 +401,18 @@ def test_a_local_dataset_folder_gives_relative_ids_and_a_changed_one_is_refused(
         main(argv)
 
 
-def test_an_output_made_before_the_source_was_recorded_still_resumes_and_loads(setup, tmp_path):
+@pytest.mark.parametrize("key", ["source", "precision", "weights_sha256"])
+def test_a_config_without_what_the_tokens_were_made_from_is_refused(setup, tmp_path, key):
+    """No vqrae-tokenize ever wrote a config without these: such a folder is not resumed on trust."""
     root, model_dir, images, reference = setup
-    output = tmp_path / "old"
+    output = tmp_path / "foreign"
     shutil.copytree(reference, output)
-    for name in ("tokenize_config.json", MANIFEST_FILE):
-        saved = json.loads((output / name).read_text())
-        for key in ("source", "precision", "dataset_revision", "weights_sha256"):
-            saved.pop(key)
-        (output / name).write_text(json.dumps(saved))
+    saved = json.loads((output / "tokenize_config.json").read_text())
+    saved.pop(key)
+    (output / "tokenize_config.json").write_text(json.dumps(saved))
     argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]
-    assert main(argv)["images"] == 0
-    _assert_same_dataset(_table(output), _table(reference))
-    assert len(load_token_dataset(output)) == NUM_READABLE
+    with pytest.raises(UsageError, match=rf"lacks \['{key}'\], which vqrae-tokenize records"):
+        main(argv)
 
 
 def test_the_precision_is_recorded_in_the_manifest_and_the_card(setup, tmp_path):

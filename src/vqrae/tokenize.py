@@ -75,6 +75,8 @@ from .token_dataset import (
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "tokenize_config.json"
+# What the shards were made from, recorded beside the content arguments and checked on every rerun.
+MADE_FROM_KEYS = ("source", "precision", "weights_sha256")
 # Arguments that decide the content of the shards: a resume must use the same values.
 CONTENT_ARGUMENTS = (
     "model",
@@ -442,14 +444,19 @@ def saved_config(args: TokenizeArguments) -> dict | None:
 
 
 def check_saved_arguments(args: TokenizeArguments, saved: dict | None) -> None:
-    """Refuse to add to shards made with other content arguments (before the source is loaded). Where the saved
-    config records the precision the encoder ran in, that is compared instead of `--mixed_precision` as spelled
-    (`check_saved_source`): `auto` on a CPU and `no` make the same tokens."""
+    """Refuse to add to shards made with other content arguments (before the source is loaded). The precision the
+    encoder ran in is compared instead of `--mixed_precision` as spelled (`check_saved_source`): `auto` on a CPU and
+    `no` make the same tokens."""
     if saved is None:
         return
+    unrecorded = sorted(set(MADE_FROM_KEYS) - set(saved))
+    if unrecorded:
+        raise UsageError(
+            f"{Path(args.output_dir) / CONFIG_FILE} lacks {unrecorded}, which vqrae-tokenize records: it was not "
+            "written by vqrae-tokenize; pass --overwrite_output_dir to tokenize into this folder again."
+        )
     current = args.content_config()
-    if "precision" in saved:
-        del current["mixed_precision"]
+    del current["mixed_precision"]
     changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
     if changed:
         details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
@@ -461,33 +468,23 @@ def check_saved_arguments(args: TokenizeArguments, saved: dict | None) -> None:
 
 def check_saved_source(args: TokenizeArguments, saved: dict, made_from: dict) -> None:
     """Refuse to resume (or to call complete) shards made in another precision, from another source or by other
-    weights; `made_from` is this run's `{"source", "precision", "weights_sha256"}`. A config written before these
-    were recorded cannot be checked: said in the log."""
+    weights; `made_from` is this run's `{"source", "precision", "weights_sha256"}` (`MADE_FROM_KEYS`)."""
     precision = made_from["precision"]
-    if "precision" in saved and saved["precision"] != precision:
+    if saved["precision"] != precision:
         option = "bf16" if saved["precision"] == "bf16" else "no"
         raise UsageError(
             f"{args.output_dir} holds tokens computed in {saved['precision']}, but `--mixed_precision "
             f"{args.mixed_precision}` runs in {precision} here; resume with `--mixed_precision {option}` (bf16 "
             "autocast runs on a CPU too), or pass --overwrite_output_dir to tokenize it again."
         )
-    unrecorded = [
-        what for key, what in (("source", "source"), ("weights_sha256", "model's weights")) if key not in saved
-    ]
-    if unrecorded:
-        logger.warning(
-            "%s was made by an older vqrae that did not record its %s: cannot check that they are unchanged.",
-            args.output_dir,
-            " or ".join(unrecorded),
-        )
-    change = describe_source_change(saved["source"], made_from["source"]) if "source" in saved else None
+    change = describe_source_change(saved["source"], made_from["source"])
     if change is not None:
         raise UsageError(
             f"The source changed since the tokens in {args.output_dir} were made ({change}); pass "
             "--overwrite_output_dir to tokenize it again."
         )
     weights = made_from["weights_sha256"]
-    if saved.get("weights_sha256", weights) != weights:
+    if saved["weights_sha256"] != weights:
         raise UsageError(
             f"The weights of `--model` {args.model!r} changed since the tokens in {args.output_dir} were made "
             f"(weights_sha256 {saved['weights_sha256'][:16]}... -> {weights[:16]}...); resume with the model that "
@@ -495,7 +492,7 @@ def check_saved_source(args: TokenizeArguments, saved: dict, made_from: dict) ->
         )
 
 
-def prepare_output_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
+def prepare_token_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
     """Create (or check, on resume) the output folder: its `tokenize_config.json` records the content arguments and
     `made_from` (the source's identity, the precision and the weights' digest), and a rerun must match them all.
     Returns its `data/` folder."""
@@ -577,7 +574,7 @@ def tokenize(args: TokenizeArguments) -> dict:
     # The model is loaded first, even for a complete output: its weights must be those that made the tokens.
     model, processor = load_model_and_processor(args.model, args.revision, state.device)
     made_from = {"source": source, "precision": precision, "weights_sha256": weights_digest(model)}
-    data_dir = prepare_output_dir(args, state, made_from)
+    data_dir = prepare_token_dir(args, state, made_from)
     manifest_path = Path(args.output_dir) / MANIFEST_FILE
     if manifest_path.exists():
         logger.info("%s is complete (%s exists); nothing to do.", args.output_dir, MANIFEST_FILE)
@@ -594,8 +591,8 @@ def tokenize(args: TokenizeArguments) -> dict:
     features_dtype = args.features_dtype if args.save_features else None
     features = output_features(grid, feature_shape, dataset.features, args.keep_columns, features_dtype)
     prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, args.source_folder)
-    job = _ShardJob(args, state, data_dir, model, prepare, features, precision)
-    wanted, to_do = job.shards_to_write(dataset)
+    writer = _ShardWriter(args, state, data_dir, model, prepare, features, precision)
+    wanted, to_do = writer.shards_to_write(dataset)
     started = time.perf_counter()
     with tqdm(
         total=to_do,
@@ -604,7 +601,7 @@ def tokenize(args: TokenizeArguments) -> dict:
         disable=not state.is_local_main_process,
         dynamic_ncols=True,
     ) as progress:
-        done, num_images = job.write(dataset, wanted, progress)
+        done, num_images = writer.write(dataset, wanted, progress)
     counts = gather_object([(done, time.perf_counter() - started, num_images)])
     state.wait_for_everyone()
     total_done, wall = sum(count[0] for count in counts), max(count[1] for count in counts)
@@ -633,7 +630,7 @@ def tokenize(args: TokenizeArguments) -> dict:
 
 
 @dataclass
-class _ShardJob:
+class _ShardWriter:
     """This process's part of the job: which shards it writes, and writing them."""
 
     args: TokenizeArguments

@@ -288,9 +288,7 @@ def load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dic
         state = json.load(handle)
     scheduler.load_state_dict(state["scheduler"])
     _apply_schedule(scheduler)
-    if ema is not None:
-        if "ema_num_updates" not in state:
-            raise UsageError(f"The checkpoint {path!r} holds no EMA weights, but `ema_decay` is set.")
+    if ema is not None:  # `ema_decay` may not change on resume, so a run with EMA saved its weights
         ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE), device=str(accelerator.device)))
         ema.num_updates = state["ema_num_updates"]
     with open(process_file) as handle:
