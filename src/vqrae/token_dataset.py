@@ -19,7 +19,9 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -72,8 +74,6 @@ def output_features(
 ):
     """The `datasets.Features` of every shard: `index`, `id`, `indices` (the `h x w` grid), the kept source columns
     (with the source's own types) and, when `features_dtype` is given, the continuous `features`."""
-    import datasets
-
     columns = {
         "index": datasets.Value("int64"),
         "id": datasets.Value("string"),
@@ -95,9 +95,6 @@ def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
     A reader (or a resumed run) therefore sees either no file or a complete one. `shard_info` (first index,
     number of source images, the skipped ones) travels in the Parquet metadata, for the manifest.
     """
-    import datasets
-    import pyarrow.parquet as pq
-
     if not columns["index"]:
         atomic_write(empty_shard_marker(path), json.dumps(shard_info))
         return
@@ -110,8 +107,6 @@ def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
 
 
 def read_shard_info(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
     if empty_shard_marker(path).exists():
         return {**json.loads(empty_shard_marker(path).read_text()), "num_rows": 0}
     schema = pq.read_schema(path)
@@ -211,8 +206,6 @@ def load_token_dataset(path: str | Path, split: str | None = None):
     It is read from its Parquet shards with `datasets.load_dataset("parquet", ...)`. The job must have finished
     (its `tokenize_manifest.json` exists); a folder from an interrupted job raises a `ValueError`.
     """
-    import datasets
-
     folder = Path(path)
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():

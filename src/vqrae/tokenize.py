@@ -40,6 +40,7 @@ features differ in bf16; the FSQ step itself is always float32); the dataset car
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -56,10 +57,23 @@ from typing import Literal
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from PIL import Image
 
 from .arguments import ComputeArguments, ImageSourceArguments, ModelSourceArguments, check_at_least, check_output_dir
 from .atomic_io import atomic_write
 from .errors import UsageError
+from .image_data import (
+    UNREADABLE_ERRORS,
+    center_square,
+    decode_image,
+    load_image_dataset,
+    processor_resample,
+    processor_size,
+    relative_path,
+)
 from .loading import load_model_and_processor
 from .token_dataset import (
     DATA_DIR,
@@ -200,8 +214,6 @@ def load_source(args: TokenizeArguments, identity: dict | None = None):
     of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column,
     identity)`, `identity` what `source_identity` records of the whole source (before `--max_images`), unless it is
     passed in (already computed: a folder is not walked twice)."""
-    from .image_data import load_image_dataset
-
     split = "train" if args.train_dir is not None else args.split
     dataset, image_column = load_image_dataset(split, train_dir=args.train_dir, **args.source_kwargs())
     if identity is None:
@@ -254,10 +266,6 @@ def folder_identity(folder: str | os.PathLike, images_only: bool) -> dict:
     """`{"num_images", "digest"}` of the files under `folder` that `datasets` reads (hidden files and folders and
     `__*` folders left out, as `datasets` does; with `images_only`, the file types `imagefolder` loads): how many
     there are and a SHA-256 over their relative paths, sizes and modification times."""
-    import hashlib
-
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
     extensions = set(ImageFolder.EXTENSIONS)
     root = Path(folder)
     entries = []
@@ -296,8 +304,6 @@ def describe_source_change(saved: dict, current: dict) -> str | None:
 
 def image_identifier(value, index: int, root: Path | None) -> str:
     """The file the image came from (relative to `root` when inside it), or its index when it has no name."""
-    from .image_data import relative_path
-
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
     return relative_path(os.fspath(path), root) if path else str(index)
 
@@ -316,8 +322,6 @@ class ImagePreparation:
     root: Path | None
 
     def __call__(self, row: dict, index: int):
-        from .image_data import UNREADABLE_ERRORS, center_square, decode_image, processor_resample, processor_size
-
         value = row[self.image_column]
         identifier = image_identifier(value, index, self.root)
         kept = {name: row[name] for name in self.keep_columns}
@@ -393,8 +397,6 @@ def weights_digest(model) -> str:
     the weights the same way whether the model came from a folder, the Hub or an object in memory, and does not
     depend on how they were stored (safetensors metadata, sharding); the same weights in another dtype differ, as
     their tokens may."""
-    import hashlib
-
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
@@ -429,9 +431,6 @@ def process_state():
     """accelerate's view of the processes. Several CPU processes (`ACCELERATE_USE_CPU=1 accelerate launch
     --multi_gpu ...`, or `torchrun` on a machine without a GPU) need `cpu=True` to join one gloo group; without it
     each would believe it is alone and tokenize everything."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
     return PartialState(cpu=cpu)
@@ -513,8 +512,6 @@ def prepare_token_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
 
 def token_grid(model, processor) -> tuple[tuple[int, int], tuple[int, int]]:
     """`(h, w)` of the token grid and `(h * w, D)` of the features for images as `processor` prepares them."""
-    from PIL import Image
-
     height, width = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[-2:]
     patch = model.config.vision_config.patch_size
     grid = (height // patch, width // patch)
@@ -560,7 +557,6 @@ def encode_shard(
 def tokenize(args: TokenizeArguments) -> dict:
     """Run the job in this process (one of several under `accelerate launch`). Returns a summary of this run:
     `images` and `seconds` tokenized by all processes, `images_per_second`, and the manifest once complete."""
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     state = process_state()
