@@ -59,7 +59,6 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
 from .arguments import ComputeArguments, ImageSourceArguments, ModelSourceArguments, check_at_least, check_output_dir
@@ -76,10 +75,15 @@ from .image_data import (
 )
 from .loading import load_model_and_processor
 from .token_dataset import (
+    CONFIG_FILE,
     DATA_DIR,
     MANIFEST_FILE,
+    check_saved_arguments,
+    check_saved_source,
+    folder_identity,
     output_features,
     remove_stale_temporaries,
+    saved_config,
     shard_file,
     shard_is_complete,
     write_manifest,
@@ -88,9 +92,6 @@ from .token_dataset import (
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "tokenize_config.json"
-# What the shards were made from, recorded beside the content arguments and checked on every rerun.
-MADE_FROM_KEYS = ("source", "precision", "weights_sha256")
 # Arguments that decide the content of the shards: a resume must use the same values.
 CONTENT_ARGUMENTS = (
     "model",
@@ -262,46 +263,6 @@ def source_identity(args: TokenizeArguments, dataset=None) -> dict:
     return identity
 
 
-def folder_identity(folder: str | os.PathLike, images_only: bool) -> dict:
-    """`{"num_images", "digest"}` of the files under `folder` that `datasets` reads (hidden files and folders and
-    `__*` folders left out, as `datasets` does; with `images_only`, the file types `imagefolder` loads): how many
-    there are and a SHA-256 over their relative paths, sizes and modification times."""
-    extensions = set(ImageFolder.EXTENSIONS)
-    root = Path(folder)
-    entries = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith((".", "__"))]
-        for name in files:
-            if name.startswith(".") or (images_only and Path(name).suffix.lower() not in extensions):
-                continue
-            path = Path(directory) / name
-            stat = path.stat()
-            entries.append(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
-    return {"num_images": len(entries), "digest": digest}
-
-
-def describe_source_change(saved: dict, current: dict) -> str | None:
-    """`None` when `current` is the source `saved` describes; else what changed, in words."""
-    if saved == current:
-        return None
-    kind = saved.get("kind")
-    if kind != current.get("kind"):
-        return f"{saved} -> {current}"
-    if kind == "image_folder":
-        if saved.get("num_images") != current["num_images"]:
-            return f"{saved.get('num_images')} -> {current['num_images']} images"
-        return f"{current['num_images']} images, but their names, sizes or modification times changed"
-    if kind == "dataset":
-        if saved.get("num_rows") != current["num_rows"]:
-            return f"{saved.get('num_rows')} -> {current['num_rows']} rows"
-        return f"{current['num_rows']} rows, fingerprint {saved.get('fingerprint')} -> {current['fingerprint']}"
-    if saved.get("num_files") is not None and saved.get("num_files") != current.get("num_files"):
-        return f"{saved.get('num_files')} -> {current.get('num_files')} files"
-    changed = [key for key in current if saved.get(key) != current[key]]
-    return ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-
-
 def image_identifier(value, index: int, root: Path | None) -> str:
     """The file the image came from (relative to `root` when inside it), or its index when it has no name."""
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
@@ -436,61 +397,6 @@ def process_state():
     return PartialState(cpu=cpu)
 
 
-def saved_config(args: TokenizeArguments) -> dict | None:
-    """The `tokenize_config.json` of an earlier run into `--output_dir`, or `None`."""
-    path = Path(args.output_dir) / CONFIG_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def check_saved_arguments(args: TokenizeArguments, saved: dict | None) -> None:
-    """Refuse to add to shards made with other content arguments (before the source is loaded). The precision the
-    encoder ran in is compared instead of `--mixed_precision` as spelled (`check_saved_source`): `auto` on a CPU and
-    `no` make the same tokens."""
-    if saved is None:
-        return
-    unrecorded = sorted(set(MADE_FROM_KEYS) - set(saved))
-    if unrecorded:
-        raise UsageError(
-            f"{Path(args.output_dir) / CONFIG_FILE} lacks {unrecorded}, which vqrae-tokenize records: it was not "
-            "written by vqrae-tokenize; pass --overwrite_output_dir to tokenize into this folder again."
-        )
-    current = args.content_config()
-    del current["mixed_precision"]
-    changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
-    if changed:
-        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise UsageError(
-            f"{args.output_dir} holds shards made with other arguments ({details}); resume with the same arguments "
-            "or pass `--overwrite_output_dir` to start again."
-        )
-
-
-def check_saved_source(args: TokenizeArguments, saved: dict, made_from: dict) -> None:
-    """Refuse to resume (or to call complete) shards made in another precision, from another source or by other
-    weights; `made_from` is this run's `{"source", "precision", "weights_sha256"}` (`MADE_FROM_KEYS`)."""
-    precision = made_from["precision"]
-    if saved["precision"] != precision:
-        option = "bf16" if saved["precision"] == "bf16" else "no"
-        raise UsageError(
-            f"{args.output_dir} holds tokens computed in {saved['precision']}, but `--mixed_precision "
-            f"{args.mixed_precision}` runs in {precision} here; resume with `--mixed_precision {option}` (bf16 "
-            "autocast runs on a CPU too), or pass --overwrite_output_dir to tokenize it again."
-        )
-    change = describe_source_change(saved["source"], made_from["source"])
-    if change is not None:
-        raise UsageError(
-            f"The source changed since the tokens in {args.output_dir} were made ({change}); pass "
-            "--overwrite_output_dir to tokenize it again."
-        )
-    weights = made_from["weights_sha256"]
-    if saved["weights_sha256"] != weights:
-        raise UsageError(
-            f"The weights of `--model` {args.model!r} changed since the tokens in {args.output_dir} were made "
-            f"(weights_sha256 {saved['weights_sha256'][:16]}... -> {weights[:16]}...); resume with the model that "
-            "made them, or pass --overwrite_output_dir to tokenize it again."
-        )
-
-
 def prepare_token_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
     """Create (or check, on resume) the output folder: its `tokenize_config.json` records the content arguments and
     `made_from` (the source's identity, the precision and the weights' digest), and a rerun must match them all.
@@ -504,9 +410,9 @@ def prepare_token_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
         if not config_path.exists():
             atomic_write(config_path, json.dumps({**args.content_config(), **made_from}, indent=2) + "\n")
     state.wait_for_everyone()
-    saved = saved_config(args)
-    check_saved_arguments(args, saved)
-    check_saved_source(args, saved, made_from)
+    saved = saved_config(output_dir)
+    check_saved_arguments(output_dir, saved, args.content_config())
+    check_saved_source(output_dir, saved, made_from, mixed_precision=args.mixed_precision, model=args.model)
     return output_dir / DATA_DIR
 
 
@@ -562,7 +468,8 @@ def tokenize(args: TokenizeArguments) -> dict:
     state = process_state()
     precision = resolve_precision(args.mixed_precision, state.device)
     if not args.overwrite_output_dir:
-        check_saved_arguments(args, saved_config(args))  # before loading a source that may be large
+        # Before loading a source that may be large.
+        check_saved_arguments(args.output_dir, saved_config(args.output_dir), args.content_config())
     if args.train_dir is None and not args.streaming:
         dataset, image_column, source = load_source(args)  # its identity is its length and fingerprint
     else:
