@@ -143,7 +143,8 @@ def test_default_model_loaded_in_bf16_tokenizes_and_decodes_a_folder(tmp_path):
 
     from conftest import photo_folder
     from vqrae.cli.train import parse_train_args
-    from vqrae.tokenize import ImagePreparation, ShardBatches, TokenizeArguments, encode_shard, load_source
+    from vqrae.token_encoding import ImagePreparation, ShardBatches
+    from vqrae.tokenize import TokenizeArguments, encode_shard, load_source
     from vqrae.training.trainer import build_model
 
     folder = tmp_path / "model"

@@ -23,7 +23,8 @@ from vqrae.cli.tokenize import parse_tokenize_args
 from vqrae.errors import UsageError
 from vqrae.loading import load_model_and_processor
 from vqrae.token_dataset import decode_token_rows, load_token_dataset, token_rows_to_indices
-from vqrae.tokenize import MANIFEST_FILE, tokenize, weights_digest
+from vqrae.token_encoding import weights_digest
+from vqrae.tokenize import MANIFEST_FILE, tokenize
 
 NUM_READABLE = 23
 NUM_IMAGES = NUM_READABLE + 2  # one unreadable file inside a shard, one alone in the last shard
@@ -111,7 +112,7 @@ def test_a_non_square_photo_is_prepared_alike_by_the_quickstart_tokenize_and_eva
     from transformers import AutoImageProcessor
 
     from vqrae.image_data import load_image_dataset, load_validation_images
-    from vqrae.tokenize import ImagePreparation
+    from vqrae.token_encoding import ImagePreparation
 
     photo = Image.fromarray(data.chelsea())
     (tmp_path / "photos").mkdir()

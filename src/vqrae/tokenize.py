@@ -40,7 +40,6 @@ features differ in bf16; the FSQ step itself is always float32); the dataset car
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -49,7 +48,6 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import count, islice
 from pathlib import Path
@@ -59,19 +57,12 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from PIL import Image
 
 from .arguments import ComputeArguments, ImageSourceArguments, ModelSourceArguments, check_at_least, check_output_dir
 from .atomic_io import atomic_write
 from .errors import UsageError
 from .image_data import (
-    UNREADABLE_ERRORS,
-    center_square,
-    decode_image,
     load_image_dataset,
-    processor_resample,
-    processor_size,
-    relative_path,
 )
 from .loading import load_model_and_processor
 from .token_dataset import (
@@ -88,6 +79,15 @@ from .token_dataset import (
     shard_is_complete,
     write_manifest,
     write_shard,
+)
+from .token_encoding import (
+    ImagePreparation,
+    ShardBatches,
+    autocast_context,
+    collate_rows,
+    resolve_precision,
+    token_grid,
+    weights_digest,
 )
 
 logger = logging.getLogger(__name__)
@@ -263,61 +263,6 @@ def source_identity(args: TokenizeArguments, dataset=None) -> dict:
     return identity
 
 
-def image_identifier(value, index: int, root: Path | None) -> str:
-    """The file the image came from (relative to `root` when inside it), or its index when it has no name."""
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    return relative_path(os.fspath(path), root) if path else str(index)
-
-
-@dataclass
-class ImagePreparation:
-    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.image_data.decode_image`), cut to its
-    largest centred square at the model's resolution (`crop="center"`: `vqrae.image_data.center_square`, as
-    validation images and the model's own image processor cut it) or squeezed whole to that square
-    (`crop="none"`), with the processor's resampling, then passed through the model's image processor."""
-
-    processor: object
-    image_column: str
-    keep_columns: list[str]
-    crop: str
-    root: Path | None
-
-    def __call__(self, row: dict, index: int):
-        value = row[self.image_column]
-        identifier = image_identifier(value, index, self.root)
-        kept = {name: row[name] for name in self.keep_columns}
-        try:
-            image = decode_image(value)
-        except UNREADABLE_ERRORS as error:
-            logger.warning("Skipping unreadable image %s (index %d): %s", identifier, index, error)
-            return index, identifier, None, kept
-        side = processor_size(self.processor, None)
-        if self.crop == "center":
-            image = center_square(image, side, processor_resample(self.processor))
-        else:  # squeezed to a square, whatever crop the processor is set to
-            image = image.resize((side, side), processor_resample(self.processor))
-        pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
-        return index, identifier, pixel_values, kept
-
-
-class ShardBatches(torch.utils.data.Dataset):
-    """The rows of one shard as a map-style dataset: item `i` is `(index, id, pixel_values or None, kept columns)`,
-    `pixel_values` None for an unreadable image (skipped, and named in the manifest)."""
-
-    def __init__(self, rows: list[dict], first_index: int, prepare: ImagePreparation):
-        self.rows, self.first_index, self.prepare = rows, first_index, prepare
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int):
-        return self.prepare(self.rows[position], self.first_index + position)
-
-
-def collate_rows(items):
-    return items
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shards
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,41 +291,6 @@ def iter_shard_rows(dataset, streaming: bool, shard_size: int, wanted) -> Iterat
         if not rows:
             return
         yield shard, rows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def weights_digest(model) -> str:
-    """SHA-256 of the model's state dict: each tensor's name, dtype, shape and bytes, in name order. It identifies
-    the weights the same way whether the model came from a folder, the Hub or an object in memory, and does not
-    depend on how they were stored (safetensors metadata, sharding); the same weights in another dtype differ, as
-    their tokens may."""
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    """The precision the encoder runs in, `"bf16"` or `"float32"`: `auto` is bf16 on a GPU that supports it."""
-    if mixed_precision == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use_bf16 = mixed_precision == "bf16"
-    return "bf16" if use_bf16 else "float32"
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast for `precision="bf16"` (see `resolve_precision`), nothing for float32. The quantizer turns
-    autocast off for itself, so FSQ indices are computed in float32 either way; the encoder's features are not, so
-    a small share of bf16 tokens differs from float32 ones."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,14 +324,6 @@ def prepare_token_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
     check_saved_arguments(output_dir, saved, args.content_config())
     check_saved_source(output_dir, saved, made_from, mixed_precision=args.mixed_precision, model=args.model)
     return output_dir / DATA_DIR
-
-
-def token_grid(model, processor) -> tuple[tuple[int, int], tuple[int, int]]:
-    """`(h, w)` of the token grid and `(h * w, D)` of the features for images as `processor` prepares them."""
-    height, width = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[-2:]
-    patch = model.config.vision_config.patch_size
-    grid = (height // patch, width // patch)
-    return grid, (grid[0] * grid[1], model.config.vision_config.hidden_size)
 
 
 def encode_shard(
