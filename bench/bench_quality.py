@@ -45,7 +45,8 @@ from _common import (
     run_and_sample_memory,
 )
 
-from vqrae.cli_utils import UsageError, run_cli
+from vqrae.cli.common import run_cli
+from vqrae.errors import UsageError
 from vqrae.training.args import load_config_file
 
 # name -> (label, options added to the tiny CPU recipe)
@@ -82,9 +83,9 @@ def continuous_worker(cli_args: list[str]) -> int:
     batch so that `decode_from_indices` (called right after it by the trainer's evaluation) decodes them."""
     import torch
 
+    from vqrae.cli.train import main as train_main
     from vqrae.modeling_vqrae import VQRAEModel
     from vqrae.quantizers import VQRAEFSQuantizer, VQRAEQuantizerOutput
-    from vqrae.training.cli import main as train_main
 
     def identity(self, z):
         indices = torch.zeros(z.shape[:-1], dtype=torch.long, device=z.device)
@@ -130,7 +131,7 @@ def train_command(options: list[str], continuous: bool = False) -> list[str]:
     common = ["--config", "tiny_cpu", "--overwrite_output_dir", "true", "--disable_tqdm", "true", *options]
     if continuous:
         return [sys.executable, str(Path(__file__).resolve()), "--continuous-worker", *common]
-    return [sys.executable, "-m", "vqrae.training.cli", *common]
+    return [sys.executable, "-m", "vqrae.cli.train", *common]
 
 
 def train_run(

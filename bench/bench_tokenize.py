@@ -28,8 +28,9 @@ from _common import bench_parser, load_average, parse_bench_args, publish
 from PIL import Image
 
 from vqrae import VQRAEConfig, VQRAEModel
+from vqrae.cli.tokenize import parse_tokenize_args
 from vqrae.presets import QUANTIZER_PRESETS, VISION_PRESETS
-from vqrae.tokenize import parse_args, tokenize
+from vqrae.tokenize import tokenize
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
             model = VQRAEModel(VQRAEConfig(vision_config=vision, **QUANTIZER_PRESETS["cosmos_fsq"])).eval()
             model.save_pretrained(root / name / "model")
             summary = tokenize(
-                parse_args(
+                parse_tokenize_args(
                     ["--model", str(root / name / "model"), "--train_dir", str(root / "images")]
                     + ["--output_dir", str(root / name / "tokens"), "--max_images", str(count)]
                     + ["--batch_size", str(args.batch_size), "--shard_size", str(args.shard_size)]

@@ -13,7 +13,7 @@ built-in photos, FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv, one torch thread and 
 - stage 2: `--init_from` the same model, `--stage 2`: encoder trained, plus the frozen teacher copy for
   self-distillation;
 
-each in one process (`python -m vqrae.training.cli`) and in two CPU processes (`accelerate launch --multi_gpu
+each in one process (`python -m vqrae.cli.train`) and in two CPU processes (`accelerate launch --multi_gpu
 --num_processes 2` with `ACCELERATE_USE_CPU=1`), with the preset's batch split over the processes so the global
 batch stays the same. images/s is the median of the trainer's own `images_per_second` windows in
 metrics.jsonl after the first (warm-up) window; peak memory is sampled every 0.1 s over the whole process tree
@@ -57,11 +57,11 @@ def command(mode: str, processes: int, output_dir: Path, start_model: str, steps
         options += ["--init_from", start_model, "--stage", mode[-1]]
     env = dict(os.environ)
     if processes == 1:
-        return [sys.executable, "-m", "vqrae.training.cli", *options], env
+        return [sys.executable, "-m", "vqrae.cli.train", *options], env
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     launcher = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vqrae.training.cli",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vqrae.cli.train",
     ]  # fmt: skip
     return launcher + options, env
 

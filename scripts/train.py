@@ -3,7 +3,7 @@
 The same as the `vqrae-train` console script; see `python scripts/train.py --help` for the options.
 """
 
-from vqrae.training.cli import main
+from vqrae.cli.train import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

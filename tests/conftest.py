@@ -141,10 +141,10 @@ def run(output_dir, *extra, config=None, max_steps=2, sizes=True):
     argv = ([] if config is None else ["--config", config]) + (TINY_SIZE_ARGS if sizes else [])
     argv += [*TINY_RUN_ARGS, "--output_dir", str(output_dir)]
     argv += ["--max_steps", str(max_steps), "--eval_steps", "100", "--save_steps", "100", *extra]
-    from vqrae.training.args import parse_args
+    from vqrae.cli.train import parse_train_args
     from vqrae.training.trainer import train
 
-    return train(*parse_args(argv))
+    return train(*parse_train_args(argv))
 
 
 def records(output_dir, kind="train"):

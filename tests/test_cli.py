@@ -9,10 +9,11 @@ import time
 import pytest
 
 from conftest import TINY_RUN_ARGS, TINY_SIZE_ARGS, photo_folder
-from vqrae.cli_utils import UsageError, run_cli
+from vqrae.cli.common import run_cli
+from vqrae.errors import UsageError
 from vqrae.training.checkpointing import latest_checkpoint
 
-TRAIN = [sys.executable, "-m", "vqrae.training.cli"]
+TRAIN = [sys.executable, "-m", "vqrae.cli.train"]
 
 
 def _train(*argv, cwd=None, timeout=300):

@@ -6,36 +6,36 @@ import sys
 
 import pytest
 
-import vqrae.tokenize as tokenize_module
-import vqrae.training.cli as train_cli
-import vqrae.training.evaluate as evaluate_module
-import vqrae.training.hub as hub_module
-from vqrae.cli_utils import UsageError
+import vqrae.cli.evaluate as evaluate_module
+import vqrae.cli.push as hub_module
+import vqrae.cli.tokenize as tokenize_module
+import vqrae.cli.train as train_cli
+from vqrae.errors import UsageError
 from vqrae.image_data import load_image_dataset
 
 CASES = {
     # an option our own validation refuses
     "tokenize_bad_value": (
-        "vqrae.tokenize",
+        "vqrae.cli.tokenize",
         ["--model", "m", "--output_dir", "{tmp}/out", "--dataset_name", "x", "--shard_size", "0"],
         "vqrae-tokenize: error: `--shard_size` must be an integer >= 1 (got 0).",
     ),
     # a model option that would do nothing (SimVQ with the default FSQ quantizer), refused by VQRAEConfig
     "train_option_without_effect": (
-        "vqrae.training.cli",
+        "vqrae.cli.train",
         ["--use_simvq", "true", "--max_steps", "1", "--warmup_steps", "0", "--output_dir", "{tmp}/out"],
         "vqrae-train: error: `use_simvq=True` has no effect with `use_fsq=True`: it needs `use_fsq=False` "
         "(vqrae-train: --quantizer vq). Pass that, or leave `use_simvq` at its default False.",
     ),
     # a model folder that does not exist, relative to the working directory
     "evaluate_missing_model": (
-        "vqrae.training.evaluate",
+        "vqrae.cli.evaluate",
         ["--model", "outputs/nope", "--output_dir", "{tmp}/eval"],
         "vqrae-evaluate: error: `--model` 'outputs/nope' is not a folder (looked for {tmp}/outputs/nope) and not a "
         "model in the Hub cache or reachable on the Hub: ",
     ),
     "push_missing_folder": (
-        "vqrae.training.hub",
+        "vqrae.cli.push",
         ["{tmp}/missing", "--repo-id", "org/name"],
         "vqrae-push: error: `folder` must be a saved VQRAE model folder (got '{tmp}/missing', which is not a folder).",
     ),

@@ -165,16 +165,16 @@ def _training_presets():
 def test_every_training_preset_builds_its_model(preset):
     """Each YAML preset, on a random tiny encoder (with the size's decoder fields) and as the config it gives a
     pretrained encoder, with and without `--use_simvq` where it trains VQ."""
-    from vqrae.training.args import parse_args
+    from vqrae.cli.train import parse_train_args
     from vqrae.training.trainer import build_model
 
     assert {"cosmos_fsq", "standard_fsq", "tiny_cpu", "vq"} <= set(_training_presets())
-    model_args, _, _ = parse_args(["--config", preset])
+    model_args, _, _ = parse_train_args(["--config", preset])
     model = build_model(model_args)
     assert model.config.use_post_quant_conv == (model.post_quant_conv is not None)
     VQRAEConfig(vision_config=dict(TINY_VISION), **model_args.config_kwargs())
     if not model.config.use_fsq:
-        simvq_args, _, _ = parse_args(["--config", preset, "--use_simvq", "true"])
+        simvq_args, _, _ = parse_train_args(["--config", preset, "--use_simvq", "true"])
         assert build_model(simvq_args).config.use_simvq is True
 
 

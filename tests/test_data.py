@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from vqrae.cli_utils import UsageError
+from vqrae.errors import UsageError
 from vqrae.image_data import (
     BUILTIN_DATASET_NAME,
     BUILTIN_TRAIN_PHOTOS,

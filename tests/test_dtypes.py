@@ -142,12 +142,13 @@ def test_default_model_loaded_in_bf16_tokenizes_and_decodes_a_folder(tmp_path):
     from tqdm import tqdm
 
     from conftest import photo_folder
-    from vqrae.tokenize import ImagePreparation, ShardBatches, TokenizeArguments, encode_shard, load_source
-    from vqrae.training.args import parse_args
+    from vqrae.cli.train import parse_train_args
+    from vqrae.token_encoding import ImagePreparation, ShardBatches
+    from vqrae.tokenize import TokenizeArguments, encode_shard, load_source
     from vqrae.training.trainer import build_model
 
     folder = tmp_path / "model"
-    build_model(parse_args([])[0]).save_pretrained(folder)  # the default run's model (untrained weights)
+    build_model(parse_train_args([])[0]).save_pretrained(folder)  # the default run's model (untrained weights)
     model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16)
     reference = AutoModel.from_pretrained(folder)
     assert model.dtype == torch.bfloat16

@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import tiny_model
 from vqrae import to_pil_images
-from vqrae.training.evaluate import evaluate, parse_args
+from vqrae.cli.evaluate import parse_evaluate_args
+from vqrae.training.evaluate import evaluate
 from vqrae.training.model_card import read_eval_results
 from vqrae.training.run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
 
@@ -42,7 +43,7 @@ def test_results_and_pictures_from_a_folder(setup):
     root, model, photos = setup
     output = root / "eval"
     result = evaluate(
-        parse_args(
+        parse_evaluate_args(
             ["--model", str(root / "model"), "--validation_dir", str(photos), "--output_dir", str(output)]
             + ["--batch_size", "2", "--num_examples", "3", "--step", "7"]
         )
@@ -84,7 +85,7 @@ def test_reproduces_the_eval_results_of_a_training_run(tmp_path):
     """vqrae-train a few steps on the tiny preset (built-in photos), then vqrae-evaluate its output folder on the
     same held-out photos: the same figures, to the last digit."""
     from conftest import TINY_VISION
-    from vqrae.training.args import parse_args as parse_train_args
+    from vqrae.cli.train import parse_train_args
     from vqrae.training.trainer import train
 
     run = tmp_path / "run"
@@ -104,7 +105,7 @@ def test_reproduces_the_eval_results_of_a_training_run(tmp_path):
 
     output = tmp_path / "eval"
     argv = ["--model", str(run), "--output_dir", str(output), "--max_eval_samples", "12", "--step", "3"]
-    assert evaluate(parse_args([*argv, "--batch_size", "5"])).metrics == trained
+    assert evaluate(parse_evaluate_args([*argv, "--batch_size", "5"])).metrics == trained
     assert json.loads((output / EVAL_RESULTS_FILE).read_text()) == trained
 
 
@@ -119,7 +120,7 @@ def test_reproduces_the_eval_results_of_a_training_run(tmp_path):
 )
 def test_bad_arguments_are_refused(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
-        parse_args(["--model", "unused", "--output_dir", str(tmp_path), *extra])
+        parse_evaluate_args(["--model", "unused", "--output_dir", str(tmp_path), *extra])
 
 
 def test_num_crops_measures_codebook_use_over_random_crops_of_the_whole_images(setup):
@@ -130,7 +131,7 @@ def test_num_crops_measures_codebook_use_over_random_crops_of_the_whole_images(s
     root, model, photos = setup
     output = root / "eval-crops"
     argv = ["--model", str(root / "model"), "--validation_dir", str(photos), "--output_dir", str(output)]
-    metrics = evaluate(parse_args([*argv, "--num_crops", "6"])).metrics
+    metrics = evaluate(parse_evaluate_args([*argv, "--num_crops", "6"])).metrics
     use = metrics["crop_codebook_use"]
     assert use["crops"] == 6 and use["tokens"] == 6 * 16 and use["codebook_size"] == 64000
     # The same crops of the same whole photos (the broken file skipped) give the same count.
@@ -143,4 +144,6 @@ def test_num_crops_measures_codebook_use_over_random_crops_of_the_whole_images(s
     card = str(render_model_card(output))
     row = f"over 6 random crops | {use['used_codes'] / 64000:.1%} ({use['used_codes']:,} codes over 96 tokens)"
     assert row in card
-    assert evaluate(parse_args([*argv[:-1], str(root / "eval-no-crops")])).metrics["crop_codebook_use"] is None
+    assert (
+        evaluate(parse_evaluate_args([*argv[:-1], str(root / "eval-no-crops")])).metrics["crop_codebook_use"] is None
+    )

@@ -13,11 +13,10 @@ from accelerate import Accelerator
 
 from conftest import TINY_RUN_ARGS, TINY_SIZE_ARGS, photo_folder, tiny_model
 from test_training_processes import _free_port
+from vqrae.cli.train import parse_train_args
 from vqrae.image_data import example_identities, example_identity, hold_out, id_column
-from vqrae.training.args import parse_args
-from vqrae.training.data import StreamingTrainingBatches
+from vqrae.training.data import StreamingTrainingBatches, load_training_data
 from vqrae.training.run_files import HELD_OUT_FILE
-from vqrae.training.trainer import load_training_data
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def _stream_ids(stream) -> list[str]:
 
 def _load(output_dir, *extra):
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_args, data_args, args = parse_args(
+    model_args, data_args, args = parse_train_args(
         [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--output_dir", str(output_dir), *extra]
     )
     processor = tiny_model().get_image_processor()
@@ -87,10 +86,11 @@ DUMP_SCRIPT = """
 import json, os, sys
 from accelerate import Accelerator
 from vqrae.image_data import example_identity, id_column
-from vqrae.training.args import parse_args
-from vqrae.training.trainer import build_model, load_training_data
+from vqrae.cli.train import parse_train_args
+from vqrae.training.data import load_training_data
+from vqrae.training.trainer import build_model
 
-model_args, data_args, args = parse_args(sys.argv[1:])
+model_args, data_args, args = parse_train_args(sys.argv[1:])
 accelerator = Accelerator()
 model = build_model(model_args)
 data = load_training_data(data_args, args, model.get_image_processor(), 32, accelerator)

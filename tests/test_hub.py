@@ -20,6 +20,7 @@ from transformers import AutoModel
 from conftest import tiny_model
 from hub_cache import write_hub_cache
 from test_model_card import make_run_folder, picture_links, quickstart_code
+from vqrae.cli import push as push_cli
 from vqrae.training import hub
 from vqrae.training.hub import HubPublishError, push_to_hub
 from vqrae.training.model_card import render_model_card
@@ -242,7 +243,7 @@ def test_bad_folder_or_arguments_are_named(run_folder, tmp_path, fake_hub, onlin
 
 
 def test_cli_publishes_and_prints_the_commit_url(run_folder, fake_hub, online, capsys):
-    assert hub.main([str(run_folder), "--repo-id", REPO_ID, "--private", "--revision", "dev"]) == 0
+    assert push_cli.main([str(run_folder), "--repo-id", REPO_ID, "--private", "--revision", "dev"]) == 0
     (commit,) = fake_hub.commits
     assert set(commit["files"]) == PUBLISHED and commit["revision"] == "dev"
     assert fake_hub.repos[0]["private"] is True
@@ -251,7 +252,7 @@ def test_cli_publishes_and_prints_the_commit_url(run_folder, fake_hub, online, c
 
 def test_cli_fails_fast_offline_with_a_clear_message(run_folder, fake_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    assert hub.main([str(run_folder), "--repo-id", REPO_ID]) == 2  # a user error: argparse's exit status
+    assert push_cli.main([str(run_folder), "--repo-id", REPO_ID]) == 2  # a user error: argparse's exit status
     captured = capsys.readouterr()
     assert captured.err.startswith("vqrae-push: error: Cannot publish to the Hugging Face Hub: offline mode is on")
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
@@ -260,8 +261,8 @@ def test_cli_fails_fast_offline_with_a_clear_message(run_folder, fake_hub, monke
 
 def test_vqrae_push_console_script_is_installed():
     (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "vqrae-push"]
-    assert script.value == "vqrae.training.hub:main"
-    assert script.load() is hub.main
+    assert script.value == "vqrae.cli.push:main"
+    assert script.load() is push_cli.main
 
 
 def test_cli_without_a_connection_to_the_hub_is_one_line(run_folder, tmp_path):
@@ -271,7 +272,7 @@ def test_cli_without_a_connection_to_the_hub_is_one_line(run_folder, tmp_path):
         probe.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
     env = dict(os.environ, HF_HUB_OFFLINE="0", HF_TOKEN="hf_test_token", HF_ENDPOINT=endpoint)
-    command = [sys.executable, "-m", "vqrae.training.hub", str(run_folder), "--repo-id", REPO_ID]
+    command = [sys.executable, "-m", "vqrae.cli.push", str(run_folder), "--repo-id", REPO_ID]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -6,11 +6,12 @@ import dataclasses
 import pytest
 
 from vqrae import VQRAEConfig
-from vqrae.cli_utils import UsageError
+from vqrae.cli.train import parse_train_args as parse_args
 from vqrae.configuration_vqrae import NOT_TRAINING_OPTIONS
+from vqrae.errors import UsageError
 from vqrae.tokenize import CONTENT_ARGUMENTS, TokenizeArguments
 from vqrae.training import run_files
-from vqrae.training.args import ALL_ARGUMENT_CLASSES, MODEL_OPTIONS, RESUMABLE_OPTIONS, parse_args
+from vqrae.training.args import ALL_ARGUMENT_CLASSES, MODEL_OPTIONS, RESUMABLE_OPTIONS
 from vqrae.training.checkpointing import check_resume
 
 

@@ -8,7 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from vqrae.training.args import options_to_dict, parse_args, preset_config_dir
+from vqrae.cli.train import parse_train_args
+from vqrae.training.args import options_to_dict, preset_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("cosmos_fsq", "standard_fsq", "tiny_cpu", "vq")
@@ -32,13 +33,15 @@ def test_the_presets_ship_in_the_wheel_and_resolve_by_name_when_installed(instal
     script = (
         "import json, sys, vqrae\n"
         f"assert vqrae.__file__.startswith({str(site)!r}), vqrae.__file__\n"
-        "from vqrae.training.args import options_to_dict, parse_args, preset_config_dir\n"
+        "from vqrae.cli.train import parse_train_args\n"
+        "from vqrae.training.args import options_to_dict, preset_config_dir\n"
         f"assert str(preset_config_dir()).startswith({str(site)!r}), preset_config_dir()\n"
-        f"print(json.dumps({{name: options_to_dict(*parse_args(['--config', name])) for name in {PRESETS!r}}}))\n"
+        "parse = parse_train_args\n"
+        f"print(json.dumps({{name: options_to_dict(*parse(['--config', name])) for name in {PRESETS!r}}}))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ["PYTHONPATH"]])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     installed = json.loads(result.stdout)
-    assert installed == {name: options_to_dict(*parse_args(["--config", name])) for name in PRESETS}
+    assert installed == {name: options_to_dict(*parse_train_args(["--config", name])) for name in PRESETS}
     assert installed["cosmos_fsq"]["quantizer"] == "cosmos_fsq" and installed["vq"]["quantizer"] == "vq"

@@ -23,13 +23,13 @@ def quickstart() -> tuple[str, str]:
 
 
 def test_readme_quickstart_runs_as_written(tmp_path):
-    from vqrae.training.args import parse_args
+    from vqrae.cli.train import parse_train_args
     from vqrae.training.trainer import build_model
 
     code, printed = quickstart()
     folder = re.search(r'from_pretrained\("([^"]+)"\)', code).group(1)
     # What `vqrae-train` with no arguments saves there: the default model's own config (weights untrained).
-    model_args, _, training_args = parse_args([])
+    model_args, _, training_args = parse_train_args([])
     assert training_args.output_dir == folder
     build_model(model_args).save_pretrained(tmp_path / folder)
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)

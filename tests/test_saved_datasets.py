@@ -8,9 +8,9 @@ import datasets
 import pytest
 
 from conftest import photo_folder, run, tiny_model
+from vqrae.cli.evaluate import main as evaluate_main
+from vqrae.cli.tokenize import main as tokenize_main
 from vqrae.image_data import load_image_dataset
-from vqrae.tokenize import main as tokenize_main
-from vqrae.training.evaluate import main as evaluate_main
 
 
 @pytest.fixture(scope="module")

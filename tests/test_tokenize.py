@@ -19,9 +19,12 @@ import vqrae.token_dataset as token_dataset
 from conftest import tiny_model
 from hub_cache import write_hub_cache
 from vqrae import to_pil_images
-from vqrae.cli_utils import UsageError
+from vqrae.cli.tokenize import parse_tokenize_args
+from vqrae.errors import UsageError
+from vqrae.loading import load_model_and_processor
 from vqrae.token_dataset import decode_token_rows, load_token_dataset, token_rows_to_indices
-from vqrae.tokenize import MANIFEST_FILE, load_model_and_processor, parse_args, tokenize, weights_digest
+from vqrae.token_encoding import weights_digest
+from vqrae.tokenize import MANIFEST_FILE, tokenize
 
 NUM_READABLE = 23
 NUM_IMAGES = NUM_READABLE + 2  # one unreadable file inside a shard, one alone in the last shard
@@ -31,7 +34,7 @@ COMMON = ["--shard_size", str(SHARD_SIZE), "--batch_size", "3"]
 
 
 def main(argv: list[str]) -> dict:
-    return tokenize(parse_args(argv))
+    return tokenize(parse_tokenize_args(argv))
 
 
 def _run(tmp_dir: Path, model: str, images: Path, name: str, *extra: str) -> Path:
@@ -109,7 +112,7 @@ def test_a_non_square_photo_is_prepared_alike_by_the_quickstart_tokenize_and_eva
     from transformers import AutoImageProcessor
 
     from vqrae.image_data import load_image_dataset, load_validation_images
-    from vqrae.tokenize import ImagePreparation
+    from vqrae.token_encoding import ImagePreparation
 
     photo = Image.fromarray(data.chelsea())
     (tmp_path / "photos").mkdir()
@@ -144,6 +147,7 @@ def test_sigkill_halfway_then_resume_equals_one_run(setup):
     launcher = (
         "import os, signal, sys\n"
         "import vqrae.tokenize as job\n"
+        "from vqrae.cli.tokenize import main\n"
         "real_write, written = job.write_shard, []\n"
         "def write_then_die(path, *args):\n"
         "    if len(written) == 2:\n"
@@ -152,7 +156,7 @@ def test_sigkill_halfway_then_resume_equals_one_run(setup):
         "    real_write(path, *args)\n"
         "    written.append(path)\n"
         "job.write_shard = write_then_die\n"
-        "job.main(sys.argv[1:])\n"
+        "main(sys.argv[1:])\n"
     )
     argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]
     killed = subprocess.run([sys.executable, "-c", launcher, *argv], capture_output=True, text=True, timeout=300)
@@ -187,7 +191,7 @@ def test_two_processes_make_the_same_dataset(setup):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vqrae.tokenize",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vqrae.cli.tokenize",
         "--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -303,7 +307,7 @@ def test_a_rerun_after_images_were_added_is_refused(setup, tmp_path):
     assert main(argv)["images"] == 0  # unchanged: complete, nothing to do
 
     (folder / "photo_03.png").write_bytes((images / "photo_03.png").read_bytes())
-    command = [sys.executable, "-m", "vqrae.tokenize", *argv]
+    command = [sys.executable, "-m", "vqrae.cli.tokenize", *argv]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -330,7 +334,7 @@ def test_a_rerun_after_images_were_added_is_refused(setup, tmp_path):
 def _one_line_refusal(argv: list[str]) -> str:
     """Run `vqrae-tokenize` as a user does; it must refuse with exit status 2 and one line. Returns the line."""
     result = subprocess.run(
-        [sys.executable, "-m", "vqrae.tokenize", *argv], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "vqrae.cli.tokenize", *argv], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -398,19 +402,18 @@ def test_a_local_dataset_folder_gives_relative_ids_and_a_changed_one_is_refused(
         main(argv)
 
 
-def test_an_output_made_before_the_source_was_recorded_still_resumes_and_loads(setup, tmp_path):
+@pytest.mark.parametrize("key", ["source", "precision", "weights_sha256"])
+def test_a_config_without_what_the_tokens_were_made_from_is_refused(setup, tmp_path, key):
+    """No vqrae-tokenize ever wrote a config without these: such a folder is not resumed on trust."""
     root, model_dir, images, reference = setup
-    output = tmp_path / "old"
+    output = tmp_path / "foreign"
     shutil.copytree(reference, output)
-    for name in ("tokenize_config.json", MANIFEST_FILE):
-        saved = json.loads((output / name).read_text())
-        for key in ("source", "precision", "dataset_revision", "weights_sha256"):
-            saved.pop(key)
-        (output / name).write_text(json.dumps(saved))
+    saved = json.loads((output / "tokenize_config.json").read_text())
+    saved.pop(key)
+    (output / "tokenize_config.json").write_text(json.dumps(saved))
     argv = ["--model", model_dir, "--train_dir", str(images), "--output_dir", str(output), *COMMON]
-    assert main(argv)["images"] == 0
-    _assert_same_dataset(_table(output), _table(reference))
-    assert len(load_token_dataset(output)) == NUM_READABLE
+    with pytest.raises(UsageError, match=rf"lacks \['{key}'\], which vqrae-tokenize records"):
+        main(argv)
 
 
 def test_the_precision_is_recorded_in_the_manifest_and_the_card(setup, tmp_path):

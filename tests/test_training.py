@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import TINY_RUN_ARGS, records, run, tiny_model
-from vqrae.training.args import parse_args, preset_config_dir
+from vqrae.cli.train import parse_train_args
+from vqrae.training.args import preset_config_dir
 from vqrae.training.losses import VQRAEPatchDiscriminator
 from vqrae.training.trainer import latest_checkpoint
 
@@ -139,7 +140,7 @@ def test_output_folder_loads_and_its_results_match_a_fresh_evaluation(tmp_path):
     assert evaluate_model(model, images, step=3).metrics == saved
 
     # training_config.yaml gives back every option of the run.
-    again = parse_args(["--config", str(output / "training_config.yaml")])
+    again = parse_train_args(["--config", str(output / "training_config.yaml")])
     assert again[2].ema_decay == 0.9 and again[2].max_steps == 3 and again[0].hidden_size == 32
     assert again[2].resume_from_checkpoint is None
 
@@ -296,7 +297,7 @@ def test_saved_and_evaluated_model_is_the_ema_of_the_raw_weights(ema_decay, tmp_
 
 
 def test_defaults_are_the_tiny_cpu_preset():
-    assert parse_args([]) == parse_args(["--config", "tiny_cpu"])
+    assert parse_train_args([]) == parse_train_args(["--config", "tiny_cpu"])
 
 
 @pytest.mark.parametrize(
@@ -313,7 +314,7 @@ def test_defaults_are_the_tiny_cpu_preset():
 )
 def test_bad_options_are_refused_when_parsed(argv, match):
     with pytest.raises(ValueError, match=match):
-        parse_args(argv)
+        parse_train_args(argv)
 
 
 def test_bad_runs_fail_early_with_clear_errors(tmp_path):

@@ -72,7 +72,7 @@ def test_the_held_out_set_is_the_same_whatever_the_seed_and_written_to_the_run_f
 
 def test_train_dir_without_validation_folder_holds_out_a_share(tmp_path, caplog):
     folder = photo_folder(tmp_path / "photos", 40)
-    with caplog.at_level(logging.INFO, logger="vqrae.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="vqrae.training.data"):
         metrics = run(tmp_path / "out", "--train_dir", str(folder), "--validation_split_percentage", "10")
     count = metrics["held_out"]["num_examples"]
     assert metrics["held_out"] == {"percentage": 10.0, "num_examples": count, "of": 40} and 1 <= count <= 10

@@ -1,4 +1,4 @@
-"""The library's own error for bad input from a user. The command-line tools (`vqrae.cli_utils.run_cli`) print it as
+"""The library's own error for bad input from a user. The command-line tools (`vqrae.cli.common.run_cli`) print it as
 one line, `PROG: error: ...`, and exit with status 2; the library raises it without knowing about them."""
 
 

@@ -25,11 +25,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import SiglipImageProcessorPil
 
 from .errors import UsageError
+from .modeling_vqrae import center_crop_settings
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +237,6 @@ def center_square(image: Image.Image, image_size: int, resample: int = Image.Res
     """The largest centred square of `image` at `image_size` px, cut by the model's image processor's own code with
     its crop (`vqrae.modeling_vqrae.center_crop_settings`): `vqrae-tokenize`, `vqrae-evaluate`, the training's
     validation images and `AutoImageProcessor.from_pretrained(model folder)` give the same pixels."""
-    from transformers import SiglipImageProcessorPil
-
-    from .modeling_vqrae import center_crop_settings
-
     crop = SiglipImageProcessorPil(
         **center_crop_settings(image_size), resample=resample, do_rescale=False, do_normalize=False
     )
@@ -347,8 +346,6 @@ def builtin_photos(split: str = "train"):
     order. No validation photo is ever seen in training. Requires scikit-image and scikit-learn
     (`pip install "vqrae[train]"`).
     """
-    import datasets
-
     if split not in ("train", "validation"):
         raise MissingSplitError(f"The built-in photos have the splits 'train' and 'validation' (got split={split!r}).")
     images, names = _builtin_photo_files(split)
@@ -361,8 +358,6 @@ def resolve_image_column(dataset, image_column: str | None) -> str:
     """The name of the image column: `image_column` if given, else the only `Image` column, else `image`. The column
     must exist and hold images (an `Image` feature, bytes, or paths to files); anything else is refused, naming the
     columns that do hold images."""
-    import datasets
-
     features = dataset.features
     columns = list(features) if features is not None else list(getattr(dataset, "column_names", None) or [])
     first = None
@@ -431,8 +426,6 @@ def load_image_dataset(
     Returns `(dataset, image_column)`. Raises `ValueError` for an unknown split, a missing image column or an
     empty dataset.
     """
-    import datasets
-
     if train_dir is not None or validation_dir is not None:
         folder = train_dir if split == "train" else validation_dir
         option = "--train_dir" if split == "train" else "--validation_dir"
@@ -496,8 +489,6 @@ def load_image_dataset(
 
 def _saved_to_disk(folder: str) -> bool:
     """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    import datasets
-
     names = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
     return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, name)) for name in names)
 
@@ -505,8 +496,6 @@ def _saved_to_disk(folder: str) -> bool:
 def _load_saved_split(folder: str, split: str, split_option: str):
     """Split `split` (a slice such as `train[:10]` too) of a folder written by `save_to_disk`. A saved `Dataset` is
     one split, named by its own `split` (`train` when it has none)."""
-    import datasets
-
     saved = datasets.load_from_disk(folder)
     splits = {str(saved.split or "train"): saved} if isinstance(saved, datasets.Dataset) else dict(saved)
     try:
@@ -602,8 +591,6 @@ def hold_out(dataset, percentage: float, image_column: str, root: str | None = N
     every example falls there is refused. Both parts keep the dataset's order. `info` says what was held out (for
     the log and `eval_results.json`): `{"percentage", "num_examples", "of"}` (`None` counts for a stream).
     """
-    import datasets
-
     if not 0 < percentage < 100:
         raise UsageError(f"`validation_split_percentage` must be a number in (0, 100) (got {percentage!r}).")
     threshold = percentage / 100

@@ -14,13 +14,18 @@ images = decode_token_rows(model, generated_indices)  # tokens from a generative
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
 from .atomic_io import atomic_file, atomic_write
@@ -44,6 +49,9 @@ __all__ = [
 ]
 
 MANIFEST_FILE = "tokenize_manifest.json"
+CONFIG_FILE = "tokenize_config.json"
+# What the shards were made from, recorded beside the content arguments and checked on every rerun.
+MADE_FROM_KEYS = ("source", "precision", "weights_sha256")
 DATA_DIR = "data"
 SHARD_METADATA_KEY = b"vqrae_shard"
 
@@ -73,8 +81,6 @@ def output_features(
 ):
     """The `datasets.Features` of every shard: `index`, `id`, `indices` (the `h x w` grid), the kept source columns
     (with the source's own types) and, when `features_dtype` is given, the continuous `features`."""
-    import datasets
-
     columns = {
         "index": datasets.Value("int64"),
         "id": datasets.Value("string"),
@@ -96,9 +102,6 @@ def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
     A reader (or a resumed run) therefore sees either no file or a complete one. `shard_info` (first index,
     number of source images, the skipped ones) travels in the Parquet metadata, for the manifest.
     """
-    import datasets
-    import pyarrow.parquet as pq
-
     if not columns["index"]:
         atomic_write(empty_shard_marker(path), json.dumps(shard_info))
         return
@@ -111,8 +114,6 @@ def write_shard(path: Path, columns: dict, features, shard_info: dict) -> None:
 
 
 def read_shard_info(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
     if empty_shard_marker(path).exists():
         return {**json.loads(empty_shard_marker(path).read_text()), "num_rows": 0}
     schema = pq.read_schema(path)
@@ -212,8 +213,6 @@ def load_token_dataset(path: str | Path, split: str | None = None):
     It is read from its Parquet shards with `datasets.load_dataset("parquet", ...)`. The job must have finished
     (its `tokenize_manifest.json` exists); a folder from an interrupted job raises a `ValueError`.
     """
-    import datasets
-
     folder = Path(path)
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -282,3 +281,107 @@ def decode_token_rows(model, rows, batch_size: int = 32, image_processor=None) -
             reconstruction = model.decode_from_indices(batch, return_dict=True).reconstruction
             images.extend(to_pil_images(reconstruction, processor))
     return images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the tokens were made from: checked before a rerun adds to them or calls them complete
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def folder_identity(folder: str | os.PathLike, images_only: bool) -> dict:
+    """`{"num_images", "digest"}` of the files under `folder` that `datasets` reads (hidden files and folders and
+    `__*` folders left out, as `datasets` does; with `images_only`, the file types `imagefolder` loads): how many
+    there are and a SHA-256 over their relative paths, sizes and modification times."""
+    extensions = set(ImageFolder.EXTENSIONS)
+    root = Path(folder)
+    entries = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith((".", "__"))]
+        for name in files:
+            if name.startswith(".") or (images_only and Path(name).suffix.lower() not in extensions):
+                continue
+            path = Path(directory) / name
+            stat = path.stat()
+            entries.append(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
+    return {"num_images": len(entries), "digest": digest}
+
+
+def describe_source_change(saved: dict, current: dict) -> str | None:
+    """`None` when `current` is the source `saved` describes; else what changed, in words."""
+    if saved == current:
+        return None
+    kind = saved.get("kind")
+    if kind != current.get("kind"):
+        return f"{saved} -> {current}"
+    if kind == "image_folder":
+        if saved.get("num_images") != current["num_images"]:
+            return f"{saved.get('num_images')} -> {current['num_images']} images"
+        return f"{current['num_images']} images, but their names, sizes or modification times changed"
+    if kind == "dataset":
+        if saved.get("num_rows") != current["num_rows"]:
+            return f"{saved.get('num_rows')} -> {current['num_rows']} rows"
+        return f"{current['num_rows']} rows, fingerprint {saved.get('fingerprint')} -> {current['fingerprint']}"
+    if saved.get("num_files") is not None and saved.get("num_files") != current.get("num_files"):
+        return f"{saved.get('num_files')} -> {current.get('num_files')} files"
+    changed = [key for key in current if saved.get(key) != current[key]]
+    return ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+
+
+def saved_config(output_dir: str | os.PathLike) -> dict | None:
+    """The `tokenize_config.json` of an earlier run into `output_dir`, or `None`."""
+    path = Path(output_dir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_saved_arguments(output_dir: str | os.PathLike, saved: dict | None, content_config: dict) -> None:
+    """Refuse to add to shards made with other content arguments (`content_config`, this run's; checked before the
+    source is loaded) than the `saved` config of `output_dir`. The precision the
+    encoder ran in is compared instead of `--mixed_precision` as spelled (`check_saved_source`): `auto` on a CPU and
+    `no` make the same tokens."""
+    if saved is None:
+        return
+    unrecorded = sorted(set(MADE_FROM_KEYS) - set(saved))
+    if unrecorded:
+        raise UsageError(
+            f"{Path(output_dir) / CONFIG_FILE} lacks {unrecorded}, which vqrae-tokenize records: it was not "
+            "written by vqrae-tokenize; pass --overwrite_output_dir to tokenize into this folder again."
+        )
+    current = dict(content_config)
+    del current["mixed_precision"]
+    changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
+    if changed:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise UsageError(
+            f"{output_dir} holds shards made with other arguments ({details}); resume with the same arguments "
+            "or pass `--overwrite_output_dir` to start again."
+        )
+
+
+def check_saved_source(
+    output_dir: str | os.PathLike, saved: dict, made_from: dict, *, mixed_precision: str, model: str
+) -> None:
+    """Refuse to resume (or to call complete) shards made in another precision, from another source or by other
+    weights; `made_from` is this run's `{"source", "precision", "weights_sha256"}` (`MADE_FROM_KEYS`), which
+    `--mixed_precision` and `--model` (named in the messages) gave."""
+    precision = made_from["precision"]
+    if saved["precision"] != precision:
+        option = "bf16" if saved["precision"] == "bf16" else "no"
+        raise UsageError(
+            f"{output_dir} holds tokens computed in {saved['precision']}, but `--mixed_precision "
+            f"{mixed_precision}` runs in {precision} here; resume with `--mixed_precision {option}` (bf16 "
+            "autocast runs on a CPU too), or pass --overwrite_output_dir to tokenize it again."
+        )
+    change = describe_source_change(saved["source"], made_from["source"])
+    if change is not None:
+        raise UsageError(
+            f"The source changed since the tokens in {output_dir} were made ({change}); pass "
+            "--overwrite_output_dir to tokenize it again."
+        )
+    weights = made_from["weights_sha256"]
+    if saved["weights_sha256"] != weights:
+        raise UsageError(
+            f"The weights of `--model` {model!r} changed since the tokens in {output_dir} were made "
+            f"(weights_sha256 {saved['weights_sha256'][:16]}... -> {weights[:16]}...); resume with the model that "
+            "made them, or pass --overwrite_output_dir to tokenize it again."
+        )

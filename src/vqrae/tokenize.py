@@ -1,8 +1,8 @@
-"""Turn an image dataset into a dataset of VQRAE tokens: `vqrae-tokenize` / `python -m vqrae.tokenize`.
+"""Turn an image dataset into a dataset of VQRAE tokens: `vqrae-tokenize` / `python -m vqrae.cli.tokenize`.
 
     vqrae-tokenize --model org/vqrae-cosmos --dataset_name org/images --split train --output_dir tokens/
     vqrae-tokenize --model out/stage1 --train_dir photos/ --output_dir tokens/
-    accelerate launch -m vqrae.tokenize --model ... --output_dir tokens/     # several processes, one dataset
+    accelerate launch -m vqrae.cli.tokenize --model ... --output_dir tokens/ # several processes, one dataset
 
 The output is a `datasets` dataset in Parquet shards, one row per image, in the order of the source split:
 
@@ -46,10 +46,8 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from itertools import count, islice
 from pathlib import Path
@@ -57,33 +55,43 @@ from typing import Literal
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 
+from .arguments import ComputeArguments, ImageSourceArguments, ModelSourceArguments, check_at_least, check_output_dir
 from .atomic_io import atomic_write
-from .cli_utils import (
-    ComputeArguments,
-    ImageSourceArguments,
-    ModelSourceArguments,
-    UsageError,
-    check_at_least,
-    check_output_dir,
-    parse_dataclasses,
-    run_cli,
-    setup_logging,
+from .errors import UsageError
+from .image_data import (
+    load_image_dataset,
 )
+from .loading import load_model_and_processor
 from .token_dataset import (
+    CONFIG_FILE,
     DATA_DIR,
     MANIFEST_FILE,
+    check_saved_arguments,
+    check_saved_source,
+    folder_identity,
     output_features,
     remove_stale_temporaries,
+    saved_config,
     shard_file,
     shard_is_complete,
     write_manifest,
     write_shard,
 )
+from .token_encoding import (
+    ImagePreparation,
+    ShardBatches,
+    autocast_context,
+    collate_rows,
+    resolve_precision,
+    token_grid,
+    weights_digest,
+)
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "tokenize_config.json"
 FEATURES_DTYPES = ("float16", "float32")
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16")
 CROP_CHOICES = ("center", "none")
@@ -186,11 +194,6 @@ class TokenizeArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
 CONTENT_ARGUMENTS = tuple(item.name for item in fields(TokenizeArguments) if item.metadata.get("changes_tokens", True))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TokenizeArguments:
-    description = "Encode every image of a dataset into VQRAE tokens, written as a resumable Parquet dataset."
-    return parse_dataclasses(TokenizeArguments, "vqrae-tokenize", description, argv)[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Source images
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,8 +205,6 @@ def load_source(args: TokenizeArguments, identity: dict | None = None):
     of shards that are complete or belong to another process are never decoded. Returns `(dataset, image_column,
     identity)`, `identity` what `source_identity` records of the whole source (before `--max_images`), unless it is
     passed in (already computed: a folder is not walked twice)."""
-    from .image_data import load_image_dataset
-
     split = "train" if args.train_dir is not None else args.split
     dataset, image_column = load_image_dataset(split, train_dir=args.train_dir, **args.source_kwargs())
     if identity is None:
@@ -252,109 +253,6 @@ def source_identity(args: TokenizeArguments, dataset=None) -> dict:
     return identity
 
 
-def folder_identity(folder: str | os.PathLike, images_only: bool) -> dict:
-    """`{"num_images", "digest"}` of the files under `folder` that `datasets` reads (hidden files and folders and
-    `__*` folders left out, as `datasets` does; with `images_only`, the file types `imagefolder` loads): how many
-    there are and a SHA-256 over their relative paths, sizes and modification times."""
-    import hashlib
-
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    extensions = set(ImageFolder.EXTENSIONS)
-    root = Path(folder)
-    entries = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith((".", "__"))]
-        for name in files:
-            if name.startswith(".") or (images_only and Path(name).suffix.lower() not in extensions):
-                continue
-            path = Path(directory) / name
-            stat = path.stat()
-            entries.append(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
-    return {"num_images": len(entries), "digest": digest}
-
-
-def describe_source_change(saved: dict, current: dict) -> str | None:
-    """`None` when `current` is the source `saved` describes; else what changed, in words."""
-    if saved == current:
-        return None
-    kind = saved.get("kind")
-    if kind != current.get("kind"):
-        return f"{saved} -> {current}"
-    if kind == "image_folder":
-        if saved.get("num_images") != current["num_images"]:
-            return f"{saved.get('num_images')} -> {current['num_images']} images"
-        return f"{current['num_images']} images, but their names, sizes or modification times changed"
-    if kind == "dataset":
-        if saved.get("num_rows") != current["num_rows"]:
-            return f"{saved.get('num_rows')} -> {current['num_rows']} rows"
-        return f"{current['num_rows']} rows, fingerprint {saved.get('fingerprint')} -> {current['fingerprint']}"
-    if saved.get("num_files") is not None and saved.get("num_files") != current.get("num_files"):
-        return f"{saved.get('num_files')} -> {current.get('num_files')} files"
-    changed = [key for key in current if saved.get(key) != current[key]]
-    return ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-
-
-def image_identifier(value, index: int, root: Path | None) -> str:
-    """The file the image came from (relative to `root` when inside it), or its index when it has no name."""
-    from .image_data import relative_path
-
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    return relative_path(os.fspath(path), root) if path else str(index)
-
-
-@dataclass
-class ImagePreparation:
-    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.image_data.decode_image`), cut to its
-    largest centred square at the model's resolution (`crop="center"`: `vqrae.image_data.center_square`, as
-    validation images and the model's own image processor cut it) or squeezed whole to that square
-    (`crop="none"`), with the processor's resampling, then passed through the model's image processor."""
-
-    processor: object
-    image_column: str
-    keep_columns: list[str]
-    crop: str
-    root: Path | None
-
-    def __call__(self, row: dict, index: int):
-        from .image_data import UNREADABLE_ERRORS, center_square, decode_image, processor_resample, processor_size
-
-        value = row[self.image_column]
-        identifier = image_identifier(value, index, self.root)
-        kept = {name: row[name] for name in self.keep_columns}
-        try:
-            image = decode_image(value)
-        except UNREADABLE_ERRORS as error:
-            logger.warning("Skipping unreadable image %s (index %d): %s", identifier, index, error)
-            return index, identifier, None, kept
-        side = processor_size(self.processor, None)
-        if self.crop == "center":
-            image = center_square(image, side, processor_resample(self.processor))
-        else:  # squeezed to a square, whatever crop the processor is set to
-            image = image.resize((side, side), processor_resample(self.processor))
-        pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
-        return index, identifier, pixel_values, kept
-
-
-class ShardBatches(torch.utils.data.Dataset):
-    """The rows of one shard as a map-style dataset: item `i` is `(index, id, pixel_values or None, kept columns)`,
-    `pixel_values` None for an unreadable image (skipped, and named in the manifest)."""
-
-    def __init__(self, rows: list[dict], first_index: int, prepare: ImagePreparation):
-        self.rows, self.first_index, self.prepare = rows, first_index, prepare
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, position: int):
-        return self.prepare(self.rows[position], self.first_index + position)
-
-
-def collate_rows(items):
-    return items
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shards
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,88 +284,6 @@ def iter_shard_rows(dataset, streaming: bool, shard_size: int, wanted) -> Iterat
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def load_model_and_processor(name_or_path: str, revision: str | None = None, device: torch.device | str = "cpu"):
-    """A VQRAE model (AutoModel; a folder or a Hub id, offline from the Hub cache) in eval mode, and its own image
-    processor (AutoImageProcessor from the same place; the model's default one if the folder has none).
-
-    A `--model` that cannot be loaded is a `UsageError` that says why: a path that is no folder (with the absolute
-    path looked for) and no model in the Hub cache or on the Hub, a folder without a saved model, or a model that is
-    not a VQRAE model."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    from transformers import AutoImageProcessor, AutoModel
-    from transformers.utils import logging as hf_logging
-
-    import vqrae  # noqa: F401  (registers VQRAEConfig / VQRAEModel with the Auto classes)
-
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        name_or_path = str(folder)
-        what = f"`--model` {name_or_path!r} is a folder but holds no loadable model"
-    else:
-        what = f"`--model` {name_or_path!r} is not a folder (looked for {folder.resolve()})"
-        try:
-            validate_repo_id(name_or_path)
-        except HFValidationError:
-            raise UsageError(f"{what} and not a Hub model id ('org/name').") from None
-        what += " and not a model in the Hub cache or reachable on the Hub"
-    # No loading bar: a rerun that is refused (other weights, source, precision) says so in one line.
-    progress_bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as error:  # transformers: no config.json, not found, offline; unknown model type
-        raise UsageError(f"{what}: {error}") from error
-    finally:
-        if progress_bar:
-            hf_logging.enable_progress_bar()
-    if not hasattr(model, "decode_from_indices"):
-        raise UsageError(f"`--model` {name_or_path!r} is a {type(model).__name__}, not a VQRAE model.")
-    model = model.to(device).eval()
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
-    except OSError:
-        logger.warning("%s has no preprocessor_config.json; using the model's default image processor.", name_or_path)
-        processor = model.get_image_processor()
-    return model, processor
-
-
-def weights_digest(model) -> str:
-    """SHA-256 of the model's state dict: each tensor's name, dtype, shape and bytes, in name order. It identifies
-    the weights the same way whether the model came from a folder, the Hub or an object in memory, and does not
-    depend on how they were stored (safetensors metadata, sharding); the same weights in another dtype differ, as
-    their tokens may."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    """The precision the encoder runs in, `"bf16"` or `"float32"`: `auto` is bf16 on a GPU that supports it."""
-    if mixed_precision == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use_bf16 = mixed_precision == "bf16"
-    return "bf16" if use_bf16 else "float32"
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast for `precision="bf16"` (see `resolve_precision`), nothing for float32. The quantizer turns
-    autocast off for itself, so FSQ indices are computed in float32 either way; the encoder's features are not, so
-    a small share of bf16 tokens differs from float32 ones."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -476,75 +292,12 @@ def process_state():
     """accelerate's view of the processes. Several CPU processes (`ACCELERATE_USE_CPU=1 accelerate launch
     --multi_gpu ...`, or `torchrun` on a machine without a GPU) need `cpu=True` to join one gloo group; without it
     each would believe it is alone and tokenize everything."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
     return PartialState(cpu=cpu)
 
 
-def saved_config(args: TokenizeArguments) -> dict | None:
-    """The `tokenize_config.json` of an earlier run into `--output_dir`, or `None`."""
-    path = Path(args.output_dir) / CONFIG_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def check_saved_arguments(args: TokenizeArguments, saved: dict | None) -> None:
-    """Refuse to add to shards made with other content arguments (before the source is loaded). Where the saved
-    config records the precision the encoder ran in, that is compared instead of `--mixed_precision` as spelled
-    (`check_saved_source`): `auto` on a CPU and `no` make the same tokens."""
-    if saved is None:
-        return
-    current = args.content_config()
-    if "precision" in saved:
-        del current["mixed_precision"]
-    changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
-    if changed:
-        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise UsageError(
-            f"{args.output_dir} holds shards made with other arguments ({details}); resume with the same arguments "
-            "or pass `--overwrite_output_dir` to start again."
-        )
-
-
-def check_saved_source(args: TokenizeArguments, saved: dict, made_from: dict) -> None:
-    """Refuse to resume (or to call complete) shards made in another precision, from another source or by other
-    weights; `made_from` is this run's `{"source", "precision", "weights_sha256"}`. A config written before these
-    were recorded cannot be checked: said in the log."""
-    precision = made_from["precision"]
-    if "precision" in saved and saved["precision"] != precision:
-        option = "bf16" if saved["precision"] == "bf16" else "no"
-        raise UsageError(
-            f"{args.output_dir} holds tokens computed in {saved['precision']}, but `--mixed_precision "
-            f"{args.mixed_precision}` runs in {precision} here; resume with `--mixed_precision {option}` (bf16 "
-            "autocast runs on a CPU too), or pass --overwrite_output_dir to tokenize it again."
-        )
-    unrecorded = [
-        what for key, what in (("source", "source"), ("weights_sha256", "model's weights")) if key not in saved
-    ]
-    if unrecorded:
-        logger.warning(
-            "%s was made by an older vqrae that did not record its %s: cannot check that they are unchanged.",
-            args.output_dir,
-            " or ".join(unrecorded),
-        )
-    change = describe_source_change(saved["source"], made_from["source"]) if "source" in saved else None
-    if change is not None:
-        raise UsageError(
-            f"The source changed since the tokens in {args.output_dir} were made ({change}); pass "
-            "--overwrite_output_dir to tokenize it again."
-        )
-    weights = made_from["weights_sha256"]
-    if saved.get("weights_sha256", weights) != weights:
-        raise UsageError(
-            f"The weights of `--model` {args.model!r} changed since the tokens in {args.output_dir} were made "
-            f"(weights_sha256 {saved['weights_sha256'][:16]}... -> {weights[:16]}...); resume with the model that "
-            "made them, or pass --overwrite_output_dir to tokenize it again."
-        )
-
-
-def prepare_output_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
+def prepare_token_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
     """Create (or check, on resume) the output folder: its `tokenize_config.json` records the content arguments and
     `made_from` (the source's identity, the precision and the weights' digest), and a rerun must match them all.
     Returns its `data/` folder."""
@@ -557,20 +310,10 @@ def prepare_output_dir(args: TokenizeArguments, state, made_from: dict) -> Path:
         if not config_path.exists():
             atomic_write(config_path, json.dumps({**args.content_config(), **made_from}, indent=2) + "\n")
     state.wait_for_everyone()
-    saved = saved_config(args)
-    check_saved_arguments(args, saved)
-    check_saved_source(args, saved, made_from)
+    saved = saved_config(output_dir)
+    check_saved_arguments(output_dir, saved, args.content_config())
+    check_saved_source(output_dir, saved, made_from, mixed_precision=args.mixed_precision, model=args.model)
     return output_dir / DATA_DIR
-
-
-def token_grid(model, processor) -> tuple[tuple[int, int], tuple[int, int]]:
-    """`(h, w)` of the token grid and `(h * w, D)` of the features for images as `processor` prepares them."""
-    from PIL import Image
-
-    height, width = processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"].shape[-2:]
-    patch = model.config.vision_config.patch_size
-    grid = (height // patch, width // patch)
-    return grid, (grid[0] * grid[1], model.config.vision_config.hidden_size)
 
 
 def encode_shard(
@@ -612,13 +355,13 @@ def encode_shard(
 def tokenize(args: TokenizeArguments) -> dict:
     """Run the job in this process (one of several under `accelerate launch`). Returns a summary of this run:
     `images` and `seconds` tokenized by all processes, `images_per_second`, and the manifest once complete."""
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     state = process_state()
     precision = resolve_precision(args.mixed_precision, state.device)
     if not args.overwrite_output_dir:
-        check_saved_arguments(args, saved_config(args))  # before loading a source that may be large
+        # Before loading a source that may be large.
+        check_saved_arguments(args.output_dir, saved_config(args.output_dir), args.content_config())
     if args.train_dir is None and not args.streaming:
         dataset, image_column, source = load_source(args)  # its identity is its length and fingerprint
     else:
@@ -626,7 +369,7 @@ def tokenize(args: TokenizeArguments) -> dict:
     # The model is loaded first, even for a complete output: its weights must be those that made the tokens.
     model, processor = load_model_and_processor(args.model, args.revision, state.device)
     made_from = {"source": source, "precision": precision, "weights_sha256": weights_digest(model)}
-    data_dir = prepare_output_dir(args, state, made_from)
+    data_dir = prepare_token_dir(args, state, made_from)
     manifest_path = Path(args.output_dir) / MANIFEST_FILE
     if manifest_path.exists():
         logger.info("%s is complete (%s exists); nothing to do.", args.output_dir, MANIFEST_FILE)
@@ -643,8 +386,8 @@ def tokenize(args: TokenizeArguments) -> dict:
     features_dtype = args.features_dtype if args.save_features else None
     features = output_features(grid, feature_shape, dataset.features, args.keep_columns, features_dtype)
     prepare = ImagePreparation(processor, image_column, list(args.keep_columns), args.crop, args.source_folder)
-    job = _ShardJob(args, state, data_dir, model, prepare, features, precision)
-    wanted, to_do = job.shards_to_write(dataset)
+    writer = _ShardWriter(args, state, data_dir, model, prepare, features, precision)
+    wanted, to_do = writer.shards_to_write(dataset)
     started = time.perf_counter()
     with tqdm(
         total=to_do,
@@ -653,7 +396,7 @@ def tokenize(args: TokenizeArguments) -> dict:
         disable=not state.is_local_main_process,
         dynamic_ncols=True,
     ) as progress:
-        done, num_images = job.write(dataset, wanted, progress)
+        done, num_images = writer.write(dataset, wanted, progress)
     counts = gather_object([(done, time.perf_counter() - started, num_images)])
     state.wait_for_everyone()
     total_done, wall = sum(count[0] for count in counts), max(count[1] for count in counts)
@@ -682,7 +425,7 @@ def tokenize(args: TokenizeArguments) -> dict:
 
 
 @dataclass
-class _ShardJob:
+class _ShardWriter:
     """This process's part of the job: which shards it writes, and writing them."""
 
     args: TokenizeArguments
@@ -737,18 +480,3 @@ class _StreamingShardSet:
     def __contains__(self, shard: int) -> bool:
         owned = shard % self.num_processes == self.process_index
         return owned and not shard_is_complete(self.data_dir, self.split, shard)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    tokenize(parse_args(argv))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vqrae-tokenize`: a user error is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
-    return run_cli("vqrae-tokenize", _main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

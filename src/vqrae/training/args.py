@@ -7,13 +7,11 @@ run (`configs/tiny_cpu.yaml` spells them out): `vqrae-train` with no arguments t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import re
-import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,9 +21,10 @@ from typing import ClassVar
 
 import yaml
 
+from ..arguments import ImageSourceArguments, check_at_least
 from ..atomic_io import atomic_write
-from ..cli_utils import ImageSourceArguments, OptionParser, UsageError, check_at_least, one_line_errors
 from ..configuration_vqrae import NOT_TRAINING_OPTIONS, VQRAEConfig, is_number
+from ..errors import UsageError
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
 from .data import check_color_augment
 
@@ -37,7 +36,6 @@ __all__ = [
     "VQRAETrainingArguments",
     "load_config_file",
     "options_to_dict",
-    "parse_args",
     "preset_config_dir",
     "read_training_config",
     "write_training_config",
@@ -483,27 +481,6 @@ def load_config_file(config: str) -> dict:
     if unknown:
         raise UsageError(f"The config file {str(path)!r} has unknown options {unknown}.")
     return options
-
-
-def parse_args(argv: list[str] | None = None):
-    """Parse `[--config FILE_OR_PRESET] [--option value ...]` into the three argument dataclasses."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config", default=None)
-    known, remaining = config_parser.parse_known_args(argv)
-
-    parser = OptionParser(ALL_ARGUMENT_CLASSES, prog="vqrae-train", description=__doc__.split("\n\n")[0])
-    one_line_errors(parser)
-    parser.add_argument(
-        "--config", default=None, help="A YAML file of options (or a preset name: cosmos_fsq, vq, ...)."
-    )
-    if known.config is not None:
-        parser.set_defaults(**load_config_file(known.config))
-    *arguments, unused = parser.parse_args_into_dataclasses(args=remaining, return_remaining_strings=True)
-    if unused:
-        parser.error(f"unrecognized arguments: {' '.join(unused)}")
-    model_args, data_args, training_args, _ = arguments
-    return model_args, data_args, training_args
 
 
 def options_to_dict(model_args, data_args, training_args) -> dict:

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic_io import set_default_mode
-from ..cli_utils import UsageError
+from ..errors import UsageError
 from .args import RESUMABLE_OPTIONS
 from .run_files import CHECKPOINTS_DIR
 
@@ -262,9 +262,7 @@ def load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dic
         state = json.load(handle)
     scheduler.load_state_dict(state["scheduler"])
     _apply_schedule(scheduler)
-    if ema is not None:
-        if "ema_num_updates" not in state:
-            raise UsageError(f"The checkpoint {path!r} holds no EMA weights, but `ema_decay` is set.")
+    if ema is not None:  # `ema_decay` may not change on resume, so a run with EMA saved its weights
         ema.model.load_state_dict(load_file(os.path.join(path, EMA_WEIGHTS_FILE), device=str(accelerator.device)))
         ema.num_updates = state["ema_num_updates"]
     with open(process_file) as handle:

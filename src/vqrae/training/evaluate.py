@@ -1,10 +1,10 @@
 """Measure a VQRAE tokenizer's reconstructions on a dataset or a folder: `vqrae-evaluate`
-(`python -m vqrae.training.evaluate`).
+(`python -m vqrae.cli.evaluate`).
 
     vqrae-evaluate --model out/stage1 --output_dir eval/                           # the built-in validation photos
     vqrae-evaluate --model org/vqrae-cosmos --validation_dir photos/ --output_dir eval/
     vqrae-evaluate --model out/stage1 --dataset_name org/images --split validation --output_dir eval/
-    accelerate launch -m vqrae.training.evaluate ...                                # several processes, same figures
+    accelerate launch -m vqrae.cli.evaluate ...                                     # several processes, same figures
 
 The images are prepared and measured exactly as the training loop's evaluation does, by the same code
 (`vqrae.image_data.load_validation_images`, `vqrae.training.metrics.evaluate_model`): fixed centre crops at the
@@ -22,24 +22,26 @@ It writes to `--output_dir`:
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli_utils import (
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from ..arguments import (
     ComputeArguments,
     ImageSourceArguments,
     ModelSourceArguments,
-    UsageError,
     check_at_least,
     check_output_dir,
-    parse_dataclasses,
-    run_cli,
-    setup_logging,
 )
+from ..errors import UsageError
+from ..image_data import BUILTIN_DATASET_NAME, decode_images, load_image_dataset, load_validation_images
+from ..loading import load_model_and_processor
+from .metrics import codebook_use_on_crops, evaluate_model, write_evaluation
+
+__all__ = ["EvaluateArguments", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,29 +92,15 @@ class EvaluateArguments(ModelSourceArguments, ImageSourceArguments, ComputeArgum
     @property
     def dataset_label(self) -> str:
         """What `eval_results.json` names as the dataset."""
-        from ..image_data import BUILTIN_DATASET_NAME
-
         if self.validation_dir is not None:
             return self.validation_dir
         return self.dataset_name or BUILTIN_DATASET_NAME
-
-
-def parse_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
-    description = "Reconstruction quality of a VQRAE model: PSNR, SSIM, codebook use, bicubic baseline, rFID."
-    return parse_dataclasses(EvaluateArguments, "vqrae-evaluate", description, argv)[0]
 
 
 def evaluate(args: EvaluateArguments):
     """Evaluate `args.model` (in this process; one of several under `accelerate launch`) and write the results and
     pictures on the main process. Returns the `vqrae.training.metrics.EvaluationResult` (its `metrics` are the
     `eval_results.json` object)."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    from ..image_data import decode_images, load_image_dataset, load_validation_images
-    from ..tokenize import load_model_and_processor
-    from .metrics import codebook_use_on_crops, evaluate_model, write_evaluation
-
     accelerator = Accelerator()
     model, processor = load_model_and_processor(args.model, args.revision, accelerator.device)
     dataset, image_column = load_image_dataset(args.split, validation_dir=args.validation_dir, **args.source_kwargs())
@@ -158,22 +146,3 @@ def evaluate(args: EvaluateArguments):
         write_evaluation(output_dir, result)
     accelerator.wait_for_everyone()
     return result
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    setup_logging()
-    from accelerate import PartialState
-
-    result = evaluate(parse_args(argv))
-    if PartialState().is_main_process:
-        print(json.dumps(result.metrics, indent=2))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vqrae-evaluate`: a user error is one line on stderr and exit status 2 (`vqrae.cli_utils.run_cli`)."""
-    return run_cli("vqrae-evaluate", _main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from ..cli_utils import UsageError
+from ..errors import UsageError
 
 __all__ = [
     "LPIPS",

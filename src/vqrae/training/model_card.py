@@ -19,9 +19,10 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
 
 from ..atomic_io import atomic_write
-from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION, is_number
+from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION, VQRAEConfig, is_number
 from .run_files import (
     CODEBOOK_USAGE_FILE,
     EVAL_RESULT_FIELDS,
@@ -115,8 +116,6 @@ def render_model_card(
         import jinja2  # noqa: F401  (ModelCard.from_template needs it)
     except ImportError as error:
         raise ImportError('Rendering a model card needs jinja2: `pip install -e ".[train]"`.') from error
-    from vqrae import VQRAEConfig
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -301,8 +300,6 @@ def _architecture(config, folder: Path) -> list[tuple[str, str]]:
 
 def _parameter_counts(folder: Path) -> tuple[int, int] | None:
     """(all parameters, encoder parameters) from the safetensors headers, without loading any tensor."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))

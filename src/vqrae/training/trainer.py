@@ -4,8 +4,8 @@
 
 1. builds the model (`build_model`: a pretrained SigLIP encoder, a VQRAE folder, or a randomly initialised encoder)
    and picks the stage (`resolve_stage`);
-2. loads the data (`load_training_data`): the training stream and the validation images, holding out a share of the
-   training examples when the data has no validation split or folder;
+2. loads the data (`data.load_training_data`): the training stream and the validation images, holding out a share of
+   the training examples when the data has no validation split or folder;
 3. builds the loss (`losses.VQRAELoss`: the loss terms, the stage-2 teacher, the GAN critic and its optimiser) and
    the training state (`state.build_training_state`: optimiser, schedule, EMA), and resumes them from a checkpoint
    when asked (`checkpointing`);
@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,18 +35,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..atomic_io import atomic_write
-from ..cli_utils import UsageError, is_main_process
+from ..arguments import is_main_process
 from ..configuration_vqrae import VQRAEConfig
+from ..errors import UsageError
 from ..image_data import (
-    BUILTIN_DATASET_NAME,
-    MissingSplitError,
     ValidationImages,
-    dataset_identity,
-    example_identities,
-    hold_out,
-    load_image_dataset,
-    load_validation_images,
 )
 from ..modeling_vqrae import VQRAEModel
 from . import hub, plots
@@ -71,13 +63,12 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
-from .data import StreamingTrainingBatches, TrainingBatches
+from .data import StreamingTrainingBatches, TrainingData, load_training_data
 from .losses import VQRAELoss
 from .metrics import evaluate_model, write_evaluation
 from .metrics_log import MetricsLog
 from .model_card import write_model_card
 from .run_files import (
-    HELD_OUT_FILE,
     METRICS_FILE,
     RUN_OUTPUTS,
     TRACKER_DIR,
@@ -88,7 +79,7 @@ from .state import TrainingState, build_training_state, train_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_model", "load_training_data", "resolve_stage", "train"]
+__all__ = ["build_model", "resolve_stage", "train"]
 
 # Warm-up, as a share of max_steps, when the asked warm-up would last the whole run.
 SHORT_RUN_WARMUP_SHARE = 0.1
@@ -184,135 +175,6 @@ def resolve_warmup(args: VQRAETrainingArguments) -> VQRAETrainingArguments:
         round(100 * SHORT_RUN_WARMUP_SHARE),
     )
     return dataclasses.replace(args, warmup_steps=warmup)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingData:
-    """The training stream of this process, its validation share, and the identity of the training data."""
-
-    batches: TrainingBatches | StreamingTrainingBatches
-    validation: ValidationImages
-    identity: dict
-
-
-def _load_splits(data_args: DataArguments):
-    """`(train, column), (validation, column), dataset name, validation split, held-out info or None)`."""
-    common = {
-        **data_args.source_kwargs(),
-        "train_dir": data_args.train_dir,
-        "validation_dir": data_args.validation_dir,
-        "cache_dir": data_args.cache_dir,
-    }
-    builtin = data_args.train_dir is None and data_args.dataset_name in (None, BUILTIN_DATASET_NAME)
-    train_split = "train" if builtin or data_args.train_dir else data_args.train_split
-    train, column = load_image_dataset(train_split, **common)
-    name = data_args.train_dir or data_args.dataset_name or BUILTIN_DATASET_NAME
-    if data_args.train_dir is not None and data_args.validation_dir is None:
-        missing = f"`train_dir` {data_args.train_dir!r} comes with no --validation_dir"
-    else:
-        validation_split = "validation" if builtin or data_args.train_dir else data_args.validation_split
-        try:
-            validation = load_image_dataset(validation_split, **common)
-            label = data_args.validation_dir or name
-            return (train, column), validation, label, validation_split, None
-        except MissingSplitError:
-            missing = f"{name!r} has no {validation_split!r} split"
-    if not data_args.validation_split_percentage:
-        raise UsageError(
-            f"{missing}, and --validation_split_percentage is 0: pass a validation split or folder, or a share of "
-            "the training images to hold out (e.g. --validation_split_percentage 5)."
-        )
-    train, held, info = hold_out(train, data_args.validation_split_percentage, column, root=_source_folder(data_args))
-    logger.info(
-        "%s: holding out %s%% of the %s training images for validation (%s), each chosen by a hash of its name; "
-        "their names are in %s.",
-        missing,
-        f"{info['percentage']:g}",
-        info["of"] if info["of"] is not None else "streamed",
-        f"{info['num_examples']} image(s)" if info["num_examples"] is not None else "about that share",
-        HELD_OUT_FILE,
-    )
-    return (train, column), (held, column), name, train_split, info
-
-
-def _source_folder(data_args: DataArguments) -> str | None:
-    """The local folder the training images come from (held-out names are relative to it), or None."""
-    if data_args.train_dir is not None:
-        return data_args.train_dir
-    name = data_args.dataset_name
-    return name if name is not None and os.path.isdir(name) else None
-
-
-def _write_held_out_ids(data_args: DataArguments, held, column: str, output_dir: str) -> None:
-    """Write the names (`example_identity`) of the held-out examples into `HELD_OUT_FILE`, one a line, so a user can
-    check them: all of them for a map-style dataset, the first --max_eval_samples (those evaluated) for a stream."""
-    limit = data_args.max_eval_samples if data_args.streaming else None
-    ids = example_identities(held, column, _source_folder(data_args), limit)
-    atomic_write(os.path.join(output_dir, HELD_OUT_FILE), "".join(f"{identity}\n" for identity in ids))
-
-
-def load_training_data(
-    data_args: DataArguments, args: VQRAETrainingArguments, image_processor, image_size: int, accelerator
-) -> TrainingData:
-    """The training batches of this process and its share of the validation images (read before training starts,
-    so a validation set that cannot be read fails now, not after training)."""
-    (train, column), (validation_data, validation_column), name, split, held_out = _load_splits(data_args)
-    if data_args.max_train_samples is not None:
-        train = (
-            train.take(data_args.max_train_samples)
-            if data_args.streaming
-            else train.select(range(min(data_args.max_train_samples, len(train))))
-        )
-    validation = load_validation_images(
-        validation_data,
-        validation_column,
-        image_size,
-        dataset_name=name,
-        dataset_split=split,
-        max_samples=data_args.max_eval_samples,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        resample=int(image_processor.resample),
-        held_out=held_out,
-    )
-    if held_out is not None and accelerator.is_main_process:
-        _write_held_out_ids(data_args, validation_data, validation_column, args.output_dir)
-    readable = accelerator.reduce(torch.tensor(len(validation.images), device=accelerator.device), "sum")
-    if int(readable) == 0:
-        raise UsageError(
-            f"None of the validation images of {name!r} (split {split!r}) can be read ({validation.num_unreadable} "
-            "unreadable on this process); fix them or choose other validation data before training."
-        )
-    stream = {
-        "batch_size": args.per_device_train_batch_size,
-        "seed": args.seed,
-        "image_size": image_size,
-        "process_index": accelerator.process_index,
-        "num_processes": accelerator.num_processes,
-        "crop_scale": (data_args.min_crop_scale, 1.0),
-        "random_flip": data_args.random_flip,
-        "color_augment": data_args.color_augment,
-    }
-    if data_args.streaming:
-        shuffle = data_args.shuffle_buffer_size
-        batches = StreamingTrainingBatches(train, column, image_processor, shuffle_buffer_size=shuffle, **stream)
-    else:
-        batches = TrainingBatches(train, column, image_processor, **stream)
-    identity = dataset_identity(
-        train,
-        source=name,
-        config=data_args.dataset_config_name,
-        revision=data_args.dataset_revision,
-        split=split,
-        held_out_percentage=held_out and held_out["percentage"],
-        max_train_samples=data_args.max_train_samples,
-    )
-    return TrainingData(batches=batches, validation=validation, identity=identity)
 
 
 def _batch_iterator(data: TrainingData, args: VQRAETrainingArguments, num_workers: int, start_step: int):

@@ -1,0 +1,96 @@
+"""Option groups that several tools and the training share, as dataclasses for `transformers.HfArgumentParser`
+(where the model comes from, where the images come from, how they are computed), the checks they run, and which
+process of a multi-process launch speaks for the others. Bad values raise `vqrae.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from .configuration_vqrae import is_int
+from .errors import UsageError
+
+__all__ = [
+    "ComputeArguments",
+    "ImageSourceArguments",
+    "ModelSourceArguments",
+    "check_at_least",
+    "check_output_dir",
+    "is_main_process",
+]
+
+
+def check_at_least(name: str, value, minimum: int, optional: bool = False) -> None:
+    """`UsageError` unless `value` is an integer >= `minimum` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if not is_int(value) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or unset" if optional else "")
+        raise UsageError(f"`--{name}` must be {allowed} (got {value!r}).")
+
+
+def check_output_dir(output_dir: str) -> None:
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UsageError(f"`--output_dir` must be a folder (got {output_dir!r}, which is a file).")
+
+
+@dataclass(kw_only=True)
+class ModelSourceArguments:
+    """Which trained VQRAE model a tool runs."""
+
+    model: str = field(metadata={"help": "A VQRAE model: a local folder or a Hub id."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of `--model` on the Hub."})
+
+
+@dataclass(kw_only=True)
+class ImageSourceArguments:
+    """Where the images come from: a `datasets` dataset (a Hub id or a local dataset folder; by default the built-in
+    photos where a tool has them). Each tool adds its folder option and split."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A `datasets` Hub id or local dataset folder ('builtin:photos': the built-in photos)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"changes_tokens": False, "help": "Stream the dataset instead of downloading it."}
+    )
+    # How this tool's command line chooses a split (named when a split is missing).
+    SPLIT_OPTION: ClassVar[str] = "--split"
+
+    def source_kwargs(self) -> dict:
+        """These options as the keyword arguments of `vqrae.image_data.load_image_dataset`."""
+        return {
+            "dataset_name": self.dataset_name,
+            "dataset_config_name": self.dataset_config_name,
+            "revision": self.dataset_revision,
+            "image_column": self.image_column,
+            "streaming": self.streaming,
+            "split_option": self.SPLIT_OPTION,
+        }
+
+
+@dataclass(kw_only=True)
+class ComputeArguments:
+    """How the images are pushed through the model."""
+
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass (per process)."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"changes_tokens": False, "help": "Processes that decode images."}
+    )
+
+    def __post_init__(self):
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("dataloader_num_workers", self.dataloader_num_workers, 0)
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process (rank 0) of a run launched in several processes, or the only one."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
