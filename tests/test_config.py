@@ -156,7 +156,7 @@ def test_a_config_json_of_an_earlier_version_with_every_field_at_its_default_loa
 
 
 def _training_presets():
-    from vqrae.training.args import preset_config_dir
+    from vqrae.training.config_files import preset_config_dir
 
     return sorted(path.stem for path in preset_config_dir().glob("*.yaml"))
 

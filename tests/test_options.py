@@ -12,6 +12,7 @@ from vqrae.tokenize import CONTENT_ARGUMENTS, TokenizeArguments
 from vqrae.training import run_files
 from vqrae.training.args import ALL_ARGUMENT_CLASSES, MODEL_OPTIONS, RESUMABLE_OPTIONS, parse_args
 from vqrae.training.checkpointing import check_resume
+from vqrae.training.config_files import read_training_config, write_training_config
 
 
 def _argument_names() -> list[str]:
@@ -79,3 +80,27 @@ def test_run_outputs_name_every_file_a_run_writes():
     names = {value for key, value in vars(run_files).items() if key.endswith(("_FILE", "_DIR"))}
     assert names <= set(run_files.RUN_OUTPUTS)
     assert set(run_files.MODEL_FILES) <= set(run_files.RUN_OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("max_steps: 2\nmax_step: 3\n", r"has unknown options \['max_step'\]"),
+        ("- max_steps\n", "must hold a mapping of option names to values"),
+        ("max_steps: [2\n", "is not valid YAML"),
+    ],
+)
+def test_a_config_file_holds_only_known_options(tmp_path, text, match):
+    path = tmp_path / "options.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=match):
+        parse_args(["--config", str(path)])
+
+
+def test_a_written_training_config_trains_the_same_options_again(tmp_path):
+    path = tmp_path / run_files.TRAINING_CONFIG_FILE
+    options = {"max_steps": 7, "fsq_levels": [8, 5], "seed": 3}
+    write_training_config(str(path), options, notes=["derived: nothing"])
+    assert read_training_config(str(path)) == (options, ["derived: nothing"])
+    model_args, _, training_args = parse_args(["--config", str(path)])
+    assert (model_args.fsq_levels, training_args.max_steps, training_args.seed) == ([8, 5], 7, 3)

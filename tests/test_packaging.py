@@ -8,7 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from vqrae.training.args import options_to_dict, parse_args, preset_config_dir
+from vqrae.training.args import options_to_dict, parse_args
+from vqrae.training.config_files import preset_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("cosmos_fsq", "standard_fsq", "tiny_cpu", "vq")
@@ -32,7 +33,8 @@ def test_the_presets_ship_in_the_wheel_and_resolve_by_name_when_installed(instal
     script = (
         "import json, sys, vqrae\n"
         f"assert vqrae.__file__.startswith({str(site)!r}), vqrae.__file__\n"
-        "from vqrae.training.args import options_to_dict, parse_args, preset_config_dir\n"
+        "from vqrae.training.args import options_to_dict, parse_args\n"
+        "from vqrae.training.config_files import preset_config_dir\n"
         f"assert str(preset_config_dir()).startswith({str(site)!r}), preset_config_dir()\n"
         f"print(json.dumps({{name: options_to_dict(*parse_args(['--config', name])) for name in {PRESETS!r}}}))\n"
     )

@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import TINY_RUN_ARGS, records, run, tiny_model
-from vqrae.training.args import parse_args, preset_config_dir
+from vqrae.training.args import parse_args
+from vqrae.training.config_files import preset_config_dir
 from vqrae.training.losses import VQRAEPatchDiscriminator
 from vqrae.training.trainer import latest_checkpoint
 

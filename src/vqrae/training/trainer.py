@@ -52,8 +52,6 @@ from .args import (
     ModelArguments,
     VQRAETrainingArguments,
     options_to_dict,
-    read_training_config,
-    write_training_config,
 )
 from .checkpointing import (
     TRAINER_STATE_FILE,
@@ -67,6 +65,7 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
+from .config_files import read_training_config, write_training_config
 from .data import StreamingTrainingBatches, TrainingBatches
 from .losses import VQRAELoss, VQRAEPatchDiscriminator
 from .metrics import evaluate_model, write_evaluation
