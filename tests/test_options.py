@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from vqrae import VQRAEConfig
+from vqrae import VQRAEConfig, cli_utils, configuration_vqrae
 from vqrae.cli_utils import UsageError
 from vqrae.configuration_vqrae import NOT_TRAINING_OPTIONS
 from vqrae.tokenize import CONTENT_ARGUMENTS, TokenizeArguments
@@ -104,3 +104,21 @@ def test_a_written_training_config_trains_the_same_options_again(tmp_path):
     assert read_training_config(str(path)) == (options, ["derived: nothing"])
     model_args, _, training_args = parse_args(["--config", str(path)])
     assert (model_args.fsq_levels, training_args.max_steps, training_args.seed) == ([8, 5], 7, 3)
+
+
+@pytest.mark.parametrize("value", [0, True, 1.0, "1", None])
+def test_one_integer_check_serves_the_config_and_the_options(value):
+    """The tools' check is the config's, as a UsageError naming the option: same values refused, same words."""
+    with pytest.raises(ValueError) as from_config:
+        configuration_vqrae.check_at_least("shard_size", value, 1)
+    with pytest.raises(UsageError) as from_option:
+        cli_utils.check_at_least("shard_size", value, 1)
+    assert str(from_option.value) == str(from_config.value).replace("`shard_size`", "`--shard_size`")
+    assert str(from_option.value) == f"`--shard_size` must be an integer >= 1 (got {value!r})."
+
+
+def test_an_optional_integer_may_be_unset():
+    configuration_vqrae.check_at_least("codebook_dim", None, 1, optional=True)
+    cli_utils.check_at_least("max_images", None, 1, optional=True)
+    with pytest.raises(UsageError, match=r"`--max_images` must be an integer >= 1 or unset \(got 0\)"):
+        cli_utils.check_at_least("max_images", 0, 1, optional=True)
