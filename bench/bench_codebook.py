@@ -58,12 +58,13 @@ def per_image_psnr(folder: Path) -> np.ndarray:
 
 
 def main(argv=None):
-    from vqrae.training.args import load_config_file
+    from vqrae.training.args import OPTION_NAMES
+    from vqrae.training.config_files import load_config_file
     from vqrae.training.metrics import bootstrap_interval
 
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
-    parser.add_argument("--steps", type=int, default=load_config_file("tiny_cpu")["max_steps"])
-    parser.add_argument("--seed", type=int, default=load_config_file("tiny_cpu")["seed"])
+    parser.add_argument("--steps", type=int, default=load_config_file("tiny_cpu", OPTION_NAMES)["max_steps"])
+    parser.add_argument("--seed", type=int, default=load_config_file("tiny_cpu", OPTION_NAMES)["seed"])
     parser.add_argument(
         "--quantizers", nargs="+", default=list(QUANTIZERS), choices=list(QUANTIZERS), help=f"first: {REFERENCE}"
     )

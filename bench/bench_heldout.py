@@ -107,11 +107,12 @@ def per_tile(model_path: str) -> tuple[dict, list[str], object]:
 
 
 def main(argv=None):
-    from vqrae.training.args import load_config_file
+    from vqrae.training.args import OPTION_NAMES
+    from vqrae.training.config_files import load_config_file
     from vqrae.training.metrics import bootstrap_interval
 
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
-    parser.add_argument("--model", default=load_config_file("tiny_cpu")["output_dir"])
+    parser.add_argument("--model", default=load_config_file("tiny_cpu", OPTION_NAMES)["output_dir"])
     args = parse_bench_args(parser, argv, smoke={"model": None})
     start_load = load_average()
     with smoke_model(args.model) as model_path:

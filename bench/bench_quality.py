@@ -47,7 +47,8 @@ from _common import (
 
 from vqrae.cli.common import run_cli
 from vqrae.errors import UsageError
-from vqrae.training.args import load_config_file
+from vqrae.training.args import OPTION_NAMES
+from vqrae.training.config_files import load_config_file
 
 # name -> (label, options added to the tiny CPU recipe)
 VARIANTS = {
@@ -147,7 +148,7 @@ def train_run(
     is 0) the codebook use over `crops` random crops of the training photos. `reuse`: a finished run of the same
     arguments already in `output_dir` (recorded in its `bench_command.json`, evaluated at `steps`) is read instead of
     trained again; one made by other code is refused (`UsageError`)."""
-    warmup = load_config_file("tiny_cpu")["warmup_steps"]
+    warmup = load_config_file("tiny_cpu", OPTION_NAMES)["warmup_steps"]
     schedule = [
         "--output_dir", str(output_dir), "--seed", str(seed), "--max_steps", str(steps),
         "--warmup_steps", str(min(warmup, steps // 4)), "--logging_steps", str(max(1, steps // 30)),

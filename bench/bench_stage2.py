@@ -51,9 +51,10 @@ def encoder_similarity(folder: Path, start: Path) -> float:
 
 
 def main(argv=None):
-    from vqrae.training.args import load_config_file
+    from vqrae.training.args import OPTION_NAMES
+    from vqrae.training.config_files import load_config_file
 
-    recipe = load_config_file("tiny_cpu")
+    recipe = load_config_file("tiny_cpu", OPTION_NAMES)
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--start", default=recipe["output_dir"], help="the saved model every arm starts from")
     parser.add_argument("--steps", type=int, default=600)

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from _common import bench_parser, load_average, markdown_table, parse_bench_args, publish, run_and_sample_memory
 
-from vqrae.training.args import ModelArguments, load_config_file
+from vqrae.training.args import OPTION_NAMES, ModelArguments
+from vqrae.training.config_files import load_config_file
 from vqrae.training.trainer import build_model
 
 MODES = ("joint", "stage 1", "stage 2")
@@ -112,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts; 1 comes first")
     args = parse_bench_args(parser, argv, smoke={"steps": 2, "rounds": 1, "modes": ["stage 2"]})
     if args.batch_size is None:
-        args.batch_size = load_config_file("tiny_cpu")["per_device_train_batch_size"]
+        args.batch_size = load_config_file("tiny_cpu", OPTION_NAMES)["per_device_train_batch_size"]
     if args.processes[0] != 1:
         parser.error(f"--processes must start with 1, the reference of the speed-ups (got {args.processes})")
     start_load = load_average()

@@ -64,9 +64,9 @@ from vqrae.training.data import TrainingBatches
             r"`vision_config.hidden_size` must be divisible by `vision_config.num_attention_heads` \(got 32 and 5\)",
         ),
         (
-            {"vision_config": dict(TINY_VISION, patch_size=0)},
+            {"vision_config": dict(TINY_VISION, patch_size=5)},
             ValueError,
-            r"`vision_config.image_size` must be a multiple of `vision_config.patch_size`.*patch_size=0",
+            r"`vision_config.image_size` must be a multiple of `vision_config.patch_size`.*patch_size=5",
         ),
         # SigLIP's own config is a strict dataclass; its error comes back as a TypeError naming the field and type.
         (

@@ -65,7 +65,7 @@ def test_old_config_json_without_new_fields_loads(tmp_path):
         ({"post_quant_conv_kernel_size": 0}, ValueError, r"`post_quant_conv_kernel_size`.*got 0"),
         ({"post_quant_conv_kernel_size": -3}, ValueError, r"`post_quant_conv_kernel_size`.*got -3"),
         ({"num_embeddings": 1}, ValueError, r"`num_embeddings` must be an integer >= 2 \(got 1\)"),
-        ({"codebook_dim": 0}, ValueError, r"`codebook_dim` must be an integer >= 1 \(got 0\)"),
+        ({"codebook_dim": 0}, ValueError, r"`codebook_dim` must be an integer >= 1 or unset \(got 0\)"),
         ({"commitment_cost": -0.1}, ValueError, r"`commitment_cost` must be a finite number >= 0"),
         ({"use_fsq": "yes"}, TypeError, r"Field 'use_fsq' expected bool, got str \(value: 'yes'\)"),
         ({"use_post_quant_conv": 1}, TypeError, r"Field 'use_post_quant_conv' expected bool, got int"),
@@ -156,7 +156,7 @@ def test_a_config_json_of_an_earlier_version_with_every_field_at_its_default_loa
 
 
 def _training_presets():
-    from vqrae.training.args import preset_config_dir
+    from vqrae.training.config_files import preset_config_dir
 
     return sorted(path.stem for path in preset_config_dir().glob("*.yaml"))
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from vqrae import VQRAEConfig
+from vqrae import VQRAEConfig, arguments, configuration_vqrae
 from vqrae.cli.train import parse_train_args as parse_args
 from vqrae.configuration_vqrae import NOT_TRAINING_OPTIONS
 from vqrae.errors import UsageError
@@ -13,6 +13,7 @@ from vqrae.tokenize import CONTENT_ARGUMENTS, TokenizeArguments
 from vqrae.training import run_files
 from vqrae.training.args import ALL_ARGUMENT_CLASSES, MODEL_OPTIONS, RESUMABLE_OPTIONS
 from vqrae.training.checkpointing import check_resume
+from vqrae.training.config_files import read_training_config, write_training_config
 
 
 def _argument_names() -> list[str]:
@@ -80,3 +81,45 @@ def test_run_outputs_name_every_file_a_run_writes():
     names = {value for key, value in vars(run_files).items() if key.endswith(("_FILE", "_DIR"))}
     assert names <= set(run_files.RUN_OUTPUTS)
     assert set(run_files.MODEL_FILES) <= set(run_files.RUN_OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("max_steps: 2\nmax_step: 3\n", r"has unknown options \['max_step'\]"),
+        ("- max_steps\n", "must hold a mapping of option names to values"),
+        ("max_steps: [2\n", "is not valid YAML"),
+    ],
+)
+def test_a_config_file_holds_only_known_options(tmp_path, text, match):
+    path = tmp_path / "options.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=match):
+        parse_args(["--config", str(path)])
+
+
+def test_a_written_training_config_trains_the_same_options_again(tmp_path):
+    path = tmp_path / run_files.TRAINING_CONFIG_FILE
+    options = {"max_steps": 7, "fsq_levels": [8, 5], "seed": 3}
+    write_training_config(str(path), options, notes=["derived: nothing"])
+    assert read_training_config(str(path)) == (options, ["derived: nothing"])
+    model_args, _, training_args = parse_args(["--config", str(path)])
+    assert (model_args.fsq_levels, training_args.max_steps, training_args.seed) == ([8, 5], 7, 3)
+
+
+@pytest.mark.parametrize("value", [0, True, 1.0, "1", None])
+def test_one_integer_check_serves_the_config_and_the_options(value):
+    """The tools' check is the config's, as a UsageError naming the option: same values refused, same words."""
+    with pytest.raises(ValueError) as from_config:
+        configuration_vqrae.check_at_least("shard_size", value, 1)
+    with pytest.raises(UsageError) as from_option:
+        arguments.check_at_least("shard_size", value, 1)
+    assert str(from_option.value) == str(from_config.value).replace("`shard_size`", "`--shard_size`")
+    assert str(from_option.value) == f"`--shard_size` must be an integer >= 1 (got {value!r})."
+
+
+def test_an_optional_integer_may_be_unset():
+    configuration_vqrae.check_at_least("codebook_dim", None, 1, optional=True)
+    arguments.check_at_least("max_images", None, 1, optional=True)
+    with pytest.raises(UsageError, match=r"`--max_images` must be an integer >= 1 or unset \(got 0\)"):
+        arguments.check_at_least("max_images", 0, 1, optional=True)

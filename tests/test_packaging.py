@@ -9,7 +9,8 @@ import zipfile
 from pathlib import Path
 
 from vqrae.cli.train import parse_train_args
-from vqrae.training.args import options_to_dict, preset_config_dir
+from vqrae.training.args import options_to_dict
+from vqrae.training.config_files import preset_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("cosmos_fsq", "standard_fsq", "tiny_cpu", "vq")
@@ -34,7 +35,8 @@ def test_the_presets_ship_in_the_wheel_and_resolve_by_name_when_installed(instal
         "import json, sys, vqrae\n"
         f"assert vqrae.__file__.startswith({str(site)!r}), vqrae.__file__\n"
         "from vqrae.cli.train import parse_train_args\n"
-        "from vqrae.training.args import options_to_dict, preset_config_dir\n"
+        "from vqrae.training.args import options_to_dict\n"
+        "from vqrae.training.config_files import preset_config_dir\n"
         f"assert str(preset_config_dir()).startswith({str(site)!r}), preset_config_dir()\n"
         "parse = parse_train_args\n"
         f"print(json.dumps({{name: options_to_dict(*parse(['--config', name])) for name in {PRESETS!r}}}))\n"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_RUN_ARGS, records, run, tiny_model
 from vqrae.cli.train import parse_train_args
-from vqrae.training.args import preset_config_dir
+from vqrae.training.config_files import preset_config_dir
 from vqrae.training.losses import VQRAEPatchDiscriminator
 from vqrae.training.trainer import latest_checkpoint
 

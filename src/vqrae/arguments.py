@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .configuration_vqrae import is_int
+from . import configuration_vqrae
 from .errors import UsageError
 
 __all__ = [
@@ -24,12 +24,12 @@ __all__ = [
 
 
 def check_at_least(name: str, value, minimum: int, optional: bool = False) -> None:
-    """`UsageError` unless `value` is an integer >= `minimum` (or None, when `optional`)."""
-    if optional and value is None:
-        return
-    if not is_int(value) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or unset" if optional else "")
-        raise UsageError(f"`--{name}` must be {allowed} (got {value!r}).")
+    """The config's integer range check (`configuration_vqrae.check_at_least`) of the option `--name`, as a
+    `UsageError`."""
+    try:
+        configuration_vqrae.check_at_least(f"--{name}", value, minimum, optional)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def check_output_dir(output_dir: str) -> None:

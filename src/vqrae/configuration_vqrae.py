@@ -73,10 +73,14 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_at_least(name: str, value, minimum: int) -> None:
-    """Range check of an integer field (its type is checked by `@strict` from the annotation)."""
-    if value is not None and value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum} (got {value!r}).")
+def check_at_least(name: str, value, minimum: int, optional: bool = False) -> None:
+    """`ValueError` unless `value` is an integer >= `minimum` (or None, when `optional`): the one range check of
+    integers, the config's fields and the command-line tools' options alike."""
+    if optional and value is None:
+        return
+    if not is_int(value) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or unset" if optional else "")
+        raise ValueError(f"`{name}` must be {allowed} (got {value!r}).")
 
 
 def check_encoder_config(vision, subject: str = "`vision_config`") -> None:
@@ -279,11 +283,11 @@ class VQRAEConfig(PreTrainedConfig):
         super().validate_architecture()
         vision = self.vision_config
         for name in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            _check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
+            check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
         for name in ("intermediate_size", "num_channels"):
-            _check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
+            check_at_least(f"vision_config.{name}", getattr(vision, name), 1)
         image_size, patch_size = vision.image_size, vision.patch_size
-        if not is_int(image_size) or not is_int(patch_size) or patch_size < 1 or image_size % patch_size != 0:
+        if image_size % patch_size != 0:  # both integers >= 1, checked above
             raise ValueError(
                 "`vision_config.image_size` must be a multiple of `vision_config.patch_size` "
                 f"(got image_size={image_size!r}, patch_size={patch_size!r})."
@@ -294,7 +298,7 @@ class VQRAEConfig(PreTrainedConfig):
                 f"(got {vision.hidden_size} and {vision.num_attention_heads})."
             )
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            _check_at_least(f"decoder_{name}", getattr(self, f"decoder_{name}"), 1)
+            check_at_least(f"decoder_{name}", getattr(self, f"decoder_{name}"), 1)
         if self.decoder_hidden_size % self.decoder_num_attention_heads != 0:
             raise ValueError(
                 "`decoder_hidden_size` must be divisible by `decoder_num_attention_heads` (got "
@@ -322,8 +326,8 @@ class VQRAEConfig(PreTrainedConfig):
         """FSQ levels, the VQ codebook and `post_quant_conv`."""
         if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
             raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {self.fsq_levels!r}).")
-        _check_at_least("num_embeddings", self.num_embeddings, 2)
-        _check_at_least("codebook_dim", self.codebook_dim, 1)
+        check_at_least("num_embeddings", self.num_embeddings, 2)
+        check_at_least("codebook_dim", self.codebook_dim, 1, optional=True)
         if self.vq_restart_unused_steps < 0:
             raise ValueError(
                 "`vq_restart_unused_steps` must be an integer >= 0 (0: never restart unused codes), got "

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from ..training import args as training_args_module
-from ..training.args import ALL_ARGUMENT_CLASSES, load_config_file
+from ..training.args import ALL_ARGUMENT_CLASSES, OPTION_NAMES
+from ..training.config_files import load_config_file
 from ..training.trainer import train
 from .common import OptionParser, one_line_errors, run_cli, setup_logging
 
@@ -32,7 +33,7 @@ def parse_train_args(argv: Sequence[str] | None = None):
         "--config", default=None, help="A YAML file of options (or a preset name: cosmos_fsq, vq, ...)."
     )
     if known.config is not None:
-        parser.set_defaults(**load_config_file(known.config))
+        parser.set_defaults(**load_config_file(known.config, OPTION_NAMES))
     *arguments, unused = parser.parse_args_into_dataclasses(args=remaining, return_remaining_strings=True)
     if unused:
         parser.error(f"unrecognized arguments: {' '.join(unused)}")

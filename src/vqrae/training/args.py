@@ -13,16 +13,10 @@ import math
 import os
 import re
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import ClassVar
 
-import yaml
-
 from ..arguments import ImageSourceArguments, check_at_least
-from ..atomic_io import atomic_write
 from ..configuration_vqrae import NOT_TRAINING_OPTIONS, VQRAEConfig, is_number
 from ..errors import UsageError
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
@@ -34,11 +28,8 @@ __all__ = [
     "ModelArguments",
     "RESUMABLE_OPTIONS",
     "VQRAETrainingArguments",
-    "load_config_file",
+    "OPTION_NAMES",
     "options_to_dict",
-    "preset_config_dir",
-    "read_training_config",
-    "write_training_config",
 ]
 
 VISION_SIZE_FIELDS = (
@@ -447,40 +438,8 @@ ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, VQRAETrainingArguments)
 RESUMABLE_OPTIONS = frozenset(
     item.name for cls in ALL_ARGUMENT_CLASSES for item in dataclasses.fields(cls) if item.metadata.get("resumable")
 )
-
-
-def preset_config_dir() -> Path:
-    """The YAML presets, shipped inside the package (`vqrae/configs/`; the repository's `configs/` links to it)."""
-    return Path(str(resources.files("vqrae").joinpath("configs")))
-
-
-def _resolve_config_path(config: str) -> Path:
-    path = Path(config)
-    if path.is_file():
-        return path
-    folder = preset_config_dir()
-    presets = sorted(p.stem for p in folder.glob("*.yaml"))
-    if config in presets:
-        return folder / f"{config}.yaml"
-    raise UsageError(f"`config` must be a YAML file or the name of a preset (got {config!r}; presets: {presets}).")
-
-
-def load_config_file(config: str) -> dict:
-    """The options of a YAML config file (a path, or a preset name such as `cosmos_fsq`), checked against the
-    known option names."""
-    path = _resolve_config_path(config)
-    with open(path, encoding="utf-8") as handle:
-        try:
-            options = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise UsageError(f"The config file {str(path)!r} is not valid YAML: {error}") from error
-    if not isinstance(options, dict):
-        raise UsageError(f"The config file {str(path)!r} must hold a mapping of option names to values.")
-    known = {f.name for cls in ALL_ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise UsageError(f"The config file {str(path)!r} has unknown options {unknown}.")
-    return options
+# Every option's name: what a config file (`--config`, `training_config.yaml`) may hold.
+OPTION_NAMES = frozenset(item.name for cls in ALL_ARGUMENT_CLASSES for item in dataclasses.fields(cls))
 
 
 def options_to_dict(model_args, data_args, training_args) -> dict:
@@ -489,24 +448,3 @@ def options_to_dict(model_args, data_args, training_args) -> dict:
     for args in (model_args, data_args, training_args):
         options.update(dataclasses.asdict(args))
     return options
-
-
-TRAINING_CONFIG_HEADER = (
-    "Every option of this run, resolved. `vqrae-train --config training_config.yaml --output_dir NEW_DIR`",
-    "trains it again (same seed, same data, same weights on CPU float32).",
-)
-
-
-def write_training_config(path: str, options: dict, notes: Sequence[str] = ()) -> None:
-    """Write the options of a run, as given, to `training_config.yaml`, from which `vqrae-train --config` trains it
-    again; `notes` (what was derived from them, how a resume extended the run) become comment lines."""
-    header = "".join(f"# {line}\n" for line in (*TRAINING_CONFIG_HEADER, *notes))
-    atomic_write(path, header + yaml.safe_dump(options, sort_keys=False))
-
-
-def read_training_config(path: str) -> tuple[dict, list[str]]:
-    """The options of a `training_config.yaml` and the notes written with them."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    comments = [line[2:] for line in text.splitlines() if line.startswith("# ")]
-    return yaml.safe_load(text) or {}, comments[len(TRAINING_CONFIG_HEADER) :]

@@ -40,6 +40,7 @@ so the result does not depend on the number of processes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -48,12 +49,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
+from skimage.color import deltaE_ciede2000, rgb2lab
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..atomic_io import atomic_write
 from ..image_data import ValidationImages, processor_resample, random_resized_crop_box, to_pixel_values
 from ..image_utils import denormalize
 from ..quantizers import codebook_statistics
+from . import plots
 from .run_files import CODEBOOK_USAGE_FILE, EVAL_RESULT_FIELDS, EVAL_RESULTS_FILE, RECONSTRUCTIONS_FILE
 
 logger = logging.getLogger(__name__)
@@ -106,9 +112,7 @@ def bicubic_baseline(image: Image.Image, grid_size: tuple[int, int]) -> Image.Im
 def find_inception_weights(path: str | None = None) -> str | None:
     """The local Inception weights for rFID (`path`, or torch-fidelity's file in the torch hub cache) when they and
     torch-fidelity are available; else `None`. Never downloads."""
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch_fidelity") is None:  # an optional dependency, needed only for rFID
         return None
     candidates = [path] if path else [os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE)]
     return next((candidate for candidate in candidates if candidate and os.path.isfile(candidate)), None)
@@ -126,8 +130,6 @@ def _unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def _image_quality(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image PSNR (capped at `PSNR_CAP_DB`) and SSIM `(B,)` of images in [0, 1], with torchmetrics."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
     psnr = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     psnr = psnr.clamp(max=PSNR_CAP_DB)
     ssim = structural_similarity_index_measure(preds, target, data_range=1.0, reduction="none")
@@ -137,8 +139,6 @@ def _image_quality(preds: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
 def mean_color_error(preds: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """Per image `(B,)`: the CIEDE2000 difference between the mean colours of `preds` and `target` (`(B, 3, H, W)`
     RGB in [0, 1]); each mean is taken in RGB, then converted to CIELAB with scikit-image (sRGB, D65)."""
-    from skimage.color import deltaE_ciede2000, rgb2lab
-
     means = [images.double().mean(dim=(2, 3)).clamp(0, 1).numpy() for images in (preds, target)]
     return deltaE_ciede2000(rgb2lab(means[0]), rgb2lab(means[1]))
 
@@ -146,8 +146,6 @@ def mean_color_error(preds: torch.Tensor, target: torch.Tensor) -> np.ndarray:
 def _gather(records: list, accelerator) -> list:
     if accelerator is None or accelerator.num_processes == 1:
         return records
-    from accelerate.utils import gather_object
-
     return gather_object(records)
 
 
@@ -200,8 +198,6 @@ def _fid(compute_rfid: bool, inception_weights: str | None, device):
     global _rfid_unavailable_reported
     weights = find_inception_weights(inception_weights) if compute_rfid else None
     if weights is not None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights).to(device)
     if compute_rfid and not _rfid_unavailable_reported:
         _rfid_unavailable_reported = True
@@ -367,8 +363,6 @@ def _to_pil(tensor: torch.Tensor) -> Image.Image:
 def write_evaluation(folder, result: EvaluationResult) -> None:
     """Write an evaluation's files into `folder`: `eval_results.json`, `reconstructions.png` and
     `codebook_usage.png` (what the training run and `vqrae-evaluate` both write)."""
-    from . import plots
-
     save_eval_results(result.metrics, os.path.join(folder, EVAL_RESULTS_FILE))
     plots.plot_reconstructions(
         os.path.join(folder, RECONSTRUCTIONS_FILE),

@@ -48,8 +48,6 @@ from .args import (
     ModelArguments,
     VQRAETrainingArguments,
     options_to_dict,
-    read_training_config,
-    write_training_config,
 )
 from .checkpointing import (
     TRAINER_STATE_FILE,
@@ -63,6 +61,7 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
+from .config_files import read_training_config, write_training_config
 from .data import StreamingTrainingBatches, TrainingData, load_training_data
 from .losses import VQRAELoss
 from .metrics import evaluate_model, write_evaluation
