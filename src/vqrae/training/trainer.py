@@ -9,7 +9,7 @@
 3. builds the loss (`losses.VQRAELoss`) and the training state (`build_training_state`: optimiser, schedule, EMA,
    stage-2 teacher, GAN critic), and resumes it from a checkpoint when asked (`checkpointing`);
 4. runs `train_step` until `max_steps`, logging, evaluating and checkpointing on the way;
-5. evaluates once more and writes the output folder: the model (`save_pretrained`), `eval_results.json`,
+5. evaluates once more and writes the output folder: the model (`save_pretrained_atomic`), `eval_results.json`,
    `metrics.jsonl`, the pictures, `training_config.yaml` and the model card.
 
 Stages (VQRAE paper): stage 1 freezes the encoder (no gradients, eval mode, run without a graph) and trains the
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_io import atomic_write
+from ..atomic_io import atomic_write, save_pretrained_atomic
 from ..cli_utils import UsageError, is_main_process
 from ..image_data import (
     BUILTIN_DATASET_NAME,
@@ -113,12 +113,13 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
     initialised from a named vision config. Call after seeding: the random parts are initialised here. A model or
     encoder that cannot be found, or options that make no valid model, raise `UsageError`."""
     from ..configuration_vqrae import VQRAEConfig
+    from ..loading import load_model
     from ..modeling_vqrae import VQRAEModel
 
     try:
         if model_args.init_from is not None:
             _check_init_from_folder(model_args.init_from)
-            model = VQRAEModel.from_pretrained(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
+            model = load_model(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
             _check_init_from_agrees(model, model_args)
             return model
         if model_args.encoder_name_or_path is not None:
@@ -773,7 +774,7 @@ def _write_outputs(args: VQRAETrainingArguments, model, result, metrics_path: st
     from .model_card import write_model_card
 
     output_dir = args.output_dir
-    model.save_pretrained(output_dir)
+    save_pretrained_atomic(model, output_dir, model.get_image_processor())
     write_evaluation(output_dir, result)
     plots.plot_training_curves(os.path.join(output_dir, TRAINING_CURVES_FILE), metrics_path)
     write_model_card(output_dir, repo_id=args.hub_model_id)
