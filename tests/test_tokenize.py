@@ -114,7 +114,7 @@ def test_a_non_square_photo_is_prepared_alike_by_the_quickstart_tokenize_and_eva
     photo = Image.fromarray(data.chelsea())
     (tmp_path / "photos").mkdir()
     photo.save(tmp_path / "photos" / "chelsea.png")
-    tiny_model(seed=3, preprocessor_config={"resample": 2}).save_pretrained(tmp_path / "model")
+    save_model(tiny_model(seed=3, preprocessor_config={"resample": 2}), tmp_path / "model")
     output = _run(tmp_path, str(tmp_path / "model"), tmp_path / "photos", "tokens")
 
     model, processor = load_model_and_processor(str(tmp_path / "model"))
