@@ -53,7 +53,7 @@ def build_models(vision: dict) -> dict[str, VQRAEModel]:
 def stages(model: VQRAEModel, pixel_values: torch.Tensor) -> dict:
     """The stage callables of one model, with their inputs prepared once."""
     grid = (pixel_values.shape[-2] // model.patch_size, pixel_values.shape[-1] // model.patch_size)
-    features = model.get_image_features(pixel_values)
+    features = model.get_image_features(pixel_values).last_hidden_state
     indices = model.quantize(features, grid).indices
     codes = model.indices_to_codes(indices)
     processed = model.post_quant_conv(codes) if model.post_quant_conv is not None else codes
@@ -105,7 +105,7 @@ def main(argv=None):
     pixel_values = torch.rand(args.batch_size, 3, vision["image_size"], vision["image_size"]) * 2 - 1
     with torch.inference_mode():
         shared = models[BASELINE]
-        fns = {("shared", "encoder"): lambda: shared.get_image_features(pixel_values)}
+        fns = {("shared", "encoder"): lambda: shared.get_image_features(pixel_values).last_hidden_state}
         for name, model in models.items():
             for stage, fn in stages(model, pixel_values).items():
                 if stage == "decoder_from_tokens" and name != BASELINE:

@@ -39,12 +39,14 @@ def smoke_model(model_path: str | None):
         return
     import torch
 
+    from vqrae.atomic_io import save_pretrained_atomic
     from vqrae.training.args import ModelArguments
     from vqrae.training.trainer import build_model
 
     with tempfile.TemporaryDirectory(prefix="vqrae-bench-heldout-") as folder:
         torch.manual_seed(0)
-        build_model(ModelArguments()).save_pretrained(folder)
+        model = build_model(ModelArguments())
+        save_pretrained_atomic(model, folder, model.get_image_processor())
         yield folder
 
 

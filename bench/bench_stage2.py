@@ -45,8 +45,8 @@ def encoder_similarity(folder: Path, start: Path) -> float:
     )  # fmt: skip
     with torch.no_grad():
         pixel_values = to_pixel_values(processor, validation.images)
-        features = model.get_image_features(pixel_values)
-        start_features = reference.get_image_features(pixel_values)
+        features = model.get_image_features(pixel_values).last_hidden_state
+        start_features = reference.get_image_features(pixel_values).last_hidden_state
     return float(F.cosine_similarity(features, start_features, dim=-1).mean())
 
 

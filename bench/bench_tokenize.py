@@ -28,6 +28,7 @@ from _common import bench_parser, load_average, parse_bench_args, publish
 from PIL import Image
 
 from vqrae import VQRAEConfig, VQRAEModel
+from vqrae.atomic_io import save_pretrained_atomic
 from vqrae.cli.tokenize import parse_tokenize_args
 from vqrae.presets import QUANTIZER_PRESETS, VISION_PRESETS
 from vqrae.tokenize import tokenize
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
             torch.manual_seed(0)
             vision = dict(VISION_PRESETS[name])
             model = VQRAEModel(VQRAEConfig(vision_config=vision, **QUANTIZER_PRESETS["cosmos_fsq"])).eval()
-            model.save_pretrained(root / name / "model")
+            save_pretrained_atomic(model, root / name / "model", model.get_image_processor())
             summary = tokenize(
                 parse_tokenize_args(
                     ["--model", str(root / name / "model"), "--train_dir", str(root / "images")]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from _common import bench_parser, load_average, markdown_table, parse_bench_args, publish, run_and_sample_memory
 
+from vqrae.atomic_io import save_pretrained_atomic
 from vqrae.training.args import OPTION_NAMES, ModelArguments
 from vqrae.training.config_files import load_config_file
 from vqrae.training.trainer import build_model
@@ -43,7 +44,8 @@ MODES = ("joint", "stage 1", "stage 2")
 def save_start_model(folder: Path) -> str:
     """The randomly initialised tiny model `vqrae-train` builds, saved for `--init_from`."""
     torch.manual_seed(0)
-    build_model(ModelArguments()).save_pretrained(folder)
+    model = build_model(ModelArguments())
+    save_pretrained_atomic(model, folder, model.get_image_processor())
     return str(folder)
 
 

@@ -169,3 +169,10 @@ def photo_folder(folder, count: int, size: int = 48, seed: int = 0, start: int =
         left, top = int(rng.integers(image.width - size)), int(rng.integers(image.height - size))
         image.crop((left, top, left + size, top + size)).save(folder / f"photo_{start + i:03d}.png")
     return folder
+
+
+def save_model(model, folder, **kwargs) -> None:
+    """Save a model as vqrae-train does: weights, model code and image processor, in one atomic write."""
+    from vqrae.atomic_io import save_pretrained_atomic
+
+    save_pretrained_atomic(model, folder, model.get_image_processor(), **kwargs)

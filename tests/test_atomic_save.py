@@ -1,8 +1,9 @@
-"""`VQRAEModel.save_pretrained` is atomic: a save killed at any moment leaves the old model or the new one.
+"""`save_pretrained_atomic` (the trainer's model writer) is atomic: a save killed at any moment leaves the old model
+or the new one.
 
 The kill test runs a real save loop in a forked process and SIGKILLs it at several moments; every snapshot of the
 folder taken after a kill must load (strictly: config and weights agree) and equal one of the two models exactly.
-With the staging folder removed from `save_pretrained` (saving in place), about a third of the kills leave a
+With the staging folder removed from `save_pretrained_atomic` (saving in place), about a third of the kills leave a
 truncated config.json or config.json of one model beside the weights of the other, so ten kills catch it
 (checked: that mutant fails this test).
 """
@@ -20,6 +21,7 @@ import torch
 
 from conftest import SEED_PRESETS, tiny_config_kwargs, tiny_model
 from vqrae import VQRAEModel
+from vqrae.atomic_io import save_pretrained_atomic
 
 MODEL_A = {"seed": 0, **SEED_PRESETS["standard_fsq"]}
 MODEL_B = {"seed": 1, **SEED_PRESETS["cosmos_fsq"]}
@@ -34,19 +36,21 @@ _KILL_LOOP = textwrap.dedent(
     from transformers.utils import logging
     logging.disable_progress_bar()
     from vqrae import VQRAEConfig, VQRAEModel
+    from vqrae.atomic_io import save_pretrained_atomic
 
     folder, snapshots, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     models = []
     for seed, kwargs in spec["models"]:
         torch.manual_seed(seed)
         models.append(VQRAEModel(VQRAEConfig(**kwargs)))
-    models[0].save_pretrained(folder)
+    save_pretrained_atomic(models[0], folder, models[0].get_image_processor())
     for trial, delay in enumerate(spec["delays"]):
         pid = os.fork()
         if pid == 0:
             turn = 1
             while True:
-                models[turn % 2].save_pretrained(folder)
+                model = models[turn % 2]
+                save_pretrained_atomic(model, folder, model.get_image_processor())
                 turn += 1
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
@@ -67,6 +71,15 @@ def _equals(model: VQRAEModel, reference: VQRAEModel) -> bool:
             return False
     state, expected = model.state_dict(), reference.state_dict()
     return state.keys() == expected.keys() and all(torch.equal(state[key], expected[key]) for key in expected)
+
+
+def _save(model: VQRAEModel, folder) -> None:
+    save_pretrained_atomic(model, folder, model.get_image_processor())
+
+
+def test_the_model_saves_as_transformers_does():
+    # Atomic saving is a library function any caller may use, not a change to `save_pretrained`.
+    assert "save_pretrained" not in vars(VQRAEModel) and "save_pretrained" not in vars(VQRAEModel.__mro__[1])
 
 
 def _staging_leftovers(folder: Path) -> list[str]:
@@ -111,7 +124,7 @@ def test_save_killed_at_any_moment_leaves_exactly_one_model(tmp_path):
         assert sorted(p.name for p in snapshot.glob("*.safetensors")) == ["model.safetensors"]
 
     # Kills may leave a hidden staging folder beside the model; the next save clears it away.
-    _build(MODEL_A).save_pretrained(folder)
+    _save(_build(MODEL_A), folder)
     assert _staging_leftovers(folder) == []
     assert _equals(VQRAEModel.from_pretrained(folder), model_a)
 
@@ -119,11 +132,11 @@ def test_save_killed_at_any_moment_leaves_exactly_one_model(tmp_path):
 def test_save_into_new_folder_creates_it_and_leaves_nothing_beside_it(tmp_path):
     folder = tmp_path / "nested" / "model"
     model = _build(MODEL_B)
-    model.save_pretrained(folder)
+    _save(model, folder)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "atomic_io.py",
         "config.json",
         "configuration_vqrae.py",
+        "decoder.py",
         "model.safetensors",
         "modeling_vqrae.py",
         "preprocessor_config.json",
@@ -135,7 +148,7 @@ def test_save_into_new_folder_creates_it_and_leaves_nothing_beside_it(tmp_path):
 
 def test_save_over_a_model_keeps_other_files_and_drops_stale_weight_shards(tmp_path):
     folder = tmp_path / "model"
-    _build(MODEL_A).save_pretrained(folder)
+    _save(_build(MODEL_A), folder)
     (folder / "README.md").write_text("card\n")
     (folder / "checkpoints" / "step-10").mkdir(parents=True)
     (folder / "checkpoints" / "step-10" / "state.bin").write_bytes(b"\x00" * 16)
@@ -144,7 +157,7 @@ def test_save_over_a_model_keeps_other_files_and_drops_stale_weight_shards(tmp_p
     os.chmod(folder, 0o750)
 
     model_b = _build(MODEL_B)
-    model_b.save_pretrained(folder)
+    _save(model_b, folder)
 
     assert (folder / "README.md").read_text() == "card\n"
     assert (folder / "checkpoints" / "step-10" / "state.bin").read_bytes() == b"\x00" * 16
@@ -157,10 +170,10 @@ def test_save_over_a_model_keeps_other_files_and_drops_stale_weight_shards(tmp_p
 
 def test_save_through_a_symlink_updates_the_real_folder(tmp_path):
     real, link = tmp_path / "real", tmp_path / "link"
-    _build(MODEL_A).save_pretrained(real)
+    _save(_build(MODEL_A), real)
     link.symlink_to(real, target_is_directory=True)
     model_b = _build(MODEL_B)
-    model_b.save_pretrained(link)
+    _save(model_b, link)
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert _equals(VQRAEModel.from_pretrained(real), model_b)
 
@@ -168,7 +181,8 @@ def test_save_through_a_symlink_updates_the_real_folder(tmp_path):
 def test_save_onto_a_file_is_refused_and_leaves_the_file(tmp_path):
     path = tmp_path / "not-a-folder"
     path.write_text("keep me")
-    _build(MODEL_A).save_pretrained(path)  # transformers logs an error and writes nothing
+    with pytest.raises(OSError, match="it is a file, not a folder"):
+        _save(_build(MODEL_A), path)
     assert path.read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]
 
@@ -186,10 +200,10 @@ def test_save_over_a_model_without_an_atomic_exchange(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vqrae.atomic_io, "_exchange", lambda first, second: False)
     folder = tmp_path / "model"
-    _build(MODEL_A).save_pretrained(folder)
+    _save(_build(MODEL_A), folder)
     (folder / "README.md").write_text("card\n")
     model_b = _build(MODEL_B)
-    model_b.save_pretrained(folder)
+    _save(model_b, folder)
     assert (folder / "README.md").read_text() == "card\n"
     assert _staging_leftovers(folder) == []
     assert _equals(VQRAEModel.from_pretrained(folder), model_b)
@@ -203,7 +217,7 @@ def test_saved_files_honour_the_umask(umask, tmp_path):
 
     previous = os.umask(umask)
     try:
-        _build(MODEL_A).save_pretrained(tmp_path / "model")
+        _save(_build(MODEL_A), tmp_path / "model")
         atomic_write(tmp_path / "notes.txt", "text\n")
     finally:
         os.umask(previous)

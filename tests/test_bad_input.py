@@ -16,9 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from conftest import TINY_VISION, tiny_config, tiny_model
+from conftest import TINY_VISION, save_model, tiny_config, tiny_model
 from vqrae import VQRAEConfig, VQRAEModel
 from vqrae.image_data import decode_image, load_image_dataset, load_validation_images, resolve_image_column
+from vqrae.loading import load_model
 from vqrae.training.data import TrainingBatches
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def saved_models(tmp_path_factory):
     """One saved folder per preset; tests copy a folder before damaging it."""
     root = tmp_path_factory.mktemp("saved")
     for name, overrides in {"fsq": {}, "post_quant_conv": {"use_post_quant_conv": True}}.items():
-        tiny_model(0, **overrides).save_pretrained(root / name)
+        save_model(tiny_model(0, **overrides), root / name)
     return root
 
 
@@ -188,6 +189,26 @@ def test_weights_of_another_shape(copy_of):
     assert model.config.fsq_levels == [8, 8, 8]
 
 
+def test_unmatched_weights_are_reported_under_output_loading_info(copy_of):
+    # transformers' contract: with `output_loading_info=True`, weights that do not match are reported, not raised.
+    folder = copy_of("post_quant_conv")
+    _edit_weights(folder, lambda t: t.pop("post_quant_conv.bias"))
+    model, info = VQRAEModel.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == {"post_quant_conv.bias"} and info["unexpected_keys"] == set()
+    assert model.post_quant_conv.bias.shape == (32,)
+    with pytest.raises(ValueError, match=r"tensors missing from the checkpoint: post_quant_conv.bias\."):
+        VQRAEModel.from_pretrained(folder)  # a plain load stays strict
+
+
+def test_a_model_builds_from_a_state_dict_without_a_folder():
+    model = tiny_model(0, use_post_quant_conv=True)
+    loaded = VQRAEModel.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+    partial = {key: value for key, value in model.state_dict().items() if not key.startswith("decoder.")}
+    with pytest.raises(ValueError, match=r"The weights of the given state_dict do not match .* decoder.in_proj.bias"):
+        VQRAEModel.from_pretrained(None, config=model.config, state_dict=partial)
+
+
 def test_matching_weights_load_and_report_nothing(copy_of):
     model, info = VQRAEModel.from_pretrained(copy_of("post_quant_conv"), output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
@@ -210,7 +231,7 @@ def test_damaged_safetensors_is_refused(copy_of, damage):
     path = folder / "model.safetensors"
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(OSError, match=r"weights file is truncated or corrupted .*; download or save it again"):
-        VQRAEModel.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_missing_safetensors_is_refused(copy_of):
@@ -390,13 +411,11 @@ def test_16_bit_images_keep_their_brightness():
 
 
 def test_a_model_folder_that_does_not_exist_is_named(tmp_path, monkeypatch):
-    from vqrae import VQRAEModel
-
     (tmp_path / "outputs").mkdir()
     monkeypatch.chdir(tmp_path)
     for name in ("outputs/vqrae-tiny-cpu", "./model", str(tmp_path / "gone")):
         with pytest.raises(OSError, match="is not a folder: .* does not exist"):
-            VQRAEModel.from_pretrained(name)
+            load_model(name)
     # Not a path and not a repo id either: transformers' "Repo id must be in the form" becomes our message.
     with pytest.raises(OSError, match="'a/b/c' is not a folder here .* could not be loaded as a model from the Hub"):
-        VQRAEModel.from_pretrained("a/b/c")
+        load_model("a/b/c")

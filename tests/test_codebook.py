@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 from vqrae.quantizers import VQRAEVectorQuantizer
 from vqrae.training.metrics import codebook_use_on_crops
 from vqrae.training.state import _optimizer_groups
@@ -130,7 +130,7 @@ def test_usage_counts_travel_with_the_weights(tmp_path):
     model = tiny_model(use_fsq=False, num_embeddings=64, codebook_dim=8).train()
     model(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert (model.quantizer.steps_unused < 20).all()  # the first batch restarted (initialised) every code
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     loaded = VQRAEModel.from_pretrained(tmp_path)
     assert torch.equal(loaded.quantizer.steps_unused, model.quantizer.steps_unused)
     torch.testing.assert_close(loaded.quantizer.embedding.weight, model.quantizer.embedding.weight)

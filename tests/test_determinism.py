@@ -103,7 +103,7 @@ def test_bf16_autocast_gives_float32_indices(preset):
     model = tiny_model(0, **PRESETS[preset]).eval()
     grid = model.config.token_grid_size
     with torch.no_grad():
-        features = model.get_image_features(_images(4, seed=2))
+        features = model.get_image_features(_images(4, seed=2)).last_hidden_state
         reference = model.quantize(features, grid).indices
         with torch.autocast("cpu", dtype=torch.bfloat16):
             under_autocast = model.quantize(features, grid)

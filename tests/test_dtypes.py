@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, SiglipVisionConfig, SiglipVisionModel
 
 import vqrae
-from conftest import TINY_VISION, tiny_model
+from conftest import TINY_VISION, save_model, tiny_model
 
 PRESETS = {
     "cosmos_fsq": {"fsq_levels": [8, 8, 8, 5, 5, 5], "use_post_quant_conv": True},
@@ -89,11 +89,11 @@ def test_bf16_model_gives_the_float32_models_fsq_indices_on_the_same_features(pr
     model = copy.deepcopy(reference).to(torch.bfloat16)
     grid = model.config.token_grid_size
     with torch.no_grad():
-        features = model.get_image_features(_images(8, seed=3).bfloat16())
+        features = model.get_image_features(_images(8, seed=3).bfloat16()).last_hidden_state
         ours = model.quantize(features, grid).indices
         theirs = reference.quantize(features.float(), grid).indices
         # The features of the bf16 encoder differ from float32 ones; what is equal is the quantization of them.
-        assert not torch.equal(features.float(), reference.get_image_features(_images(8, seed=3)))
+        assert not torch.equal(features.float(), reference.get_image_features(_images(8, seed=3)).last_hidden_state)
     assert torch.equal(ours, theirs)
     assert ours.unique().numel() > 16 and int(ours.max()) > 256  # many codes, beyond what bf16 counts exactly
 
@@ -102,7 +102,7 @@ def test_bf16_model_gives_the_float32_models_fsq_indices_on_the_same_features(pr
 def test_from_pretrained_with_dtype_keeps_the_quantizer_in_float32(tmp_path, dtype):
     dtype = DTYPES[dtype]
     reference = tiny_model(0, **PRESETS["cosmos_fsq"]).eval()
-    reference.save_pretrained(tmp_path / "model")
+    save_model(reference, tmp_path / "model")
     model = AutoModel.from_pretrained(tmp_path / "model", dtype=dtype)
     assert model.dtype == dtype and model.decoder.in_proj.weight.dtype == dtype
     _assert_quantizer_float32(model)
@@ -112,7 +112,7 @@ def test_from_pretrained_with_dtype_keeps_the_quantizer_in_float32(tmp_path, dty
         reconstruction = model.decode_from_indices(indices).reconstruction
     assert reconstruction.dtype == dtype and torch.isfinite(reconstruction).all()
     # Saved again in bf16, it reloads in bf16 with the same float32 quantizer.
-    model.save_pretrained(tmp_path / "again")
+    save_model(model, tmp_path / "again")
     again = AutoModel.from_pretrained(tmp_path / "again")
     assert again.dtype == dtype
     _assert_quantizer_float32(again)
@@ -148,7 +148,7 @@ def test_default_model_loaded_in_bf16_tokenizes_and_decodes_a_folder(tmp_path):
     from vqrae.training.trainer import build_model
 
     folder = tmp_path / "model"
-    build_model(parse_train_args([])[0]).save_pretrained(folder)  # the default run's model (untrained weights)
+    save_model(build_model(parse_train_args([])[0]), folder)  # the default run's model (untrained weights)
     model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16)
     reference = AutoModel.from_pretrained(folder)
     assert model.dtype == torch.bfloat16
@@ -177,7 +177,7 @@ def test_the_quantizer_computes_in_float32_under_bf16_autocast(preset):
     with torch.no_grad():
         if preset != "simvq":  # a trained projection spreads the features over the whole grid; a fresh one does not
             model.quantizer.project_in.weight.mul_(100)
-        features = model.get_image_features(_images(8, seed=3))
+        features = model.get_image_features(_images(8, seed=3)).last_hidden_state
         expected = model.quantizer(features)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             output = model.quantizer(features)

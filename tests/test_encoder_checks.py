@@ -18,7 +18,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from conftest import TINY_VISION, tiny_model
+from conftest import TINY_VISION, save_model, tiny_model
 from test_cli import _one_error_line, _train
 from test_hub_loading import _tiny_siglip_text
 from vqrae import VQRAEConfig, VQRAEModel
@@ -45,7 +45,7 @@ def _prefixed_folder(folder, tmp_path):
 
 
 def _vqrae_folder(folder, tmp_path):
-    tiny_model().save_pretrained(folder)
+    save_model(tiny_model(), folder)
     return folder
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 from vqrae import to_pil_images
 from vqrae.cli.evaluate import parse_evaluate_args
 from vqrae.training.evaluate import evaluate
@@ -19,7 +19,7 @@ from vqrae.training.run_files import CODEBOOK_USAGE_FILE, EVAL_RESULTS_FILE, REC
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     model = tiny_model(seed=5)
-    model.save_pretrained(root / "model")
+    save_model(model, root / "model")
     photos = root / "photos"
     photos.mkdir()
     rng = np.random.default_rng(1)
@@ -140,7 +140,7 @@ def test_num_crops_measures_codebook_use_over_random_crops_of_the_whole_images(s
     assert len(images) == 5 and unreadable == 1 and images[0].size != (32, 32)
     assert codebook_use_on_crops(model, images, model.get_image_processor(), 6) == use
     assert read_eval_results(output)["crop_codebook_use"] == use
-    model.save_pretrained(output)
+    save_model(model, output)
     card = str(render_model_card(output))
     row = f"over 6 random crops | {use['used_codes'] / 64000:.1%} ({use['used_codes']:,} codes over 96 tokens)"
     assert row in card

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 from hub_cache import write_hub_cache
 from test_model_card import make_run_folder, picture_links, quickstart_code
 from vqrae.cli import push as push_cli
@@ -31,8 +31,8 @@ PUBLISHED = {
     "config.json",
     "model.safetensors",
     "preprocessor_config.json",
-    "atomic_io.py",
     "configuration_vqrae.py",
+    "decoder.py",
     "modeling_vqrae.py",
     "quantizers.py",
     "eval_results.json",
@@ -179,7 +179,7 @@ def test_card_quickstart_runs_against_the_published_repo(run_folder, fake_hub, o
 
 def test_private_repo_on_a_branch_and_sharded_weights(tmp_path, fake_hub, online):
     folder = tmp_path / "sharded"
-    tiny_model(0).save_pretrained(folder, max_shard_size="100KB")
+    save_model(tiny_model(0), folder, max_shard_size="100KB")
     shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
     assert len(shards) >= 2
     push_to_hub(folder, REPO_ID, private=True, revision="dev", token="hf_explicit", commit_message="tokenizer v2")
@@ -194,8 +194,8 @@ def test_private_repo_on_a_branch_and_sharded_weights(tmp_path, fake_hub, online
         "preprocessor_config.json",
         "model.safetensors.index.json",
         *shards,
-        "atomic_io.py",
         "configuration_vqrae.py",
+        "decoder.py",
         "modeling_vqrae.py",
         "quantizers.py",
     }
@@ -226,7 +226,7 @@ def test_no_token_fails_at_once_and_sends_nothing(run_folder, fake_hub, online, 
 
 def test_bad_folder_or_arguments_are_named(run_folder, tmp_path, fake_hub, online):
     folder = tmp_path / "no_code"
-    tiny_model(0).save_pretrained(folder)
+    save_model(tiny_model(0), folder)
     (folder / "quantizers.py").unlink()
     with pytest.raises(ValueError, match=r"lacks \['quantizers.py'\].*save_pretrained"):
         push_to_hub(folder, REPO_ID)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from conftest import SEED_PRESETS, TINY_VISION, tiny_model
+from conftest import SEED_PRESETS, TINY_VISION, save_model, tiny_model
 from hub_cache import write_hub_cache
 from vqrae import VQRAEModel
 
@@ -26,7 +26,7 @@ def _subprocess_env():
 def test_remote_code_loads_without_vqrae(preset, tmp_path):
     model = tiny_model(**SEED_PRESETS[preset]).eval()
     folder = tmp_path / "model"
-    model.save_pretrained(folder)
+    save_model(model, folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_vqrae.VQRAEConfig",
@@ -71,7 +71,7 @@ def test_remote_code_loads_without_vqrae(preset, tmp_path):
 
 def test_automodel_from_hub_cache_offline(tmp_path):
     model = tiny_model(**SEED_PRESETS["cosmos_fsq"]).eval()
-    model.save_pretrained(tmp_path / "saved")
+    save_model(model, tmp_path / "saved")
     write_hub_cache(tmp_path / "saved", "org/vqrae-cosmos")
     loaded = AutoModel.from_pretrained("org/vqrae-cosmos")
     assert isinstance(loaded, VQRAEModel)
@@ -119,7 +119,7 @@ def test_from_encoder_pretrained_through_the_hub_cache(checkpoint, tmp_path):
     assert compared == len(encoder_state)  # every encoder tensor came from the checkpoint
     assert not any("head" in name for name in encoder_state)
     # The whole model is one checkpoint: a reload never touches the SigLIP repo.
-    model.save_pretrained(tmp_path / "vqrae")
+    save_model(model, tmp_path / "vqrae")
     reloaded = AutoModel.from_pretrained(tmp_path / "vqrae")
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
@@ -163,7 +163,7 @@ def test_encoder_preprocessing_travels_with_the_model(tmp_path):
     model = VQRAEModel.from_encoder_pretrained("google/siglip2-tiny-test", decoder_intermediate_size=37)
     assert model.config.preprocessor_config["resample"] == 2
     assert model.get_image_processor().resample == Image.Resampling.BILINEAR
-    model.save_pretrained(tmp_path / "vqrae")
+    save_model(model, tmp_path / "vqrae")
     saved = json.loads((tmp_path / "vqrae" / "preprocessor_config.json").read_text())
     assert saved["resample"] == 2 and saved["size"] == {"shortest_edge": 32}  # then the centred 32 px square
     assert saved["do_center_crop"] is True and saved["crop_size"] == {"height": 32, "width": 32}

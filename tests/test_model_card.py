@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from conftest import SEED_PRESETS, tiny_model
+from conftest import SEED_PRESETS, save_model, tiny_model
 from vqrae import to_pil_images
 from vqrae.training.model_card import read_eval_results, render_model_card, write_model_card
 from vqrae.training.run_files import PICTURES
@@ -42,7 +42,7 @@ def make_run_folder(folder: Path, preset: str = "cosmos_fsq", pictures=tuple(PIC
     """A folder shaped like a finished training run: the saved tiny model, eval_results.json, PNGs, the run's
     options and log. Returns the folder."""
     model = tiny_model(0, encoder_name_or_path="google/siglip-tiny-test", **SEED_PRESETS[preset])
-    model.save_pretrained(folder)
+    save_model(model, folder)
     (folder / "eval_results.json").write_text(json.dumps({**EVAL_RESULTS, **eval_overrides}))
     for index, name in enumerate(pictures):
         Image.new("RGB", (16, 8), (40 * index, 90, 200)).save(folder / name)
@@ -143,7 +143,7 @@ def test_quantizer_table_fsq_with_post_quant_conv(run_folder):
 
 def test_untrained_vq_model_card_has_no_results_pictures_or_training(tmp_path):
     folder = tmp_path / "fresh"
-    tiny_model(0, encoder_name_or_path=str(tmp_path), **SEED_PRESETS["vq"]).save_pretrained(folder)
+    save_model(tiny_model(0, encoder_name_or_path=str(tmp_path), **SEED_PRESETS["vq"]), folder)
     path = write_model_card(folder)
     assert path == folder / "README.md"
     card = ModelCard.load(path)
@@ -162,7 +162,7 @@ def test_untrained_vq_model_card_has_no_results_pictures_or_training(tmp_path):
 
 def test_architecture_names_the_decoders_blending_and_conv_head(tmp_path):
     folder = tmp_path / "blended"
-    tiny_model(0, decoder_patch_overlap=3, decoder_conv_head_channels=8).save_pretrained(folder)
+    save_model(tiny_model(0, decoder_patch_overlap=3, decoder_conv_head_channels=8), folder)
     decoder = "| Decoder | ViT: 2 layers, width 32, 4 heads, MLP 37; patches overlap by 3 px, blended; "
     decoder += "a 8-channel conv head |"
     assert decoder in render_model_card(folder).text

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from conftest import SEED_PRESETS, tiny_config, tiny_model
+from conftest import SEED_PRESETS, save_model, tiny_config, tiny_model
 from vqrae import VQRAE, VQRAEConfig, VQRAEDecoderOutput, VQRAEEncoderOutput, VQRAEModel, VQRAEModelOutput
 
 PRESETS = sorted(SEED_PRESETS)
@@ -75,7 +75,7 @@ def test_frozen_encoder_gets_no_gradient(preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_save_and_load_round_trip(preset, tmp_path):
     model = tiny_model(**SEED_PRESETS[preset]).eval()
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
     assert {
         "config.json",
@@ -108,7 +108,7 @@ def test_image_processor_matches_the_encoder(tmp_path):
     from PIL import Image
 
     model = tiny_model()
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     image = Image.new("RGB", (50, 70), color=(255, 0, 128))
     pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
@@ -137,7 +137,7 @@ def test_to_pil_images_undoes_the_models_own_normalisation(tmp_path, settings):
     from vqrae import to_pil_images
 
     model = tiny_model(preprocessor_config=settings)
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     array = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     pixel_values = processor(images=[Image.fromarray(array)], return_tensors="pt")["pixel_values"]
@@ -285,7 +285,7 @@ def test_the_decoder_conv_head_starts_as_the_identity_and_trains(tmp_path):
     assert head.conv_out.weight.grad.abs().sum() > 0  # then conv_in, once conv_out has moved
     with torch.no_grad():
         head.conv_out.weight.normal_(std=0.1)
-    model.eval().save_pretrained(tmp_path)
+    save_model(model.eval(), tmp_path)
     loaded = VQRAEModel.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).reconstruction, model(x).reconstruction)
@@ -318,7 +318,7 @@ def test_cosmos_placement_puts_post_quant_conv_on_the_quantizers_codes(quantizer
             assert torch.equal(codes, model.quantizer.lookup(encoded.indices, project_out=False).permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match=rf"`codes` must have shape \(batch_size, {width}, h, w\)"):
         model.decode(torch.zeros(1, 32, 4, 4))
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(VQRAEModel.from_pretrained(tmp_path)(x).reconstruction, model(x).reconstruction)
     with pytest.raises(ValueError, match="needs `use_post_quant_conv=True`"):
@@ -348,7 +348,7 @@ def test_overlapping_patches_blend_into_a_partition_of_unity(overlap, tmp_path):
         torch.testing.assert_close(
             eval_model.decode_from_indices(eval_model.encode(x).indices).reconstruction, eval_model(x).reconstruction
         )
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(VQRAEModel.from_pretrained(tmp_path)(x).reconstruction, model(x).reconstruction)
     with pytest.raises(

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from conftest import save_model
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -31,7 +33,7 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     # What `vqrae-train` with no arguments saves there: the default model's own config (weights untrained).
     model_args, _, training_args = parse_train_args([])
     assert training_args.output_dir == folder
-    build_model(model_args).save_pretrained(tmp_path / folder)
+    save_model(build_model(model_args), tmp_path / folder)
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == printed == "(1, 8, 8) torch.int64 64000"

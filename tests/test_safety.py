@@ -21,12 +21,12 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import NetworkBlockedError, tiny_model
+from conftest import NetworkBlockedError, save_model, tiny_model
 from vqrae import VQRAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "vqrae"
-MODEL_FILES = ("atomic_io.py", "configuration_vqrae.py", "modeling_vqrae.py", "quantizers.py")
+MODEL_FILES = ("configuration_vqrae.py", "decoder.py", "modeling_vqrae.py", "quantizers.py")
 OUTSIDE = ("93.184.216.34", 443)  # a public address; never reached
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_model_files_import_only_stdlib_torch_transformers(filename):
 
 
 def test_saved_model_folder_holds_the_model_files_and_safetensors_only(tmp_path):
-    tiny_model(0).save_pretrained(tmp_path)
+    save_model(tiny_model(0), tmp_path)
     names = sorted(path.name for path in tmp_path.iterdir())
     assert [name for name in names if name.endswith(".py")] == sorted(MODEL_FILES)
     assert "model.safetensors" in names
@@ -197,7 +197,7 @@ def test_nothing_under_src_unpickles():
 
 def test_a_pickled_weights_file_is_never_opened(tmp_path):
     # A pytorch_model.bin whose unpickling would create a file: loading must refuse it without unpickling it.
-    tiny_model(0).save_pretrained(tmp_path)
+    save_model(tiny_model(0), tmp_path)
     (tmp_path / "model.safetensors").unlink()
     marker = tmp_path / "unpickled"
 

@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from conftest import photo_folder, run, tiny_model
+from conftest import photo_folder, run, save_model, tiny_model
 from vqrae.cli.evaluate import main as evaluate_main
 from vqrae.cli.tokenize import main as tokenize_main
 from vqrae.image_data import load_image_dataset
@@ -17,7 +17,7 @@ from vqrae.image_data import load_image_dataset
 def saved(tmp_path_factory):
     """`(model folder, a saved Dataset of 12 images, a saved DatasetDict with train (12) and validation (3))`."""
     root = tmp_path_factory.mktemp("saved")
-    tiny_model(seed=2).save_pretrained(root / "model")
+    save_model(tiny_model(seed=2), root / "model")
     files = sorted(photo_folder(root / "photos", 15).iterdir())
     features = datasets.Features({"image": datasets.Image()})
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import vqrae.token_dataset as token_dataset
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 from hub_cache import write_hub_cache
 from vqrae import to_pil_images
 from vqrae.cli.tokenize import parse_tokenize_args
@@ -62,7 +62,7 @@ def _assert_same_dataset(left: dict, right: dict) -> None:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenize")
     model = tiny_model(seed=3)
-    model.save_pretrained(root / "model")
+    save_model(model, root / "model")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -117,7 +117,7 @@ def test_a_non_square_photo_is_prepared_alike_by_the_quickstart_tokenize_and_eva
     photo = Image.fromarray(data.chelsea())
     (tmp_path / "photos").mkdir()
     photo.save(tmp_path / "photos" / "chelsea.png")
-    tiny_model(seed=3, preprocessor_config={"resample": 2}).save_pretrained(tmp_path / "model")
+    save_model(tiny_model(seed=3, preprocessor_config={"resample": 2}), tmp_path / "model")
     output = _run(tmp_path, str(tmp_path / "model"), tmp_path / "photos", "tokens")
 
     model, processor = load_model_and_processor(str(tmp_path / "model"))
@@ -345,7 +345,7 @@ def _one_line_refusal(argv: list[str]) -> str:
 def test_a_rerun_with_other_weights_is_refused(setup, tmp_path):
     root, model_dir, images, reference = setup
     model = tiny_model(seed=3)
-    model.save_pretrained(tmp_path / "model")
+    save_model(model, tmp_path / "model")
     folder = _small_folder(images, tmp_path / "photos")
     output = tmp_path / "tokens"
     argv = ["--model", str(tmp_path / "model"), "--train_dir", str(folder), "--output_dir", str(output)]
@@ -359,7 +359,7 @@ def test_a_rerun_with_other_weights_is_refused(setup, tmp_path):
     perturbed = tiny_model(seed=3)
     with torch.no_grad():
         perturbed.decoder.in_proj.weight[0, 0] += 1e-3  # one number of one tensor
-    perturbed.save_pretrained(tmp_path / "model")
+    save_model(perturbed, tmp_path / "model")
     line = _one_line_refusal(argv)
     assert line.startswith(
         f"vqrae-tokenize: error: The weights of `--model` '{tmp_path / 'model'}' changed since the "
@@ -373,7 +373,7 @@ def test_a_rerun_with_other_weights_is_refused(setup, tmp_path):
         main(argv)
     assert not (output / "data" / "train-00001.parquet").exists() and not (output / MANIFEST_FILE).exists()
 
-    model.save_pretrained(tmp_path / "model")  # the weights that made the tokens, in a new file: resumes
+    save_model(model, tmp_path / "model")  # the weights that made the tokens, in a new file: resumes
     assert main(argv)["images"] == 1
     assert main(argv)["images"] == 0  # and then is complete
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN_ARGS, records, run, tiny_model
+from conftest import TINY_RUN_ARGS, records, run, save_model, tiny_model
 from vqrae.cli.train import parse_train_args
 from vqrae.training.config_files import preset_config_dir
 from vqrae.training.losses import VQRAEPatchDiscriminator
@@ -147,7 +147,7 @@ def test_output_folder_loads_and_its_results_match_a_fresh_evaluation(tmp_path):
 
 def test_stage1_keeps_the_encoder_bit_identical(tmp_path):
     start = tmp_path / "start"
-    tiny_model(seed=3).save_pretrained(start)
+    save_model(tiny_model(seed=3), start)
     output = tmp_path / "stage1"
     run(output, "--init_from", str(start), "--stage", "1", max_steps=2, sizes=False)
     before, after = encoder_weights(start), encoder_weights(output)
@@ -167,7 +167,7 @@ def test_stage2_distillation_holds_the_encoder_to_its_start(tmp_path):
     from vqrae.image_data import load_image_dataset, load_validation_images
 
     start = tmp_path / "start"
-    tiny_model(seed=4).save_pretrained(start)
+    save_model(tiny_model(seed=4), start)
     common = ["--init_from", str(start), "--stage", "2", *CONSTANT_LR, "--save_steps", "1", "--save_total_limit", "3"]
     for weight in ("0", "1"):
         run(tmp_path / weight, *common, "--distillation_weight", weight, max_steps=3, sizes=False)
@@ -270,7 +270,7 @@ def test_gan_trains_from_gan_start_step_only(tmp_path):
 @pytest.mark.parametrize("ema_decay", [None, 0.25])
 def test_saved_and_evaluated_model_is_the_ema_of_the_raw_weights(ema_decay, tmp_path):
     start = tmp_path / "start"
-    tiny_model(seed=5).save_pretrained(start)
+    save_model(tiny_model(seed=5), start)
     output = tmp_path / "run"
     ema = [] if ema_decay is None else ["--ema_decay", str(ema_decay)]
     steps = 3

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 from vqrae.configuration_vqrae import MIN_TRANSFORMERS_VERSION
 from vqrae.training.model_card import render_model_card
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_remote_code_under_an_older_transformers_says_which_version_it_needs(tmp_path):
-    tiny_model().save_pretrained(tmp_path / "model")
+    save_model(tiny_model(), tmp_path / "model")
     # transformers 4.x as the model code sees it: the version the installed package reports.
     script = textwrap.dedent(
         f"""
@@ -48,6 +48,6 @@ def test_the_minimum_version_agrees_with_pyproject():
 
 
 def test_the_model_card_states_the_minimum_version(tmp_path):
-    tiny_model().save_pretrained(tmp_path / "model")
+    save_model(tiny_model(), tmp_path / "model")
     text = render_model_card(tmp_path / "model").text
     assert f"only `transformers` {MIN_TRANSFORMERS_VERSION} or newer is needed" in text

@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 AutoConfig.register(VQRAEConfig.model_type, VQRAEConfig, exist_ok=True)
 AutoModel.register(VQRAEConfig, VQRAEModel, exist_ok=True)
-# `save_pretrained` copies the model files (with `atomic_io.py`, which they import) and writes `auto_map`,
-# so the Hub copy loads without vqrae.
+# `save_pretrained` copies the model files (configuration, modeling, quantizers) and writes `auto_map`, so the Hub
+# copy loads without vqrae.
 VQRAEConfig.register_for_auto_class()
 VQRAEModel.register_for_auto_class("AutoModel")
 

@@ -4,13 +4,12 @@ mix, and so that what was written survives a power cut (fsync).
 - `atomic_write(path, data)`: text or bytes, through a hidden temporary file in the same folder and one rename;
 - `atomic_file(path)`: the same for writers that want a path (`pyarrow.parquet.write_table`, `savefig`, ...);
 - `atomic_folder(target, keep=...)`: a whole folder (a saved model), written into a hidden sibling folder that then
-  takes `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames).
+  takes `target`'s place in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames);
+- `save_pretrained_atomic(model, folder, *others)`: `save_pretrained` of a model (and, e.g., its image processor)
+  through `atomic_folder`.
 
 Every file written through them gets the mode a plain `open(path, "w")` gives (0o666 less the umask): some writers
 (safetensors' `save_file`) create their files 0600, which would hide the weights from other users of the machine.
-
-It imports only the standard library, because `VQRAEModel.save_pretrained` uses it and `save_pretrained` copies it
-to the Hub with the model code for `trust_remote_code` users.
 """
 
 from __future__ import annotations
@@ -19,14 +18,24 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 
-__all__ = ["STAGING_MARK", "atomic_file", "atomic_folder", "atomic_write", "set_default_mode"]
+__all__ = [
+    "STAGING_MARK",
+    "atomic_file",
+    "atomic_folder",
+    "atomic_write",
+    "save_pretrained_atomic",
+    "set_default_mode",
+]
 
 STAGING_MARK = ".vqrae-staging-"
 _AT_FDCWD = -100
+# Weight files that `save_pretrained` itself replaces; a new save never keeps stale ones.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 _RENAME_EXCHANGE = 2
 
 
@@ -119,6 +128,21 @@ def atomic_folder(target: str | os.PathLike, keep: Callable[[str], bool] = lambd
         _fsync_folder(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_pretrained_atomic(model, folder: str | os.PathLike, *others, **kwargs) -> None:
+    """`model.save_pretrained(folder, **kwargs)`, then `save_pretrained(folder)` of each of `others` (a model's
+    image processor), as one atomic write: a save killed at any moment leaves either the old model or the new one,
+    never a mix. Other files already in `folder` (a model card, logs, checkpoints) are kept; stale weight files are
+    dropped, as `save_pretrained` does. To push to the Hub, save first, then upload the folder."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained_atomic writes a local folder; push it to the Hub after saving.")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"Cannot save a model into {os.fspath(folder)!r}: it is a file, not a folder.")
+    with atomic_folder(folder, keep=lambda name: not _WEIGHT_FILE.fullmatch(name)) as staging:
+        model.save_pretrained(staging, **kwargs)
+        for other in others:
+            other.save_pretrained(staging)
 
 
 def _remove_leftovers(parent: str, name: str) -> None:

@@ -163,8 +163,8 @@ class VQRAEConfig(PreTrainedConfig):
         post_quant_conv_on_codes (`bool`, *optional*, defaults to `False`):
             Cosmos-Tokenizer's placement: `post_quant_conv` reads the quantizer's own codes (FSQ: `len(fsq_levels)`
             wide; VQ: `codebook_dim`) and maps them to the encoder width, in place of the quantizer's `project_out`.
-            `False` (the seed's): it reads the codes after `project_out`, where a 1x1 kernel composes with
-            `project_out` into one affine map (see BENCHMARKS.md section 6). Needs `use_post_quant_conv`.
+            `False`: it reads the codes after `project_out`, where a 1x1 kernel composes with `project_out` into
+            one affine map. Needs `use_post_quant_conv`.
         normalize_codes (`bool`, *optional*, defaults to `False`):
             Apply a parameter-free LayerNorm over the channel dimension to the codes before the decoder.
         decoder_hidden_size (`int`, *optional*):
@@ -178,10 +178,10 @@ class VQRAEConfig(PreTrainedConfig):
         decoder_patch_overlap (`int`, *optional*, defaults to 0):
             Pixels by which each token's decoded square reaches into its neighbours' patches on every side; the
             overlapping squares are blended with linear ramps (overlap-add), so neighbouring patches meet without a
-            step. 0 (the seed's decoder): each token decodes exactly its patch. At most half the patch size.
+            step. 0: each token decodes exactly its patch. At most half the patch size.
         decoder_conv_head_channels (`int`, *optional*, defaults to 0):
             Width of a small residual convolutional head on the decoded image (two 3x3 convolutions), which smooths
-            the borders between the patches the ViT decoder predicts one by one; 0: no head (the seed's decoder).
+            the borders between the patches the ViT decoder predicts one by one; 0: no head.
         decoder_hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
             Activation of the decoder MLPs (any name in `transformers.activations.ACT2FN`).
         initializer_range (`float`, *optional*, defaults to 0.02):

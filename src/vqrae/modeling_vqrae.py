@@ -9,31 +9,28 @@ The file reads in the order of the data flow:
                     post_quant_conv maps the quantizer's own codes (B, d, h, w) to D)
                  -> decoder (ViT, unpatchify)               -> reconstruction (B, 3, H, W)
 
-It imports only torch and transformers (and the two sibling files), because `save_pretrained` copies it to the
-Hub for `trust_remote_code` users.
+The decoder lives in `decoder.py` and the quantizers in `quantizers.py`. It imports only the standard library, torch
+and transformers (and its siblings `configuration_vqrae.py`, `decoder.py` and `quantizers.py`), because
+`save_pretrained` copies the four files to the Hub for `trust_remote_code` users.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel, SiglipVisionModel
+from transformers import AutoConfig, PreTrainedModel, SiglipImageProcessorPil, SiglipVisionModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .atomic_io import atomic_folder
 from .configuration_vqrae import PREPROCESSOR_FIELDS, VQRAEConfig, check_encoder_config
+from .decoder import VQRAEDecoder
 from .quantizers import VQRAEFSQuantizer, VQRAEVectorQuantizer
 
 logger = logging.get_logger(__name__)
@@ -97,6 +94,11 @@ class VQRAEModelOutput(ModelOutput):
             The encoder's continuous semantic features.
         quantizer_loss (`torch.FloatTensor`, scalar):
             The quantizer's loss (zero for FSQ).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The encoder's hidden states: the embeddings and the output of each layer, `(batch_size, h * w,
+            hidden_size)` each.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The attention weights of each encoder layer, `(batch_size, num_heads, h * w, h * w)`.
     """
 
     reconstruction: torch.FloatTensor | None = None
@@ -104,179 +106,8 @@ class VQRAEModelOutput(ModelOutput):
     quantized: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     quantizer_loss: torch.FloatTensor | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoder: a ViT that maps tokens to patches of pixels
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-):
-    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-class VQRAEDecoderAttention(nn.Module):
-    """Multi-head self-attention over the token grid (no mask: every token sees every other)."""
-
-    def __init__(self, config: VQRAEConfig):
-        super().__init__()
-        self.config = config
-        self.embed_dim = config.decoder_hidden_size
-        self.num_heads = config.decoder_num_attention_heads
-        self.head_dim = self.embed_dim // self.num_heads
-        self.scale = self.head_dim**-0.5
-        self.is_causal = False
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, _ = attention_interface(
-            self, queries, keys, values, None, is_causal=False, scaling=self.scale, dropout=0.0
-        )
-        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
-
-
-class VQRAEDecoderMLP(nn.Module):
-    def __init__(self, config: VQRAEConfig):
-        super().__init__()
-        self.activation_fn = ACT2FN[config.decoder_hidden_act]
-        self.fc1 = nn.Linear(config.decoder_hidden_size, config.decoder_intermediate_size)
-        self.fc2 = nn.Linear(config.decoder_intermediate_size, config.decoder_hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
-
-
-class VQRAEDecoderLayer(GradientCheckpointingLayer):
-    """A pre-norm transformer block."""
-
-    def __init__(self, config: VQRAEConfig):
-        super().__init__()
-        width, eps = config.decoder_hidden_size, config.vision_config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
-        self.self_attn = VQRAEDecoderAttention(config)
-        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = VQRAEDecoderMLP(config)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states))
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
-
-
-class VQRAEDecoderConvHead(nn.Module):
-    """A residual refinement of the unpatchified image: `conv(3x3, C -> n) -> GELU -> conv(3x3, n -> C)`, added to its
-    input. Its second convolution starts at zero, so a new head is the identity. It sees 5x5 pixels around each one,
-    across patch borders, where the ViT decoder's per-patch output layer leaves a visible grid (the seam score of
-    `eval_results.json` measures it)."""
-
-    def __init__(self, num_channels: int, hidden_channels: int):
-        super().__init__()
-        self.conv_in = nn.Conv2d(num_channels, hidden_channels, 3, padding=1)
-        self.act = nn.GELU()
-        self.conv_out = nn.Conv2d(hidden_channels, num_channels, 3, padding=1)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.act(self.conv_in(pixels)))
-
-
-class VQRAEDecoder(nn.Module):
-    """ViT decoder, the mirror of the SigLIP encoder: tokens `(B, h * w, D)` -> pixels `(B, C, h * p, w * p)`.
-
-    `in_proj` maps the encoder width to the decoder width, a learned position embedding (interpolated for other
-    grids) marks where each token sits, `L` pre-norm blocks mix the tokens, and `out_proj` predicts the `p * p * C`
-    pixel values of each patch, which are then put back in place (unpatchify).
-
-    With `config.decoder_patch_overlap = o > 0`, each token predicts a larger `(p + 2 o)` square centred on its
-    patch instead, weighted by a window that ramps linearly over the `2 o` pixels it shares with each neighbour; the
-    squares are added up in place (overlap-add) and divided by the summed windows, so every pixel near a border is
-    a smooth blend of the tokens on both sides rather than a step between them. With
-    `config.decoder_conv_head_channels`, a small residual convolutional head (`conv_head`) then works on the whole
-    image, across the patch borders.
-    """
-
-    def __init__(self, config: VQRAEConfig):
-        super().__init__()
-        vision = config.vision_config
-        width = config.decoder_hidden_size
-        self.patch_size = vision.patch_size
-        self.num_channels = vision.num_channels
-        self.grid_size = vision.image_size // vision.patch_size
-        self.in_proj = nn.Linear(vision.hidden_size, width)
-        self.position_embedding = nn.Parameter(torch.empty(1, self.grid_size * self.grid_size, width))
-        self.layers = nn.ModuleList([VQRAEDecoderLayer(config) for _ in range(config.decoder_num_hidden_layers)])
-        self.norm = nn.LayerNorm(width, eps=vision.layer_norm_eps)
-        self.patch_overlap = config.decoder_patch_overlap
-        window = self.patch_size + 2 * self.patch_overlap
-        self.out_proj = nn.Linear(width, window * window * self.num_channels)
-        channels = config.decoder_conv_head_channels
-        self.conv_head = VQRAEDecoderConvHead(self.num_channels, channels) if channels else None
-
-    def position_embedding_for(self, height: int, width: int) -> torch.Tensor:
-        """Position embedding `(1, height * width, D)` for a grid of `height x width` tokens."""
-        if height == self.grid_size and width == self.grid_size:
-            return self.position_embedding
-        grid = self.position_embedding.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
-        return grid.to(self.position_embedding.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)
-
-    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        hidden_states = self.in_proj(tokens) + self.position_embedding_for(height, width)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states)
-        patches = self.out_proj(self.norm(hidden_states))
-        pixels = (
-            self._unpatchify(patches, height, width)
-            if self.patch_overlap == 0
-            else self._overlap_add(patches, height, width)
-        )
-        return pixels if self.conv_head is None else pixels + self.conv_head(pixels)
-
-    def _unpatchify(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(B, h*w, p*p*C) -> (B, C, h*p, w*p)"""
-        batch_size, p, c = patches.shape[0], self.patch_size, self.num_channels
-        patches = patches.reshape(batch_size, height, width, p, p, c)
-        return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, c, height * p, width * p)
-
-    def _overlap_add(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(B, h*w, C*k*k) squares of side k = p + 2 o, centred on their patches -> (B, C, h*p, w*p), each pixel the
-        window-weighted mean of the squares that cover it."""
-        p, o, c = self.patch_size, self.patch_overlap, self.num_channels
-        side = p + 2 * o
-        # Trapezoid window: 1 in the middle, a linear ramp over the 2 o pixels shared with a neighbour, where the two
-        # ramps add up to 1.
-        ramp = torch.arange(side, device=patches.device, dtype=torch.float32) + 0.5
-        line = torch.minimum(ramp, side - ramp).div(2 * o).clamp(max=1.0)
-        window = (line[:, None] * line[None, :]).to(patches.dtype).flatten()  # (k*k,)
-        columns = patches.transpose(1, 2).reshape(patches.shape[0], c, side * side, -1) * window[:, None]
-        fold = dict(output_size=(height * p, width * p), kernel_size=side, stride=p, padding=o)
-        summed = F.fold(columns.reshape(patches.shape[0], c * side * side, -1), **fold)
-        weights = F.fold(window[None, :, None].expand(1, -1, height * width), **fold)
-        return summed / weights
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,19 +324,37 @@ class VQRAEModel(VQRAEPreTrainedModel):
     def _encoder_is_frozen(self) -> bool:
         return not any(parameter.requires_grad for parameter in self.encoder.parameters())
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The encoder's patch embedding, as for `SiglipVisionModel`."""
+        return self.encoder.get_input_embeddings()
+
     def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
-    ) -> torch.Tensor:
-        """The continuous semantic features of the encoder, `(batch_size, h * w, hidden_size)`."""
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The encoder's output: `last_hidden_state` holds the continuous semantic features `(batch_size, h * w,
+        hidden_size)`, the input of the quantizer (and `hidden_states` / `attentions` when asked for)."""
         self._check_pixel_values(pixel_values)
         if interpolate_pos_encoding is None:
             image_size = self.config.vision_config.image_size
             interpolate_pos_encoding = tuple(pixel_values.shape[-2:]) != (image_size, image_size)
         pixel_values = pixel_values.to(self.encoder.dtype)
+        config = self.config
         # A frozen encoder (stage 1) runs without building a graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._encoder_is_frozen()):
-            outputs = self.encoder(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return outputs.last_hidden_state
+            outputs = self.encoder(
+                pixel_values=pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=config.output_attentions if output_attentions is None else output_attentions,
+                output_hidden_states=config.output_hidden_states
+                if output_hidden_states is None
+                else output_hidden_states,
+            )
+        return outputs if self._use_return_dict(return_dict) else outputs.to_tuple()
 
     def quantize(self, features: torch.Tensor, grid_size: tuple[int, int]) -> VQRAEEncoderOutput:
         """Quantize continuous features `(B, h * w, D)` into indices `(B, h, w)` and codes `(B, D, h, w)`."""
@@ -522,7 +371,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
 
     def encode(self, pixel_values: torch.Tensor, return_dict: bool | None = None) -> VQRAEEncoderOutput | tuple:
         """Images `(B, C, H, W)` to tokens: `indices` `(B, H / p, W / p)`, the codes and the continuous features."""
-        features = self.get_image_features(pixel_values)
+        features = self.get_image_features(pixel_values, return_dict=True).last_hidden_state
         grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
         output = self.quantize(features, grid)
         return output if self._use_return_dict(return_dict) else output.to_tuple()
@@ -561,12 +410,25 @@ class VQRAEModel(VQRAEPreTrainedModel):
     # -- both ------------------------------------------------------------------------------------------------------
 
     def forward(
-        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
     ) -> VQRAEModelOutput | tuple:
-        """Encode and decode: the reconstruction, the tokens, the codes, the features and the quantizer loss."""
+        """Encode and decode: the reconstruction, the tokens, the codes, the features and the quantizer loss (and
+        the encoder's `hidden_states` / `attentions` when asked for)."""
         if kwargs:
             raise TypeError(f"VQRAEModel.forward() got unexpected keyword arguments: {sorted(kwargs)}.")
-        encoded = self.encode(pixel_values, return_dict=True)
+        features = self.get_image_features(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        encoded = self.quantize(features.last_hidden_state, grid)
         reconstruction = self.decode(encoded.quantized, return_dict=True).reconstruction
         output = VQRAEModelOutput(
             reconstruction=reconstruction,
@@ -574,92 +436,37 @@ class VQRAEModel(VQRAEPreTrainedModel):
             quantized=encoded.quantized,
             last_hidden_state=encoded.last_hidden_state,
             quantizer_loss=encoded.quantizer_loss,
+            hidden_states=features.hidden_states,
+            attentions=features.attentions,
         )
         return output if self._use_return_dict(return_dict) else output.to_tuple()
 
-    # -- saving ----------------------------------------------------------------------------------------------------
+    # -- saving and loading --------------------------------------------------------------------------------------
 
     def get_image_processor(self):
         """The image processor that prepares images exactly as the encoder expects (`image_processor_for`)."""
         return image_processor_for(self.config)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus a `preprocessor_config.json` for `AutoImageProcessor`.
-
-        The save is atomic: the model is written into a hidden sibling folder, which then takes the place of
-        `save_directory` in one step, so a save killed at any moment leaves either the old model or the new one,
-        never a mix. Other files already in `save_directory` (a model card, logs, checkpoints) are kept; stale
-        weight files are dropped, as `PreTrainedModel.save_pretrained` does.
-        """
-        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-        if not is_main_process or kwargs.get("distributed_checkpoint") or os.path.isfile(save_directory):
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", os.path.basename(os.path.realpath(save_directory)))
-        with atomic_folder(save_directory, keep=lambda name: not _WEIGHT_FILE.fullmatch(name)) as staging:
-            result = super().save_pretrained(staging, *args, **kwargs)
-            self.get_image_processor().save_pretrained(staging)
-        return result
-
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, strict about the weights.
-
-        Weights that do not match the configuration (a tensor missing from the checkpoint, an unexpected one, or
-        one of another shape) raise a `ValueError` instead of being randomly initialised or dropped with a logged
-        warning; pass `ignore_mismatched_sizes=True` to re-initialise tensors of another shape instead. A truncated
-        or corrupted `model.safetensors` raises an `OSError` that says so. Weights are read from safetensors only:
-        a pickled `pytorch_model.bin` is never opened unless `use_safetensors=False` is passed.
-        """
+    def from_pretrained(
+        cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs
+    ):
+        """`PreTrainedModel.from_pretrained`, strict about the weights: a tensor missing from the checkpoint, an
+        unexpected one or one of another shape raises a `ValueError` instead of being randomly initialised or
+        dropped (`ignore_mismatched_sizes=True` re-initialises tensors of another shape). With
+        `output_loading_info=True` they are reported in the loading info instead, as transformers does. Weights are
+        read from safetensors only unless `use_safetensors=False` is passed (never a pickle by surprise)."""
         kwargs.setdefault("use_safetensors", True)
-        name = os.fspath(pretrained_model_name_or_path)
-        if _is_missing_local_path(name):
-            raise OSError(
-                f"{name!r} is not a folder: {os.path.abspath(os.path.expanduser(name))} does not exist. Give the path "
-                "of a saved VQRAE folder (relative to the current directory) or a Hub id ('org/name')."
+        if output_loading_info:
+            return super().from_pretrained(
+                *args, output_loading_info=True, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs
             )
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
-        try:
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *model_args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported below, with a clearer message than transformers' own
-                **kwargs,
-            )
-        except Exception as error:
-            if not os.path.exists(name) and isinstance(error, (OSError, ValueError)):
-                # transformers would say "Repo id must be in the form ..." or that it could not connect to the Hub.
-                raise OSError(
-                    f"{name!r} is not a folder here (no {os.path.abspath(name)}) and could not be loaded as a "
-                    f"model from the Hub ({type(error).__name__}: {error}). Give the path of a saved VQRAE folder "
-                    "or a Hub id that is reachable (or in the local Hub cache when offline)."
-                ) from error
-            # safetensors' own error type; matched by module so this file imports only torch and transformers.
-            if type(error).__module__.split(".")[0] == "safetensors":
-                raise OSError(
-                    f"Could not read the weights of {os.fspath(pretrained_model_name_or_path)!r}: {error}. The "
-                    "weights file is truncated or corrupted (an interrupted download, copy or save?); download or "
-                    "save it again."
-                ) from error
-            raise
-        problems = []
-        if loading_info["missing_keys"]:
-            problems.append(f"missing from the checkpoint: {', '.join(sorted(loading_info['missing_keys']))}")
-        if loading_info["unexpected_keys"]:
-            problems.append(f"not expected by the config: {', '.join(sorted(loading_info['unexpected_keys']))}")
-        if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
-            problems.append(f"of another shape: {_describe_shapes(loading_info['mismatched_keys'])}")
-        if problems:
-            raise ValueError(
-                f"The weights of {os.fspath(pretrained_model_name_or_path)!r} do not match its configuration; tensors "
-                + "; ".join(problems)
-                + ". The checkpoint was saved from a model with other settings (e.g. `use_post_quant_conv`, "
-                "`fsq_levels`, `num_embeddings`, `codebook_dim`, `use_simvq` or the encoder/decoder sizes): fix "
-                "config.json so it describes the weights, instead of loading randomly initialised tensors."
-            )
-        return (model, loading_info) if output_loading_info else model
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        _refuse_unmatched_weights(
+            "the given state_dict" if name is None else repr(str(name)), info, ignore_mismatched_sizes
+        )
+        return model
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -699,19 +506,23 @@ class VQRAEModel(VQRAEPreTrainedModel):
         return math.log2(self.codebook_size)
 
 
-# Weight files that `PreTrainedModel.save_pretrained` itself replaces; a new save never keeps stale ones.
-_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
-
-
-def _is_missing_local_path(name: str) -> bool:
-    """`name` cannot be a Hub id and names no existing file or folder: it starts like a path (`/`, `./`, `~`) or
-    its parent folder exists here (`outputs/typo` next to an `outputs/` folder)."""
-    if os.path.exists(os.path.expanduser(name)):
-        return False
-    if name.startswith(("/", "./", "../", "~")) or (os.altsep and name.startswith(os.altsep)):
-        return True
-    parent = os.path.dirname(name)
-    return bool(parent) and os.path.isdir(parent)
+def _refuse_unmatched_weights(source: str, loading_info: dict, ignore_mismatched_sizes: bool) -> None:
+    """Raise, naming the tensors, when the loaded weights do not match the configuration."""
+    problems = []
+    if loading_info["missing_keys"]:
+        problems.append(f"missing from the checkpoint: {', '.join(sorted(loading_info['missing_keys']))}")
+    if loading_info["unexpected_keys"]:
+        problems.append(f"not expected by the config: {', '.join(sorted(loading_info['unexpected_keys']))}")
+    if loading_info["mismatched_keys"] and not ignore_mismatched_sizes:
+        problems.append(f"of another shape: {_describe_shapes(loading_info['mismatched_keys'])}")
+    if problems:
+        raise ValueError(
+            f"The weights of {source} do not match its configuration; tensors "
+            + "; ".join(problems)
+            + ". The checkpoint was saved from a model with other settings (e.g. `use_post_quant_conv`, "
+            "`fsq_levels`, `num_embeddings`, `codebook_dim`, `use_simvq` or the encoder/decoder sizes): fix "
+            "config.json so it describes the weights, instead of loading randomly initialised tensors."
+        )
 
 
 def _describe_shapes(mismatched_keys) -> str:
@@ -773,8 +584,6 @@ def _check_encoder_weights(encoder_name_or_path: str, loading_info: dict, ignore
 def _read_encoder_preprocessing(encoder_name_or_path: str, image_size: int, hub_kwargs: dict) -> dict | None:
     """The settings of the encoder checkpoint's `preprocessor_config.json` that `VQRAEConfig.preprocessor_config`
     keeps, or None when the checkpoint has none (SigLIP's defaults then apply)."""
-    from transformers.image_processing_base import ImageProcessingMixin
-
     try:
         settings, _ = ImageProcessingMixin.get_image_processor_dict(encoder_name_or_path, **hub_kwargs)
     except OSError:
@@ -807,15 +616,13 @@ def image_processor_for(config: VQRAEConfig):
     (`center_crop_settings`), resized with the encoder checkpoint's own settings (`config.preprocessor_config`;
     SigLIP2: bilinear), else SigLIP's (bicubic, rescale to [0, 1], mean = std = 0.5: pixels in [-1, 1]). Saved as
     `preprocessor_config.json`, so `AutoImageProcessor` prepares images as `vqrae-tokenize` and `vqrae-evaluate` do."""
-    from transformers import SiglipImageProcessorPil
-
     settings = dict(config.preprocessor_config or {})
     settings.pop("image_processor_type", None)
     return SiglipImageProcessorPil(**center_crop_settings(config.vision_config.image_size), **settings)
 
 
 def VQRAE(**config_kwargs) -> VQRAEModel:
-    """The seed's spelling: build a randomly initialised [`VQRAEModel`] from [`VQRAEConfig`] keyword arguments.
+    """Build a randomly initialised [`VQRAEModel`] from [`VQRAEConfig`] keyword arguments.
 
     ```python
     >>> model = VQRAE(use_fsq=True, fsq_levels=[8, 8, 8, 5, 5, 5], use_post_quant_conv=True)

@@ -30,9 +30,10 @@ __all__ = ["HubPublishError", "files_to_publish", "push_to_hub"]
 
 logger = logging.getLogger(__name__)
 
-# What `VQRAEModel.save_pretrained` writes besides the weights; all of it is needed to load the repository.
+# What a saved model folder holds besides the weights (`save_pretrained_atomic(model, folder,
+# model.get_image_processor())`, as vqrae-train saves); all of it is needed to load the repository.
 MODEL_FILES = ("config.json", "preprocessor_config.json")
-MODEL_CODE_FILES = ("atomic_io.py", "configuration_vqrae.py", "modeling_vqrae.py", "quantizers.py")
+MODEL_CODE_FILES = ("configuration_vqrae.py", "decoder.py", "modeling_vqrae.py", "quantizers.py")
 # What a training run adds; published when present. Checkpoints, logs (metrics.jsonl) and anything else stay local.
 RUN_FILES = (EVAL_RESULTS_FILE, TRAINING_CONFIG_FILE, *PICTURES)
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -61,8 +62,8 @@ def files_to_publish(folder: str | os.PathLike) -> list[str]:
     if missing:
         raise ValueError(
             f"{folder} lacks {missing}, which a published VQRAE model needs. Save the model with "
-            "`model.save_pretrained(folder)` after `import vqrae` (it writes the weights, the model code and "
-            "preprocessor_config.json)."
+            "`vqrae.atomic_io.save_pretrained_atomic(model, folder, model.get_image_processor())` after `import "
+            "vqrae` (it writes the weights, the model code and preprocessor_config.json)."
         )
     return required + [name for name in RUN_FILES if (folder / name).is_file()]
 
@@ -100,7 +101,7 @@ def push_to_hub(
     `training_config.yaml` and the pictures the card shows.
 
     Args:
-        folder: a folder written by `VQRAEModel.save_pretrained` (and the training run).
+        folder: a saved model folder (written by `save_pretrained_atomic`, and the training run).
         repo_id: `"org/name"`; the repository is created when it does not exist.
         private: create the repository private (an existing repository keeps its visibility).
         revision: a branch to commit to instead of `main`; created from `main` when missing.

@@ -11,7 +11,7 @@
    when asked (`checkpointing`);
 4. runs `state.train_step` until `max_steps`, logging (`metrics_log.MetricsLog`), evaluating and checkpointing on
    the way;
-5. evaluates once more and writes the output folder: the model (`save_pretrained`), `eval_results.json`,
+5. evaluates once more and writes the output folder: the model (`save_pretrained_atomic`), `eval_results.json`,
    `metrics.jsonl`, the pictures, `training_config.yaml` and the model card.
 
 Stages (VQRAE paper): stage 1 freezes the encoder (no gradients, eval mode, run without a graph) and trains the
@@ -36,11 +36,13 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from ..arguments import is_main_process
+from ..atomic_io import save_pretrained_atomic
 from ..configuration_vqrae import VQRAEConfig
 from ..errors import UsageError
 from ..image_data import (
     ValidationImages,
 )
+from ..loading import load_model
 from ..modeling_vqrae import VQRAEModel
 from . import hub, plots
 from .args import (
@@ -96,7 +98,7 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
     try:
         if model_args.init_from is not None:
             _check_init_from_folder(model_args.init_from)
-            model = VQRAEModel.from_pretrained(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
+            model = load_model(model_args.init_from, dtype=torch.float32, cache_dir=cache_dir)
             _check_init_from_agrees(model, model_args)
             return model
         if model_args.encoder_name_or_path is not None:
@@ -443,7 +445,7 @@ def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArgumen
 
 def _write_outputs(args: VQRAETrainingArguments, model, result, metrics_path: str) -> None:
     output_dir = args.output_dir
-    model.save_pretrained(output_dir)
+    save_pretrained_atomic(model, output_dir, model.get_image_processor())
     write_evaluation(output_dir, result)
     plots.plot_training_curves(os.path.join(output_dir, TRAINING_CURVES_FILE), metrics_path)
     write_model_card(output_dir, repo_id=args.hub_model_id)
