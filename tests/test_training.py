@@ -41,7 +41,7 @@ def independent_psnr(output_dir, num_images=8):
     from PIL import Image
 
     from vqrae import VQRAEModel
-    from vqrae.image_data import builtin_photos
+    from vqrae.builtin_photos import builtin_photos
 
     model = VQRAEModel.from_pretrained(output_dir).eval()
     processor = json.loads((output_dir / "preprocessor_config.json").read_text())

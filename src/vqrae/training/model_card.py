@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from ..atomic_io import atomic_write
 from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION, VQRAEConfig, is_number
+from .config_files import read_training_config
 from .run_files import (
     CODEBOOK_USAGE_FILE,
     EVAL_RESULT_FIELDS,
@@ -205,9 +206,7 @@ def _training_dataset(folder: Path) -> str | None:
     path = folder / TRAINING_CONFIG_FILE
     if not path.is_file():
         return None
-    import yaml
-
-    options = yaml.safe_load(path.read_text(encoding="utf-8"))
+    options, _ = read_training_config(path)
     return options.get("dataset_name") if isinstance(options, dict) else None
 
 

@@ -38,9 +38,7 @@ from tqdm.auto import tqdm
 from ..arguments import is_main_process
 from ..configuration_vqrae import VQRAEConfig
 from ..errors import UsageError
-from ..image_data import (
-    ValidationImages,
-)
+from ..image_data import ValidationImages
 from ..modeling_vqrae import VQRAEModel
 from . import hub, plots
 from .args import (
