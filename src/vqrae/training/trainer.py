@@ -51,7 +51,6 @@ from .args import (
     options_to_dict,
 )
 from .checkpointing import (
-    TRAINER_STATE_FILE,
     check_resume,
     latest_checkpoint,
     load_checkpoint,
@@ -117,15 +116,10 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
 
 def _check_init_from_folder(init_from: str) -> None:
     """Refuse, naming what to pass, a run folder without a model yet (an interrupted run: its checkpoints hold the
-    weights) and a checkpoint written before checkpoints carried their model's `config.json`."""
+    weights)."""
     folder = Path(init_from)
     if not folder.is_dir() or (folder / "config.json").is_file():
         return
-    if (folder / TRAINER_STATE_FILE).is_file():
-        raise UsageError(
-            f"`init_from` {init_from!r} is a checkpoint written before checkpoints carried their model's config.json, "
-            "so its model cannot be rebuilt; resume its run with --resume_from_checkpoint instead."
-        )
     latest = latest_checkpoint(init_from)
     if latest is not None:
         raise UsageError(
@@ -314,10 +308,9 @@ def _run_schedule(args: VQRAETrainingArguments, saved: dict | None) -> VQRAETrai
     (`resolve_warmup`). A resume keeps the warm-up of its checkpoint, also when a larger --max_steps extends the
     run: the schedule is then rebuilt for the new max_steps with that warm-up (`load_checkpoint` takes the
     learning rate of the resumed step from it), so the decay stretches to the new end."""
-    if saved is None or "options" not in saved:
+    if saved is None:
         return resolve_warmup(args)
-    # Checkpoints written before `warmup_steps_used` recorded the warm-up used as the option itself.
-    return dataclasses.replace(args, warmup_steps=saved.get("warmup_steps_used", saved["options"]["warmup_steps"]))
+    return dataclasses.replace(args, warmup_steps=saved["warmup_steps_used"])
 
 
 def _write_run_config(path: str, options: dict, args: VQRAETrainingArguments, saved: dict | None, step: int) -> None:
