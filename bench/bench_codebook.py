@@ -35,7 +35,8 @@ def per_image_psnr(folder: Path) -> np.ndarray:
     import torch
 
     from vqrae import VQRAEModel, to_pil_images
-    from vqrae.image_data import builtin_photos, load_validation_images, processor_resample, to_pixel_values
+    from vqrae.builtin_photos import builtin_photos
+    from vqrae.image_data import load_validation_images, processor_resample, to_pixel_values
 
     torch.set_num_threads(2)
     model = VQRAEModel.from_pretrained(folder).eval()

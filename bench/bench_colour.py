@@ -51,7 +51,8 @@ def by_scale(model_dir, tiles_per_scale: int | None = None) -> dict:
     import torch
 
     from vqrae import VQRAEModel
-    from vqrae.image_data import ValidationImages, builtin_photos, load_validation_images, processor_resample
+    from vqrae.builtin_photos import builtin_photos
+    from vqrae.image_data import ValidationImages, load_validation_images, processor_resample
     from vqrae.training.metrics import evaluate_model
 
     torch.set_num_threads(2)

@@ -26,16 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _common import (
-    bench_parser,
-    compare,
-    fmt_rate,
-    load_average,
-    markdown_table,
-    parse_bench_args,
-    publish,
-    time_once,
-)
+from _common import bench_parser, compare, fmt_rate, load_average, markdown_table, parse_bench_args, publish, time_once
 
 from vqrae import VQRAEFSQuantizer
 

@@ -4,7 +4,7 @@
     python bench/bench_heldout.py --model out/stage1 --no-write
     python bench/bench_heldout.py --smoke                  # a random tiny model (or --model): checks it runs
 
-The held-out set is square tiles of the held-out photos at three scales (`vqrae.image_data.validation_tiles`: the
+The held-out set is square tiles of the held-out photos at three scales (`vqrae.builtin_photos.validation_tiles`: the
 photo's shorter side, a half and a quarter of it, each resized to the model's resolution). A quarter-side tile is a
 close-up: smooth, with little beyond its colours, which an 8-bit RGB thumbnail of the token grid (24 bits per patch,
 bicubically enlarged) holds almost exactly, while a token carries log2(codebook size) bits (about 16 for the
@@ -53,7 +53,7 @@ def smoke_model(model_path: str | None):
 def tile_scales(dataset) -> list[float]:
     """The scale of each tile of the built-in held-out set (`builtin_photos("validation")`), from its size before
     resizing: per photo, the largest tiles are scale 1, and so on."""
-    from vqrae.image_data import VALIDATION_TILE_SCALES
+    from vqrae.builtin_photos import VALIDATION_TILE_SCALES
 
     photos, sides = [name.split("#")[0] for name in dataset["photo"]], [image.width for image in dataset["image"]]
     scales = []
@@ -70,12 +70,8 @@ def per_tile(model_path: str) -> tuple[dict, list[str], object]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from vqrae import VQRAEModel, to_pil_images
-    from vqrae.image_data import (
-        builtin_photos,
-        load_validation_images,
-        processor_resample,
-        to_pixel_values,
-    )
+    from vqrae.builtin_photos import builtin_photos
+    from vqrae.image_data import load_validation_images, processor_resample, to_pixel_values
     from vqrae.training.metrics import bicubic_baseline
 
     torch.set_num_threads(2)

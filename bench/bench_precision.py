@@ -39,13 +39,9 @@ import torch
 from _common import load_average, markdown_table, publish
 
 from vqrae import VQRAEModel
-from vqrae.image_data import (
-    BUILTIN_DATASET_NAME,
-    decode_image,
-    load_image_dataset,
-    load_validation_images,
-    random_resized_crop_box,
-)
+from vqrae.builtin_photos import BUILTIN_DATASET_NAME
+from vqrae.image_data import load_image_dataset, load_validation_images, random_resized_crop_box
+from vqrae.image_decoding import decode_image
 
 PRECISIONS = ("float32", "bf16 weights", "autocast")
 HELD_OUT = "held-out tiles (as evaluated in training)"

@@ -211,7 +211,7 @@ def crop_use(folder: Path, crops: int = CROPS) -> dict:
     import torch
 
     from vqrae import VQRAEModel
-    from vqrae.image_data import builtin_photos
+    from vqrae.builtin_photos import builtin_photos
     from vqrae.training.metrics import codebook_use_on_crops
 
     torch.set_num_threads(2)

@@ -34,7 +34,8 @@ def encoder_similarity(folder: Path, start: Path) -> float:
     import torch.nn.functional as F
 
     from vqrae import VQRAEModel
-    from vqrae.image_data import builtin_photos, load_validation_images, processor_resample, to_pixel_values
+    from vqrae.builtin_photos import builtin_photos
+    from vqrae.image_data import load_validation_images, processor_resample, to_pixel_values
 
     torch.set_num_threads(2)
     model, reference = (VQRAEModel.from_pretrained(path).eval() for path in (folder, start))

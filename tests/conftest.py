@@ -159,7 +159,7 @@ def photo_folder(folder, count: int, size: int = 48, seed: int = 0, start: int =
     `photo_{start + i:03d}.png`. Returns the folder."""
     import numpy as np
 
-    from vqrae.image_data import builtin_photos
+    from vqrae.builtin_photos import builtin_photos
 
     folder.mkdir(parents=True, exist_ok=True)
     photos = builtin_photos("train")

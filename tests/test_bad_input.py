@@ -18,7 +18,8 @@ from transformers import AutoModel
 
 from conftest import TINY_VISION, save_model, tiny_config, tiny_model
 from vqrae import VQRAEConfig, VQRAEModel
-from vqrae.image_data import decode_image, load_image_dataset, load_validation_images, resolve_image_column
+from vqrae.image_data import load_image_dataset, load_validation_images, resolve_image_column
+from vqrae.image_decoding import decode_image
 from vqrae.loading import load_model
 from vqrae.training.data import TrainingBatches
 

@@ -6,17 +6,15 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from vqrae.errors import UsageError
-from vqrae.image_data import (
+from vqrae.builtin_photos import (
     BUILTIN_DATASET_NAME,
     BUILTIN_TRAIN_PHOTOS,
     BUILTIN_VALIDATION_PHOTOS,
     builtin_photos,
-    load_image_dataset,
-    load_validation_images,
-    random_resized_crop_box,
     validation_tiles,
 )
+from vqrae.errors import UsageError
+from vqrae.image_data import load_image_dataset, load_validation_images, random_resized_crop_box
 from vqrae.training.args import DataArguments
 from vqrae.training.data import StreamingTrainingBatches, TrainingBatches
 

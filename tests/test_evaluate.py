@@ -124,7 +124,8 @@ def test_bad_arguments_are_refused(tmp_path, extra, match):
 
 
 def test_num_crops_measures_codebook_use_over_random_crops_of_the_whole_images(setup):
-    from vqrae.image_data import decode_images, load_image_dataset
+    from vqrae.image_data import load_image_dataset
+    from vqrae.image_decoding import decode_images
     from vqrae.training.metrics import codebook_use_on_crops
     from vqrae.training.model_card import render_model_card
 

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import SEED_PRESETS, save_model, tiny_model
 from vqrae import to_pil_images
 from vqrae.training.model_card import read_eval_results, render_model_card, write_model_card
-from vqrae.training.run_files import PICTURES
+from vqrae.training.run_files import EVAL_RESULT_FIELDS, PICTURES
 
 EVAL_RESULTS = {
     "dataset_name": "org/photos",
@@ -36,6 +36,8 @@ EVAL_RESULTS = {
     "bicubic_bits_per_image": 384,
     "rfid": 48.125,
 }
+# The fields a run leaves null when it did not measure them (all of them here but rfid).
+EVAL_RESULTS = {name: EVAL_RESULTS.get(name) for name in EVAL_RESULT_FIELDS}
 
 
 def make_run_folder(folder: Path, preset: str = "cosmos_fsq", pictures=tuple(PICTURES), **eval_overrides) -> Path:
@@ -107,12 +109,12 @@ def test_rfid_not_measured_is_said_and_left_out_of_the_model_index(tmp_path):
     assert {result.metric_type for result in card.data.eval_results} == {"psnr", "ssim", "codebook_utilization"}
 
 
-def test_colour_error_row_shows_both_figures_with_intervals_and_old_results_still_render(tmp_path):
+def test_colour_error_row_shows_both_figures_with_intervals_and_unmeasured_ones_as_such(tmp_path):
     colour = {"color_error": 8.7654, "color_error_interval": [7.5, 9.25], "bicubic_color_error": 0.125}
     text = render_model_card(make_run_folder(tmp_path / "run", **colour)).text
     # The baseline without an interval shows just its value.
     assert "| Colour error (CIEDE2000 of the mean colour) ↓ | 8.77 (7.50–9.25) | 0.12 |" in text
-    old = render_model_card(make_run_folder(tmp_path / "old")).text  # eval_results.json from before the metric
+    old = render_model_card(make_run_folder(tmp_path / "old")).text  # the colour error not measured (null)
     assert "| Colour error (CIEDE2000 of the mean colour) ↓ | not measured | not measured |" in old
     (tmp_path / "old" / "eval_results.json").write_text(json.dumps({**EVAL_RESULTS, "color_error": "red"}))
     with pytest.raises(ValueError, match=r"`color_error` .* must be a number or null \(got 'red'\)"):
@@ -193,6 +195,10 @@ def test_bad_eval_results_are_named(tmp_path):
     (folder / "eval_results.json").write_text(json.dumps(results))
     with pytest.raises(ValueError, match=r"lacks the fields \['ssim'\]"):
         render_model_card(folder)
+    # A field the writer always writes, null or not, is never filled in for a file that lacks it.
+    (folder / "eval_results.json").write_text(json.dumps({k: v for k, v in EVAL_RESULTS.items() if k != "seam_score"}))
+    with pytest.raises(ValueError, match=r"lacks the fields \['seam_score'\]"):
+        read_eval_results(folder)
     (folder / "eval_results.json").write_text(json.dumps({**EVAL_RESULTS, "psnr": "high"}))
     with pytest.raises(ValueError, match=r"`psnr` in .* must be int or float \(got 'high'\)"):
         read_eval_results(folder)

@@ -41,7 +41,7 @@ def independent_psnr(output_dir, num_images=8):
     from PIL import Image
 
     from vqrae import VQRAEModel
-    from vqrae.image_data import builtin_photos
+    from vqrae.builtin_photos import builtin_photos
 
     model = VQRAEModel.from_pretrained(output_dir).eval()
     processor = json.loads((output_dir / "preprocessor_config.json").read_text())
@@ -111,7 +111,7 @@ def test_the_log_counts_the_codes_of_its_window_and_starts_a_new_one(tmp_path):
     log = MetricsLog(str(tmp_path / "metrics.jsonl"), Accelerator(cpu=True), images_per_step=4, codebook_size=10)
     log.add(StepResult(terms={"loss": 1.0}, codes=torch.tensor([1, 4, 7, 4]), unreadable=["a.png", "c.png"]))
     assert log.flush(1, 0.1)["codebook_usage"] == pytest.approx(0.3)
-    assert not log.window_codes.any()  # the next window starts empty
+    assert not log.codes_chosen_in_window.any()  # the next window starts empty
     log.add(StepResult(terms={"loss": 1.0}, codes=torch.tensor([], dtype=torch.long), unreadable=["a.png", "b.png"]))
     assert log.flush(2, 0.1)["codebook_usage"] == 0.0
     assert [r["codebook_usage"] for r in records(tmp_path)] == [pytest.approx(0.3), 0.0]
@@ -315,6 +315,21 @@ def test_defaults_are_the_tiny_cpu_preset():
 def test_bad_options_are_refused_when_parsed(argv, match):
     with pytest.raises(ValueError, match=match):
         parse_train_args(argv)
+
+
+def test_the_stage_is_one_type_from_the_option_on():
+    """`--stage 1|2` (or none) resolves to a `Stage`, which the loss and the training state compare by identity:
+    a string such as "stage1" is no stage."""
+    from vqrae.training.args import ModelArguments, Stage
+    from vqrae.training.trainer import resolve_stage
+
+    random, pretrained = ModelArguments(), ModelArguments(init_from="out/stage1")
+    assert resolve_stage(None, random) is Stage.JOINT
+    assert resolve_stage(None, pretrained) is Stage.ONE
+    assert resolve_stage(1, random) is Stage.ONE
+    assert resolve_stage(2, pretrained) is Stage.TWO
+    assert "stage1" != Stage.ONE
+    assert parse_train_args(["--stage", "2"])[2].stage == 2  # the option keeps its spelling (and its record)
 
 
 def test_bad_runs_fail_early_with_clear_errors(tmp_path):

@@ -4,3 +4,7 @@ one line, `PROG: error: ...`, and exit with status 2; the library raises it with
 
 class UsageError(ValueError):
     """Bad input from the user: the message says which option or file, the value, and what is allowed."""
+
+
+class MissingSplitError(UsageError):
+    """The dataset has no split of the requested name (most image datasets have only `train`)."""

@@ -1,60 +1,45 @@
-"""Images for a VQRAE tokenizer, loaded with `datasets`: decoding to RGB, crop boxes, the image processor's size and
-filter, the sources, held-out shares, and the fixed validation crops.
+"""Images for a VQRAE tokenizer, loaded with `datasets`: crop boxes, the image processor's size and filter, the
+sources, held-out shares, and the fixed validation crops.
 
 Sources (see `load_image_dataset`):
 
-- the built-in photographs (`BUILTIN_DATASET_NAME`): real photos that ship inside scikit-image and scikit-learn,
-  split *by photo* into training photos and held-out validation photos (`BUILTIN_TRAIN_PHOTOS`,
-  `BUILTIN_VALIDATION_PHOTOS`); the validation split holds fixed square tiles of the held-out photos at three scales
-  (`validation_tiles`: 324 tiles of the four photos);
+- the built-in photographs (`vqrae.builtin_photos`), split by photo into training and validation photos;
 - a Hub dataset (`dataset_name`, `dataset_config_name`, a split, an image column), optionally streamed;
 - local folders of images (`train_dir` / `validation_dir`, through the `imagefolder` builder).
 
-Validation images are fixed centre crops, prepared with the model's image processor's filter. Grayscale, palette,
-RGBA and 16-bit images are converted to RGB; unreadable images are skipped and counted (`UNREADABLE_ERRORS`).
-Training streams (random crops) live in `vqrae.training.data`; tokenizing and evaluating use this module.
+Validation images are fixed centre crops, prepared with the model's image processor's filter. Decoding to RGB and
+the counting of unreadable images are `vqrae.image_decoding`'s. Training streams (random crops) live in
+`vqrae.training.data`; tokenizing and evaluating use this module.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
-import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import SiglipImageProcessorPil
 
-from .errors import UsageError
+from .builtin_photos import BUILTIN_DATASET_NAME, builtin_photos
+from .errors import MissingSplitError, UsageError
+from .image_decoding import ImageDecodeCounter, image_name, try_decode
 from .modeling_vqrae import center_crop_settings
 
-logger = logging.getLogger(__name__)
-
 __all__ = [
-    "BUILTIN_DATASET_NAME",
-    "BUILTIN_TRAIN_PHOTOS",
-    "BUILTIN_VALIDATION_PHOTOS",
     "HOLD_OUT_SEED",
     "ID_COLUMNS",
-    "ImageDecodeCounter",
-    "MissingSplitError",
-    "UNREADABLE_ERRORS",
     "ValidationImages",
-    "builtin_photos",
     "center_square",
     "dataset_identity",
-    "decode_image",
     "example_identities",
     "example_identity",
     "hold_out",
     "id_column",
-    "image_name",
     "load_image_dataset",
     "load_validation_images",
     "processor_resample",
@@ -62,139 +47,7 @@ __all__ = [
     "random_resized_crop_box",
     "resolve_image_column",
     "to_pixel_values",
-    "try_decode",
-    "validation_tiles",
 ]
-
-BUILTIN_DATASET_NAME = "builtin:photos"
-"""`dataset_name` of the built-in photographs (not a Hub id: the colon keeps it from clashing with one)."""
-
-# (package, file) of the real photographs shipped with scikit-image (`skimage/data`) and scikit-learn
-# (`sklearn/datasets/images`). Synthetic images (chessboard, logo, phantom, colour wheel, ...) are left out.
-# The two motorcycle frames are a stereo pair: they stay together, in training.
-BUILTIN_TRAIN_PHOTOS = (
-    ("skimage", "astronaut.png"),
-    ("skimage", "rocket.jpg"),
-    ("skimage", "motorcycle_left.png"),
-    ("skimage", "motorcycle_right.png"),
-    ("skimage", "hubble_deep_field.jpg"),
-    ("skimage", "ihc.png"),
-    ("skimage", "retina.jpg"),
-    ("skimage", "brick.png"),
-    ("skimage", "grass.png"),
-    ("skimage", "gravel.png"),
-    ("skimage", "coins.png"),
-    ("skimage", "moon.png"),
-    ("skimage", "clock_motion.png"),
-    ("skimage", "page.png"),
-    ("skimage", "text.png"),
-    ("sklearn", "china.jpg"),
-)
-BUILTIN_VALIDATION_PHOTOS = (
-    ("skimage", "chelsea.png"),
-    ("skimage", "coffee.png"),
-    ("skimage", "camera.png"),
-    ("sklearn", "flower.jpg"),
-)
-# The built-in photos are stored with their shorter side at most this long (the largest is 1411 px): decoding
-# stays cheap, and a 10% crop of a 384 px photo still has ~120 px to shrink from at the default resolution.
-BUILTIN_MAX_SHORT_SIDE = 384
-
-UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ImageDecodeCounter:
-    """How many images were decoded and which were unreadable (skipped), on this process. An unreadable image is
-    counted once however often it is read (epochs, retries); `failed` holds their names (`image_name`)."""
-
-    decoded: int = 0
-    examples: list[str] = field(default_factory=list)
-    failed: set[str] = field(default_factory=set)
-    new_failures: list[str] = field(default_factory=list)  # names not yet handed on by `take_new_failures`
-
-    @property
-    def unreadable(self) -> int:
-        return len(self.failed)
-
-    def record_failure(self, name: str, what: str) -> None:
-        if name in self.failed:
-            return
-        self.failed.add(name)
-        self.new_failures.append(name)
-        if len(self.examples) < 5:
-            self.examples.append(what)
-        if self.unreadable == 1:
-            logger.warning("Skipping an unreadable image (%s); skipped images are counted and reported.", what)
-
-    def take_new_failures(self) -> list[str]:
-        """The names of the images found unreadable since the last call (each once)."""
-        new, self.new_failures = self.new_failures, []
-        return new
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited onto white (RGBA, LA, palette images with a transparent colour)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale the format's range (not the image's own maximum, which would turn a uniform
-        # grey white) to 8 bits instead of clipping. Mode "I" holds 16-bit files in older Pillows.
-        array = np.asarray(image, dtype=np.float64)
-        top = float(array.max()) if array.size else 0.0
-        peak = 65535.0 if image.mode != "I" or 255 < top <= 65535 else max(top, 255.0)
-        return Image.fromarray((array * (255.0 / peak)).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def decode_image(value) -> Image.Image:
-    """An RGB PIL image from what a `datasets` image column holds: a PIL image, `{"bytes", "path"}`, a path or
-    raw bytes. Raises one of `OSError`/`ValueError`/`UnidentifiedImageError` when the image cannot be read."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") is not None else Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    else:
-        raise ValueError(f"not an image: {type(value).__name__}")
-    image.load()  # read the pixels now, so a truncated file fails here and not later
-    return _to_rgb(image)
-
-
-def _describe(value) -> str:
-    if isinstance(value, dict) and value.get("path"):
-        return str(value["path"])
-    if isinstance(value, (str, os.PathLike)):
-        return str(value)
-    return f"{type(value).__name__} value"
-
-
-def try_decode(value, counter: ImageDecodeCounter) -> Image.Image | None:
-    """`decode_image(value)`, or None (counted in `counter`) when it is unreadable."""
-    try:
-        image = decode_image(value)
-    except UNREADABLE_ERRORS as error:
-        try:
-            name = image_name(value)
-        except UsageError:  # no file and no bytes (a missing image): named by its type
-            name = _describe(value)
-        counter.record_failure(name, f"{_describe(value)}: {error}")
-        return None
-    counter.decoded += 1
-    return image
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Crops
@@ -271,89 +124,6 @@ def to_pixel_values(image_processor, images: list[Image.Image]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _builtin_photo_path(package: str, filename: str) -> str:
-    if package == "skimage":
-        import skimage.data
-
-        folder = os.path.dirname(skimage.data.__file__)
-    elif package == "sklearn":
-        import sklearn.datasets
-
-        folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
-    else:  # pragma: no cover - internal table
-        raise ValueError(f"unknown package {package!r}")
-    return os.path.join(folder, filename)
-
-
-# Held-out tiles: squares of these shares of a photo's shorter side, on a grid with a stride of half the side.
-VALIDATION_TILE_SCALES = (1.0, 0.5, 0.25)
-
-
-def validation_tiles(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """Fixed square tiles `(left, top, right, bottom)` of a held-out photo at several scales
-    (`VALIDATION_TILE_SCALES` of its shorter side), each scale's tiles on a grid centred on the photo with a stride
-    of half their side (rounded up). No two tiles share more than half of the larger one's area: tiles of one scale
-    overlap by at most half, and a tile lies within one of the next larger scale as a quarter of it."""
-    tiles = []
-    for scale in VALIDATION_TILE_SCALES:
-        side = int(min(width, height) * scale)
-        stride = -(-side // 2)  # at least half the side: neighbours overlap by at most half
-        grid = []
-        for extent in (width, height):
-            count = (extent - side) // stride + 1
-            margin = (extent - side - (count - 1) * stride) // 2  # the grid centred on the photo
-            grid.append([margin + i * stride for i in range(count)])
-        tiles += [(left, top, left + side, top + side) for top in grid[1] for left in grid[0]]
-    return tiles
-
-
-@functools.lru_cache(maxsize=2)
-def _builtin_photo_files(split: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
-    """PNG bytes and names of the built-in photos of `split` (decoded, resized and cut once per process)."""
-    photos = BUILTIN_TRAIN_PHOTOS if split == "train" else BUILTIN_VALIDATION_PHOTOS
-    images, names = [], []
-    for package, filename in photos:
-        try:
-            path = _builtin_photo_path(package, filename)
-        except ImportError as error:
-            raise ImportError(
-                f"The built-in photos ship with scikit-image and scikit-learn, which are not installed ({error}). "
-                'Install them with `pip install "vqrae[train]"`, or pass --dataset_name or --train_dir.'
-            ) from error
-        image = decode_image(path)
-        scale = BUILTIN_MAX_SHORT_SIDE / min(image.size)
-        if scale < 1:
-            size = (round(image.width * scale), round(image.height * scale))
-            image = image.resize(size, Image.Resampling.LANCZOS)
-        name = filename.rsplit(".", 1)[0]
-        if split == "train":
-            crops = [(name, image)]
-        else:
-            crops = [(f"{name}#{i}", image.crop(box)) for i, box in enumerate(validation_tiles(*image.size))]
-        for crop_name, crop in crops:
-            buffer = io.BytesIO()
-            crop.save(buffer, format="PNG", compress_level=1)
-            images.append(buffer.getvalue())
-            names.append(crop_name)
-    return tuple(images), tuple(names)
-
-
-def builtin_photos(split: str = "train"):
-    """The built-in photographs as a `datasets.Dataset` with columns `image` (an `Image` feature) and `photo`.
-
-    `split="train"` gives the training photos (`BUILTIN_TRAIN_PHOTOS`), whole; `split="validation"` gives fixed
-    square tiles of the held-out photos (`BUILTIN_VALIDATION_PHOTOS`) at three scales (`validation_tiles`), in photo
-    order. No validation photo is ever seen in training. Requires scikit-image and scikit-learn
-    (`pip install "vqrae[train]"`).
-    """
-    if split not in ("train", "validation"):
-        raise MissingSplitError(f"The built-in photos have the splits 'train' and 'validation' (got split={split!r}).")
-    images, names = _builtin_photo_files(split)
-    images = [{"bytes": data, "path": None} for data in images]
-    features = datasets.Features({"image": datasets.Image(), "photo": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": images, "photo": list(names)}, features=features, split=split)
-
-
 def resolve_image_column(dataset, image_column: str | None) -> str:
     """The name of the image column: `image_column` if given, else the only `Image` column, else `image`. The column
     must exist and hold images (an `Image` feature, bytes, or paths to files); anything else is refused, naming the
@@ -428,22 +198,7 @@ def load_image_dataset(
     """
     if train_dir is not None or validation_dir is not None:
         folder = train_dir if split == "train" else validation_dir
-        option = "--train_dir" if split == "train" else "--validation_dir"
-        if folder is None:
-            raise UsageError(f"Loading the {split!r} split from local folders needs {option}.")
-        if not os.path.isdir(folder):
-            name = option.lstrip("-")
-            raise UsageError(f"`{name}` must be a folder of images (got {folder!r}, which is not a folder).")
-        try:
-            dataset = datasets.load_dataset(
-                "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=cache_dir
-            )
-        except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, ValueError) as error:
-            # A folder of only non-image files gives datasets' 'Instruction "train" corresponds to no data!'.
-            if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
-                raise
-            raise UsageError(f"`{option.lstrip('-')}` {folder!r} holds no images ({error}).") from error
-        source = folder
+        dataset, source = _load_image_folder(folder, split, streaming, cache_dir), folder
     elif dataset_name is None or dataset_name == BUILTIN_DATASET_NAME:
         dataset = builtin_photos(split)
         if streaming:
@@ -455,28 +210,8 @@ def load_image_dataset(
             dataset = dataset.to_iterable_dataset()
         source = dataset_name
     else:
-        try:
-            dataset = datasets.load_dataset(
-                dataset_name,
-                dataset_config_name,
-                split=split,
-                streaming=streaming,
-                cache_dir=cache_dir,
-                revision=revision,
-            )
-        except ValueError as error:
-            if "split" not in str(error).lower():
-                raise
-            missing = f"{dataset_name!r} has no split {split!r} ({error}); choose one with {split_option}."
-            raise MissingSplitError(missing) from error
-        except (FileNotFoundError, ConnectionError) as error:
-            # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
-            # ConnectionError.
-            where = "a folder here" if not os.path.exists(dataset_name) else "a dataset folder datasets can read"
-            raise UsageError(
-                f"`dataset_name` {dataset_name!r} is not {where} and could not be loaded from the Hub ({error})."
-            ) from error
-        source = dataset_name
+        load = {"split": split, "streaming": streaming, "cache_dir": cache_dir, "revision": revision}
+        dataset, source = _load_named_dataset(dataset_name, dataset_config_name, split_option, **load), dataset_name
 
     column = resolve_image_column(dataset, image_column)
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
@@ -485,6 +220,44 @@ def load_image_dataset(
     if features is not None and isinstance(features.get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset, column
+
+
+def _load_image_folder(folder: str | None, split: str, streaming: bool, cache_dir: str | None):
+    """A local folder of images (`imagefolder`) as one split: `--train_dir` for `train`, else `--validation_dir`."""
+    option = "--train_dir" if split == "train" else "--validation_dir"
+    if folder is None:
+        raise UsageError(f"Loading the {split!r} split from local folders needs {option}.")
+    if not os.path.isdir(folder):
+        name = option.lstrip("-")
+        raise UsageError(f"`{name}` must be a folder of images (got {folder!r}, which is not a folder).")
+    try:
+        return datasets.load_dataset(
+            "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=cache_dir
+        )
+    except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, ValueError) as error:
+        # A folder of only non-image files gives datasets' 'Instruction "train" corresponds to no data!'.
+        if isinstance(error, ValueError) and "corresponds to no data" not in str(error):
+            raise
+        raise UsageError(f"`{option.lstrip('-')}` {folder!r} holds no images ({error}).") from error
+
+
+def _load_named_dataset(dataset_name: str, dataset_config_name: str | None, split_option: str, **load):
+    """A Hub dataset or a local dataset folder, through `datasets.load_dataset` (`load`: its split, streaming,
+    cache_dir and revision)."""
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config_name, **load)
+    except ValueError as error:
+        if "split" not in str(error).lower():
+            raise
+        missing = f"{dataset_name!r} has no split {load['split']!r} ({error}); choose one with {split_option}."
+        raise MissingSplitError(missing) from error
+    except (FileNotFoundError, ConnectionError) as error:
+        # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
+        # ConnectionError.
+        where = "a folder here" if not os.path.exists(dataset_name) else "a dataset folder datasets can read"
+        raise UsageError(
+            f"`dataset_name` {dataset_name!r} is not {where} and could not be loaded from the Hub ({error})."
+        ) from error
 
 
 def _saved_to_disk(folder: str) -> bool:
@@ -512,10 +285,6 @@ def _load_saved_split(folder: str, split: str, split_option: str):
     return splits[instructions[0].splitname] if whole else datasets.concatenate_datasets(parts)
 
 
-class MissingSplitError(UsageError):
-    """The dataset has no split of the requested name (most image datasets have only `train`)."""
-
-
 # The held-out share does not depend on `--seed`, so runs with other seeds are evaluated on the same images. It salts
 # the hash that puts each example on its side.
 HOLD_OUT_SEED = 0x5EED_0DD5
@@ -536,27 +305,6 @@ def example_identity(row: dict, image_column: str, *, id_name: str | None = None
     if id_name is not None and row.get(id_name) is not None:
         return str(row[id_name])
     return image_name(row[image_column], root, image_column)
-
-
-def image_name(value, root: str | None = None, image_column: str = "image") -> str:
-    """What names an undecoded image value (`{"bytes", "path"}`, a path or bytes): the file it is read from
-    (relative to the folder `root` when inside it), else the SHA-256 of its bytes."""
-    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
-    if data is None and path:
-        return relative_path(os.fspath(path), root)
-    if data is not None:
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-    raise UsageError(f"Column {image_column!r} holds a {type(value).__name__}, not an image; pass --image_column.")
-
-
-def relative_path(path: str, root: str | None) -> str:
-    """`path` relative to the folder `root` (as given or with its links resolved) when inside it, in `/` form."""
-    if root is not None:
-        for folder, file in ((os.path.abspath(root), os.path.abspath(path)), (os.path.realpath(root), path)):
-            if file.startswith(folder + os.sep):
-                return os.path.relpath(file, folder).replace(os.sep, "/")
-    return path
 
 
 def _hold_out_fraction(identity: str) -> float:
@@ -660,20 +408,6 @@ class ValidationImages:
     image_size: int
     total: int | None = None
     held_out: dict | None = None
-
-
-def decode_images(dataset, image_column: str, max_samples: int | None = None) -> tuple[list[Image.Image], int]:
-    """The first `max_samples` images of `dataset` (all when `None`), decoded whole as RGB, and the number of
-    unreadable ones skipped."""
-    counter = ImageDecodeCounter()
-    images = []
-    for position, row in enumerate(dataset):  # a streamed dataset too: stop after `max_samples`
-        if max_samples is not None and position >= max_samples:
-            break
-        image = try_decode(row[image_column], counter)
-        if image is not None:
-            images.append(image)
-    return images, counter.unreadable
 
 
 def load_validation_images(

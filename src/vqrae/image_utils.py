@@ -6,14 +6,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .configuration_vqrae import VQRAEConfig
+from .modeling_vqrae import image_processor_for
+
 __all__ = ["to_pil_images", "denormalize"]
 
 
 def _image_processor(processor):
     """The image processor whose normalisation to undo: `processor` itself, or a VQRAE model's or config's own."""
-    from .configuration_vqrae import VQRAEConfig
-    from .modeling_vqrae import image_processor_for
-
     if isinstance(processor, VQRAEConfig):
         return image_processor_for(processor)
     if hasattr(processor, "get_image_processor"):

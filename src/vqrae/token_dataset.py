@@ -341,7 +341,7 @@ def check_saved_arguments(output_dir: str | os.PathLike, saved: dict | None, con
     `no` make the same tokens."""
     if saved is None:
         return
-    unrecorded = sorted(set(MADE_FROM_KEYS) - set(saved))
+    unrecorded = sorted(key for key in MADE_FROM_KEYS if key not in saved)
     if unrecorded:
         raise UsageError(
             f"{Path(output_dir) / CONFIG_FILE} lacks {unrecorded}, which vqrae-tokenize records: it was not "

@@ -15,14 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .image_data import (
-    UNREADABLE_ERRORS,
-    center_square,
-    decode_image,
-    processor_resample,
-    processor_size,
-    relative_path,
-)
+from .image_data import center_square, processor_resample, processor_size
+from .image_decoding import UNREADABLE_ERRORS, decode_image, relative_path
 
 __all__ = [
     "ImagePreparation",
@@ -45,7 +39,7 @@ def image_identifier(value, index: int, root: Path | None) -> str:
 
 @dataclass
 class ImagePreparation:
-    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.image_data.decode_image`), cut to its
+    """How a source image becomes `pixel_values`: decoded to RGB (`vqrae.image_decoding.decode_image`), cut to its
     largest centred square at the model's resolution (`crop="center"`: `vqrae.image_data.center_square`, as
     validation images and the model's own image processor cut it) or squeezed whole to that square
     (`crop="none"`), with the processor's resampling, then passed through the model's image processor."""

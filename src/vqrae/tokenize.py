@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
+from tqdm.auto import tqdm
 
 from .arguments import ComputeArguments, ImageSourceArguments, ModelSourceArguments, check_at_least, check_output_dir
 from .atomic_io import atomic_write
@@ -355,8 +356,6 @@ def encode_shard(
 def tokenize(args: TokenizeArguments) -> dict:
     """Run the job in this process (one of several under `accelerate launch`). Returns a summary of this run:
     `images` and `seconds` tokenized by all processes, `images_per_second`, and the manifest once complete."""
-    from tqdm.auto import tqdm
-
     state = process_state()
     precision = resolve_precision(args.mixed_precision, state.device)
     if not args.overwrite_output_dir:

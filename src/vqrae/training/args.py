@@ -8,6 +8,7 @@ run (`configs/tiny_cpu.yaml` spells them out): `vqrae-train` with no arguments t
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -27,6 +28,8 @@ __all__ = [
     "MODEL_OPTIONS",
     "ModelArguments",
     "RESUMABLE_OPTIONS",
+    "STAGE_OPTIONS",
+    "Stage",
     "VQRAETrainingArguments",
     "OPTION_NAMES",
     "options_to_dict",
@@ -53,6 +56,19 @@ SCHEDULERS = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
+
+
+class Stage(enum.Enum):
+    """What a run trains (the VQRAE paper's stages). Compared by identity, so a string never stands in for one."""
+
+    ONE = "stage1"  # the encoder frozen: the quantizer, post_quant_conv and decoder train
+    TWO = "stage2"  # the encoder trains too, distilled towards a frozen copy of where it started
+    JOINT = "joint"  # a randomly initialised encoder, trained with the rest from the first step
+
+
+# `--stage` as users spell it (and `training_config.yaml` records it) -> the stage; without it, `Stage.ONE` or
+# `Stage.JOINT` by whether the encoder is pretrained.
+STAGE_OPTIONS = {1: Stage.ONE, 2: Stage.TWO}
 
 
 def _error(name: str, value, allowed: str) -> UsageError:
@@ -374,7 +390,7 @@ class VQRAETrainingArguments:
     hub_revision: str | None = field(default=None, metadata={"resumable": True, "help": "Branch to publish to."})
 
     def __post_init__(self):
-        if self.stage not in (None, 1, 2):
+        if self.stage is not None and self.stage not in STAGE_OPTIONS:
             raise _error("stage", self.stage, "1 (encoder frozen), 2 (encoder trained with self-distillation) or None")
         for name in (
             "max_steps",

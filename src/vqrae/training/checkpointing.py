@@ -235,12 +235,11 @@ def save_checkpoint(
 
 
 def read_checkpoint_record(path: str) -> dict:
-    """What the checkpoint says about the run that wrote it: `num_processes` and, from checkpoints written since
-    records exist, `per_device_train_batch_size`, `gradient_accumulation_steps`, `dataset` and `options`; from
-    newer ones also `warmup_steps_used` and `resume_command`."""
+    """What the checkpoint says about the run that wrote it: `num_processes`, `per_device_train_batch_size`,
+    `gradient_accumulation_steps`, `dataset`, `options`, `warmup_steps_used` and `resume_command`."""
     with open(os.path.join(path, TRAINER_STATE_FILE)) as handle:
         state = json.load(handle)
-    return {"num_processes": state["num_processes"], **state.get("record", {})}
+    return {"num_processes": state["num_processes"], **state["record"]}
 
 
 def load_checkpoint(accelerator, path: str, *, scheduler, ema) -> tuple[int, dict]:
@@ -339,7 +338,7 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
     are compared as the user gave them; `max_steps` may grow (the run is extended), never shrink."""
     restart = f"start a new run in another --output_dir from its weights with --init_from {path}"
     if saved["num_processes"] != current["num_processes"]:
-        relaunch = saved.get("resume_command") or (
+        relaunch = saved["resume_command"] or (
             f"accelerate launch --num_processes {saved['num_processes']} ... --resume_from_checkpoint latest"
         )
         raise UsageError(
@@ -348,13 +347,6 @@ def check_resume(saved: dict, current: dict, path: str) -> None:
             f"or skip examples. To {restart}; to resume, launch {saved['num_processes']} process(es) as the run "
             f"was launched: {relaunch}"
         )
-    if "options" not in saved:
-        logger.warning(
-            "The checkpoint %s predates run records: only its number of processes could be checked; resume with the "
-            "options it was trained with.",
-            path,
-        )
-        return
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if saved[name] != current[name]:
             raise UsageError(

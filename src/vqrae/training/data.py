@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from PIL import Image
+from skimage.color import rgb2yiq, yiq2rgb
 
 from ..atomic_io import atomic_write
-from ..errors import UsageError
+from ..builtin_photos import BUILTIN_DATASET_NAME
+from ..errors import MissingSplitError, UsageError
 from ..image_data import (
-    BUILTIN_DATASET_NAME,
-    ImageDecodeCounter,
-    MissingSplitError,
     ValidationImages,
     dataset_identity,
     example_identities,
@@ -36,8 +36,8 @@ from ..image_data import (
     processor_size,
     random_resized_crop_box,
     to_pixel_values,
-    try_decode,
 )
+from ..image_decoding import ImageDecodeCounter, try_decode
 from .run_files import HELD_OUT_FILE
 
 if TYPE_CHECKING:  # `args` imports this module (for `check_color_augment`)
@@ -84,8 +84,6 @@ def color_augment(crop: Image.Image, kind: str, rng: np.random.Generator) -> Ima
     pixels = np.asarray(crop.convert("RGB"))
     if kind == "permute":
         return Image.fromarray(np.ascontiguousarray(pixels[..., rng.permutation(3)]))
-    from skimage.color import rgb2yiq, yiq2rgb
-
     yiq = rgb2yiq(pixels / 255.0)
     angle = rng.uniform(0.0, 2 * np.pi)
     cos, sin = np.cos(angle), np.sin(angle)
@@ -227,8 +225,6 @@ class StreamingTrainingBatches(_TrainingCrops, torch.utils.data.IterableDataset)
     """
 
     def __init__(self, dataset, image_column: str, image_processor, *, shuffle_buffer_size: int = 1000, **crops):
-        from datasets.distributed import split_dataset_by_node
-
         super().__init__(image_column, image_processor, **crops)
         shard = split_dataset_by_node(dataset, rank=self.process_index, world_size=self.num_processes)
         self.dataset = (

@@ -36,8 +36,10 @@ from ..arguments import (
     check_at_least,
     check_output_dir,
 )
+from ..builtin_photos import BUILTIN_DATASET_NAME
 from ..errors import UsageError
-from ..image_data import BUILTIN_DATASET_NAME, decode_images, load_image_dataset, load_validation_images
+from ..image_data import load_image_dataset, load_validation_images
+from ..image_decoding import decode_images
 from ..loading import load_model_and_processor
 from .metrics import codebook_use_on_crops, evaluate_model, write_evaluation
 

@@ -22,7 +22,7 @@ class MetricsLog:
     def __init__(self, path: str, accelerator, images_per_step: int, codebook_size: int):
         self.path, self.accelerator, self.images_per_step = path, accelerator, images_per_step
         # Which codes the training batches chose since the last logging window (one flag per code).
-        self.window_codes = torch.zeros(codebook_size, dtype=torch.bool, device=accelerator.device)
+        self.codes_chosen_in_window = torch.zeros(codebook_size, dtype=torch.bool, device=accelerator.device)
         self.unreadable: set[str] = set()
         self._start()
 
@@ -32,7 +32,7 @@ class MetricsLog:
     def add(self, result: StepResult) -> None:
         for name, value in result.terms.items():
             self.sums[name] = self.sums.get(name, 0.0) + value
-        self.window_codes[result.codes.to(self.window_codes.device)] = True
+        self.codes_chosen_in_window[result.codes.to(self.codes_chosen_in_window.device)] = True
         self.unreadable.update(result.unreadable)
         self.steps += 1
 
@@ -50,11 +50,11 @@ class MetricsLog:
         names = list(self.sums)
         means = torch.tensor([self.sums[name] / self.steps for name in names], device=self.accelerator.device)
         means = dict(zip(names, self.accelerator.reduce(means, "mean").tolist()))
-        used = int((self.accelerator.reduce(self.window_codes.int(), "sum") > 0).sum())
-        self.window_codes.zero_()
+        used = int((self.accelerator.reduce(self.codes_chosen_in_window.int(), "sum") > 0).sum())
+        self.codes_chosen_in_window.zero_()
         elapsed = time.perf_counter() - self.started
         record = {"type": "train", "step": step, **means, "learning_rate": learning_rate}
-        record["codebook_usage"] = used / len(self.window_codes)
+        record["codebook_usage"] = used / len(self.codes_chosen_in_window)
         record["grad_norm"] = record.get("grad_norm")
         record["steps_per_second"] = self.steps / elapsed
         record["images_per_second"] = self.steps * self.images_per_step / elapsed

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from ..atomic_io import atomic_write
 from ..configuration_vqrae import MIN_TRANSFORMERS_VERSION, VQRAEConfig, is_number
+from .config_files import read_training_config
 from .run_files import (
     CODEBOOK_USAGE_FILE,
     EVAL_RESULT_FIELDS,
@@ -53,8 +54,8 @@ PICTURE_CAPTIONS = {
 }
 
 _INTERVAL_METRICS = ("psnr", "ssim", "color_error")
-# eval_results.json: field -> allowed types. `rfid` is measured only where Inception weights exist (else null).
-# The fields eval_results.json must hold (the others may be null or absent), with their types.
+# The fields of eval_results.json that always hold a value, with its types (the others may be null: not measured in
+# the run, such as `rfid` where no Inception weights exist).
 _REQUIRED_FIELDS = {name: types for name, types in EVAL_RESULT_FIELDS.items() if types is not None}
 
 
@@ -69,33 +70,32 @@ def read_eval_results(folder: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path} is not valid JSON: {error}.") from error
     if not isinstance(results, dict):
         raise ValueError(f"{path} must hold a JSON object (got {type(results).__name__}).")
-    missing = sorted(set(_REQUIRED_FIELDS) - set(results))
+    missing = [name for name in EVAL_RESULT_FIELDS if name not in results]
     if missing:
-        raise ValueError(f"{path} lacks the fields {missing}; it must hold {sorted(_REQUIRED_FIELDS)} and `rfid`.")
+        raise ValueError(f"{path} lacks the fields {missing}; it must hold {list(EVAL_RESULT_FIELDS)}.")
     for name, types in _REQUIRED_FIELDS.items():
         value = results[name]
         if isinstance(value, bool) or not isinstance(value, types):
             allowed = " or ".join(t.__name__ for t in types)
             raise ValueError(f"`{name}` in {path} must be {allowed} (got {value!r}).")
-    # Absent from results written before these were measured.
     for name in [f"{prefix}{metric}_interval" for prefix in ("", "bicubic_") for metric in _INTERVAL_METRICS]:
-        interval = results.setdefault(name, None)
+        interval = results[name]
         if interval is not None and (not isinstance(interval, list) or len(interval) != 2):
             raise ValueError(f"`{name}` in {path} must be null or a [low, high] pair (got {interval!r}).")
     for name in ("seam_score", "bicubic_seam_score", "codebook_tokens", "color_error", "bicubic_color_error"):
-        value = results.setdefault(name, None)
+        value = results[name]
         if value is not None and not is_number(value):
             raise ValueError(f"`{name}` in {path} must be a number or null (got {value!r}).")
-    crops = results.setdefault("crop_codebook_use", None)
+    crops = results["crop_codebook_use"]
     if crops is not None and (not isinstance(crops, dict) or not {"crops", "tokens", "used_codes"} <= set(crops)):
         raise ValueError(
             f"`crop_codebook_use` in {path} must be null or an object with `crops`, `tokens` and `used_codes` "
             f"(got {crops!r})."
         )
-    held_out = results.setdefault("held_out", None)
+    held_out = results["held_out"]
     if held_out is not None and (not isinstance(held_out, dict) or "percentage" not in held_out):
         raise ValueError(f"`held_out` in {path} must be null or an object with `percentage` (got {held_out!r}).")
-    rfid = results.setdefault("rfid", None)
+    rfid = results["rfid"]
     if rfid is not None and not is_number(rfid):
         raise ValueError(f"`rfid` in {path} must be a number or null (got {rfid!r}).")
     return results
@@ -205,9 +205,7 @@ def _training_dataset(folder: Path) -> str | None:
     path = folder / TRAINING_CONFIG_FILE
     if not path.is_file():
         return None
-    import yaml
-
-    options = yaml.safe_load(path.read_text(encoding="utf-8"))
+    options, _ = read_training_config(path)
     return options.get("dataset_name") if isinstance(options, dict) else None
 
 

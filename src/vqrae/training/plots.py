@@ -13,11 +13,15 @@ __all__ = ["plot_codebook_usage", "plot_reconstructions", "plot_training_curves"
 
 
 def _pyplot():
-    import matplotlib
+    """pyplot on the Agg backend, chosen when the first picture is drawn rather than when this module is imported
+    (importing it leaves the backend of the caller's session alone)."""
+    try:  # the [train] extra
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(f'The run\'s pictures need matplotlib ({error}): `pip install "vqrae[train]"`.') from error
     return plt
 
 

@@ -42,7 +42,7 @@ RUN_OUTPUTS = (
 
 _NUMBER = (int, float)
 # The fields of eval_results.json in the order it holds them: field -> the types its value has, or None for a field
-# that may be null (not measured in this run) or absent (results written before it was measured).
+# that may be null (not measured in this run).
 EVAL_RESULT_FIELDS = {
     "dataset_name": (str,),
     "dataset_split": (str,),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import get_scheduler
 
-from .args import VQRAETrainingArguments
+from .args import Stage, VQRAETrainingArguments
 from .losses import VQRAELoss
 
 __all__ = ["ExponentialMovingAverage", "StepResult", "TrainingState", "build_training_state", "train_step"]
@@ -92,11 +92,11 @@ def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 
 def build_training_state(
-    model, loss_fn: VQRAELoss, args: VQRAETrainingArguments, accelerator, stage: str
+    model, loss_fn: VQRAELoss, args: VQRAETrainingArguments, accelerator, stage: Stage
 ) -> TrainingState:
     """Freeze the encoder in stage 1, build the optimiser, schedule and EMA, and prepare the model and its optimiser
     with accelerate, then the loss's critic and its optimiser (the order of their files in a checkpoint)."""
-    if stage == "stage1":
+    if stage is Stage.ONE:
         model.freeze_encoder(True)
     model.to(accelerator.device)
     model.train()

@@ -24,6 +24,7 @@ its last checkpoint ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,20 +40,19 @@ from ..arguments import is_main_process
 from ..atomic_io import save_pretrained_atomic
 from ..configuration_vqrae import VQRAEConfig
 from ..errors import UsageError
-from ..image_data import (
-    ValidationImages,
-)
+from ..image_data import ValidationImages
 from ..loading import load_model
 from ..modeling_vqrae import VQRAEModel
 from . import hub, plots
 from .args import (
+    STAGE_OPTIONS,
     DataArguments,
     ModelArguments,
+    Stage,
     VQRAETrainingArguments,
     options_to_dict,
 )
 from .checkpointing import (
-    TRAINER_STATE_FILE,
     check_resume,
     latest_checkpoint,
     load_checkpoint,
@@ -118,15 +118,10 @@ def build_model(model_args: ModelArguments, cache_dir: str | None = None):
 
 def _check_init_from_folder(init_from: str) -> None:
     """Refuse, naming what to pass, a run folder without a model yet (an interrupted run: its checkpoints hold the
-    weights) and a checkpoint written before checkpoints carried their model's `config.json`."""
+    weights)."""
     folder = Path(init_from)
     if not folder.is_dir() or (folder / "config.json").is_file():
         return
-    if (folder / TRAINER_STATE_FILE).is_file():
-        raise UsageError(
-            f"`init_from` {init_from!r} is a checkpoint written before checkpoints carried their model's config.json, "
-            "so its model cannot be rebuilt; resume its run with --resume_from_checkpoint instead."
-        )
     latest = latest_checkpoint(init_from)
     if latest is not None:
         raise UsageError(
@@ -146,19 +141,21 @@ def _check_init_from_agrees(model, model_args: ModelArguments) -> None:
         raise UsageError(f"Options contradict the model of `init_from` {model_args.init_from!r} ({details}).")
 
 
-def resolve_stage(stage: int | None, model_args: ModelArguments) -> str:
-    """`"stage1"`, `"stage2"` or `"joint"` (a randomly initialised encoder, trained with the rest)."""
+def resolve_stage(stage: int | None, model_args: ModelArguments) -> Stage:
+    """The stage `--stage` asks for (`STAGE_OPTIONS`), or by default `Stage.ONE` with a pretrained encoder and
+    `Stage.JOINT` with a randomly initialised one."""
     pretrained = model_args.encoder_name_or_path is not None or model_args.init_from is not None
-    if stage == 2 and not pretrained:
+    if stage is None:
+        return Stage.ONE if pretrained else Stage.JOINT
+    chosen = STAGE_OPTIONS[stage]
+    if chosen is Stage.TWO and not pretrained:
         raise UsageError(
             "Stage 2 fine-tunes a trained encoder with self-distillation towards its starting copy, so it needs a "
             "start model: pass --init_from (e.g. the output folder of stage 1) or --encoder_name_or_path."
         )
-    if stage is None:
-        return "stage1" if pretrained else "joint"
-    if stage == 1 and not pretrained:
+    if chosen is Stage.ONE and not pretrained:
         logger.warning("Stage 1 with a randomly initialised encoder: the encoder stays frozen at its random weights.")
-    return f"stage{stage}"
+    return chosen
 
 
 def resolve_warmup(args: VQRAETrainingArguments) -> VQRAETrainingArguments:
@@ -204,11 +201,86 @@ def train(
 
     `command` is the command line that started the run (program and arguments, as `sys.argv`): Ctrl-C and a resume
     refused for its number of processes print the command that resumes the run, launched the same way."""
+    resume = None if command is None else resume_command(command, os.environ)
+    with _torch_threads(args.torch_num_threads):
+        stage = resolve_stage(args.stage, model_args)
+        accelerator = _accelerator(args)
+        resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if accelerator.is_main_process:
+            resuming = args.resume_from_checkpoint is not None
+            prepare_output_dir(args.output_dir, RUN_OUTPUTS, overwrite=args.overwrite_output_dir, resuming=resuming)
+        accelerator.wait_for_everyone()
+        # The options as given (a resume compares these), never values derived from them such as a shortened warm-up.
+        options = {**options_to_dict(model_args, data_args, args), "resume_from_checkpoint": None}
+
+        set_seed(args.seed)
+        model = build_model(model_args, cache_dir=data_args.cache_dir)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        image_processor, image_size = model.get_image_processor(), model.config.vision_config.image_size
+        loss_fn = _build_loss(args, model, stage).to(accelerator.device)
+        data = load_training_data(data_args, args, image_processor, image_size, accelerator)
+        record = {
+            "num_processes": accelerator.num_processes,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "dataset": data.identity,
+            "options": options,
+        }
+        saved = read_checkpoint_record(resume_path) if resume_path is not None else None
+        if saved is not None:
+            check_resume(saved, record, resume_path)
+        args = _run_schedule(args, saved)
+        record.update(warmup_steps_used=args.warmup_steps, resume_command=resume)
+        state = build_training_state(model, loss_fn, args, accelerator, stage)
+        _log_start(state, stage, model_args, image_size)
+        metrics_path = os.path.join(args.output_dir, METRICS_FILE)
+        if resume_path is not None:
+            _resume(state, data, resume_path, data_args.streaming)
+        if accelerator.is_main_process:
+            truncate_metrics(metrics_path, state.step)
+            _write_run_config(os.path.join(args.output_dir, TRAINING_CONFIG_FILE), options, args, saved, state.step)
+        if args.report_to != "none":
+            accelerator.init_trackers("vqrae", config=_tracker_config(options))
+
+        batches = _batch_iterator(data, args, data_args.dataloader_num_workers, state.step)
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        log = MetricsLog(metrics_path, accelerator, per_step, state.unwrapped.codebook_size)
+        show = not accelerator.is_main_process or args.disable_tqdm
+        progress = tqdm(
+            total=args.max_steps, initial=state.step, desc=f"vqrae {stage.value}", disable=show, dynamic_ncols=True
+        )
+        last_saved = state.step if resume_path is not None else None
+        try:
+            while state.step < args.max_steps:
+                log.add(train_step(state, loss_fn, batches))
+                step = state.step
+                progress.update(1)
+                if step % args.logging_steps == 0 or step == args.max_steps:
+                    means = log.flush(step, state.scheduler.get_last_lr()[0])
+                    progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
+                if step % args.eval_steps == 0 and step < args.max_steps:
+                    progress.write(_summary(_evaluate(state, data.validation, args, log).metrics, step))
+                if step % args.save_steps == 0 or step == args.max_steps:
+                    _save(state, args, data, record)
+                    last_saved = step
+        except KeyboardInterrupt:
+            _report_interrupt(args, state.step, resume)
+            raise
+        progress.close()
+        if last_saved != state.step:  # resumed from the final checkpoint: keep one at the end
+            _save(state, args, data, record)
+        return _finish(state, data, args, log)
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    """torch's CPU threads set to `count` (`--torch_num_threads`; unchanged when None) for the run, then restored."""
     threads = torch.get_num_threads()
-    if args.torch_num_threads is not None:
-        torch.set_num_threads(args.torch_num_threads)
+    if count is not None:
+        torch.set_num_threads(count)
     try:
-        return _run(model_args, data_args, args, None if command is None else resume_command(command, os.environ))
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -224,76 +296,13 @@ def _accelerator(args: VQRAETrainingArguments):
     )
 
 
-def _run(model_args: ModelArguments, data_args: DataArguments, args: VQRAETrainingArguments, resume: str | None):
-    stage = resolve_stage(args.stage, model_args)
-    accelerator = _accelerator(args)
-    resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if accelerator.is_main_process:
-        resuming = args.resume_from_checkpoint is not None
-        prepare_output_dir(args.output_dir, RUN_OUTPUTS, overwrite=args.overwrite_output_dir, resuming=resuming)
-    accelerator.wait_for_everyone()
-    # The options as given (a resume compares these), never values derived from them such as a shortened warm-up.
-    options = {**options_to_dict(model_args, data_args, args), "resume_from_checkpoint": None}
-
-    set_seed(args.seed)
-    model = build_model(model_args, cache_dir=data_args.cache_dir)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    image_processor, image_size = model.get_image_processor(), model.config.vision_config.image_size
-    loss_fn = _build_loss(args, model, stage).to(accelerator.device)
-    data = load_training_data(data_args, args, image_processor, image_size, accelerator)
-    record = {
-        "num_processes": accelerator.num_processes,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "dataset": data.identity,
-        "options": options,
-    }
-    saved = read_checkpoint_record(resume_path) if resume_path is not None else None
-    if saved is not None:
-        check_resume(saved, record, resume_path)
-    args = _run_schedule(args, saved)
-    record.update(warmup_steps_used=args.warmup_steps, resume_command=resume)
-    state = build_training_state(model, loss_fn, args, accelerator, stage)
-    _log_start(state, stage, model_args, image_size)
-    metrics_path = os.path.join(args.output_dir, METRICS_FILE)
-    if resume_path is not None:
-        state.step, data_state = load_checkpoint(accelerator, resume_path, scheduler=state.scheduler, ema=state.ema)
-        if data_args.streaming and data_state.get("examples_read") is not None:
-            data.batches.start_example = data_state["examples_read"]
-        logger.info("Resumed from %s at step %d.", resume_path, state.step)
-    if accelerator.is_main_process:
-        truncate_metrics(metrics_path, state.step)
-        _write_run_config(os.path.join(args.output_dir, TRAINING_CONFIG_FILE), options, args, saved, state.step)
-    if args.report_to != "none":
-        accelerator.init_trackers("vqrae", config=_tracker_config(options))
-
-    batches = _batch_iterator(data, args, data_args.dataloader_num_workers, state.step)
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    log = MetricsLog(metrics_path, accelerator, per_step, state.unwrapped.codebook_size)
-    show = not accelerator.is_main_process or args.disable_tqdm
-    progress = tqdm(total=args.max_steps, initial=state.step, desc=f"vqrae {stage}", disable=show, dynamic_ncols=True)
-    last_saved = state.step if resume_path is not None else None
-    try:
-        while state.step < args.max_steps:
-            log.add(train_step(state, loss_fn, batches))
-            step = state.step
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == args.max_steps:
-                means = log.flush(step, state.scheduler.get_last_lr()[0])
-                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
-            if step % args.eval_steps == 0 and step < args.max_steps:
-                progress.write(_summary(_evaluate(state, data.validation, args, log).metrics, step))
-            if step % args.save_steps == 0 or step == args.max_steps:
-                _save(state, args, data, record)
-                last_saved = step
-    except KeyboardInterrupt:
-        _report_interrupt(args, state.step, resume)
-        raise
-    progress.close()
-    if last_saved != state.step:  # resumed from the final checkpoint: keep one at the end
-        _save(state, args, data, record)
-    return _finish(state, data, args, log)
+def _resume(state: TrainingState, data: TrainingData, resume_path: str, streaming: bool) -> None:
+    """The run's state at its checkpoint `resume_path`: weights, optimisers, schedule, EMA, step and a stream's
+    position."""
+    state.step, data_state = load_checkpoint(state.accelerator, resume_path, scheduler=state.scheduler, ema=state.ema)
+    if streaming and data_state.get("examples_read") is not None:
+        data.batches.start_example = data_state["examples_read"]
+    logger.info("Resumed from %s at step %d.", resume_path, state.step)
 
 
 def _run_schedule(args: VQRAETrainingArguments, saved: dict | None) -> VQRAETrainingArguments:
@@ -301,10 +310,9 @@ def _run_schedule(args: VQRAETrainingArguments, saved: dict | None) -> VQRAETrai
     (`resolve_warmup`). A resume keeps the warm-up of its checkpoint, also when a larger --max_steps extends the
     run: the schedule is then rebuilt for the new max_steps with that warm-up (`load_checkpoint` takes the
     learning rate of the resumed step from it), so the decay stretches to the new end."""
-    if saved is None or "options" not in saved:
+    if saved is None:
         return resolve_warmup(args)
-    # Checkpoints written before `warmup_steps_used` recorded the warm-up used as the option itself.
-    return dataclasses.replace(args, warmup_steps=saved.get("warmup_steps_used", saved["options"]["warmup_steps"]))
+    return dataclasses.replace(args, warmup_steps=saved["warmup_steps_used"])
 
 
 def _write_run_config(path: str, options: dict, args: VQRAETrainingArguments, saved: dict | None, step: int) -> None:
@@ -329,7 +337,7 @@ def _write_run_config(path: str, options: dict, args: VQRAETrainingArguments, sa
     write_training_config(path, {**recorded, "max_steps": args.max_steps}, notes=notes)
 
 
-def _build_loss(args: VQRAETrainingArguments, model, stage: str) -> VQRAELoss:
+def _build_loss(args: VQRAETrainingArguments, model, stage: Stage) -> VQRAELoss:
     """The loss of the run: its terms and weights, stage 2's teacher (a frozen copy of `model`'s encoder as it is
     now) and, with a GAN, the critic and its optimiser."""
     image_processor = model.get_image_processor()
@@ -344,7 +352,7 @@ def _build_loss(args: VQRAETrainingArguments, model, stage: str) -> VQRAELoss:
         lpips_weights=args.lpips_weights,
         quantizer_weight=args.quantizer_loss_weight,
         distillation_weight=args.distillation_weight,
-        teacher=model.encoder if stage == "stage2" else None,
+        teacher=model.encoder if stage is Stage.TWO else None,
         gan_weight=args.gan_weight,
         gan_start_step=args.gan_start_step,
         discriminator_channels=args.discriminator_channels,
@@ -353,12 +361,12 @@ def _build_loss(args: VQRAETrainingArguments, model, stage: str) -> VQRAELoss:
     )
 
 
-def _log_start(state: TrainingState, stage: str, model_args: ModelArguments, image_size: int) -> None:
+def _log_start(state: TrainingState, stage: Stage, model_args: ModelArguments, image_size: int) -> None:
     model = state.unwrapped
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "Training %s: %s, %.2fM trainable of %.2fM parameters, %d-px images, %dx%d tokens, codebook %d.",
-        stage,
+        stage.value,
         model_args.init_from
         or model_args.encoder_name_or_path
         or f"random {model_args.vision_config or 'tiny'} model",
