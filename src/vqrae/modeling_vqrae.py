@@ -430,14 +430,12 @@ class VQRAEModel(VQRAEPreTrainedModel):
         grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
         encoded = self.quantize(features.last_hidden_state, grid)
         reconstruction = self.decode(encoded.quantized, return_dict=True).reconstruction
+        # The encoder output's fields (indices, quantized, last_hidden_state, quantizer_loss), with the rest.
         output = VQRAEModelOutput(
             reconstruction=reconstruction,
-            indices=encoded.indices,
-            quantized=encoded.quantized,
-            last_hidden_state=encoded.last_hidden_state,
-            quantizer_loss=encoded.quantizer_loss,
             hidden_states=features.hidden_states,
             attentions=features.attentions,
+            **encoded,
         )
         return output if self._use_return_dict(return_dict) else output.to_tuple()
 
