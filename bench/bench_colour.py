@@ -1,6 +1,6 @@
 """Colour and crop scale: the tiny preset against colour augmentation and smaller crops, at equal steps, by tile scale.
 
-    python bench/bench_colour.py                               # 4 variants x 3 seeds x 1000 steps (~45 min, 2 cores)
+    python bench/bench_colour.py                               # 4 variants x 3 seeds x 1000 steps (~40 min, 2 cores)
     python bench/bench_colour.py --steps 300 --seeds 1 2 --no-write
     python bench/bench_colour.py --smoke                       # 2 steps, 2 runs, a few tiles: that it runs; no writes
 
@@ -8,9 +8,9 @@ Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`
 the same number of steps with each seed (`bench_quality.train_run`: the seed sets the initialisation and the order
 of the crops, so runs of one seed are paired). The built-in training photos hold a narrow palette (the reds and
 oranges of `retina` and `ihc`, greys), and the tiny preset's crops (8-100 % of a photo's area) never zoom in as far
-as the held-out set's quarter-side tiles (0.042-0.063 of a photo's area); the variants add colour augmentation of the
-crops (`--color_augment hue`: the chroma turned by a random angle, each pixel's luma kept), then smaller crops
-(`--min_crop_scale 0.04`), and the milder channel permutation (`--color_augment permute`).
+as the held-out set's quarter-side tiles (0.042-0.063 of a photo's area). The variants add scikit-image's two
+synthetic colour images to the training photos (`--dataset_name builtin:photos+colour`), then the channel
+permutation of the crops (`--color_augment permute`), then smaller crops (`--min_crop_scale 0.04`).
 
 Each run's saved model is evaluated by `vqrae.training.metrics.evaluate_model` (the figures of `eval_results.json`)
 on the held-out tiles of each scale (`validation_tiles`: the photo's shorter side, a half, a quarter of it): the
@@ -30,9 +30,15 @@ from bench_quality import cell, run_folders, train_run, verdict_word
 # name -> (label, options added to the tiny CPU recipe)
 VARIANTS = {
     "a": ("tiny preset", []),
-    "hue": ("a + --color_augment hue", ["--color_augment", "hue"]),
-    "hue-zoom": ("hue + --min_crop_scale 0.04", ["--color_augment", "hue", "--min_crop_scale", "0.04"]),
-    "permute": ("a + --color_augment permute", ["--color_augment", "permute"]),
+    "colour": ("a + --dataset_name builtin:photos+colour", ["--dataset_name", "builtin:photos+colour"]),
+    "colour-permute": (
+        "colour + --color_augment permute",
+        ["--dataset_name", "builtin:photos+colour", "--color_augment", "permute"],
+    ),
+    "colour-permute-zoom": (
+        "colour-permute + --min_crop_scale 0.04",
+        ["--dataset_name", "builtin:photos+colour", "--color_augment", "permute", "--min_crop_scale", "0.04"],
+    ),
 }
 REFERENCE = "a"
 # (metric, column label, digits, higher is better)
@@ -126,7 +132,7 @@ def main(argv=None):
         "--reuse", action="store_true", help="read finished runs of the same options found in --keep, train the rest"
     )
     # --smoke: 2 steps of the reference and the variant with every option, one seed, a few tiles.
-    smoke = {"steps": 2, "seeds": [1], "variants": [REFERENCE, "hue-zoom"]}
+    smoke = {"steps": 2, "seeds": [1], "variants": [REFERENCE, "colour-permute-zoom"]}
     args = parse_bench_args(parser, argv, smoke)
     extra, tiles = ([], None) if not args.smoke else (["--max_eval_samples", str(SMOKE_TILES)], SMOKE_TILES)
     start_load = load_average()

@@ -7,6 +7,8 @@ from PIL import Image
 
 from conftest import tiny_model
 from vqrae.builtin_photos import (
+    BUILTIN_COLOUR_DATASET_NAME,
+    BUILTIN_COLOUR_IMAGES,
     BUILTIN_DATASET_NAME,
     BUILTIN_TRAIN_PHOTOS,
     BUILTIN_VALIDATION_PHOTOS,
@@ -15,6 +17,7 @@ from vqrae.builtin_photos import (
 )
 from vqrae.errors import UsageError
 from vqrae.image_data import load_image_dataset, load_validation_images, random_resized_crop_box
+from vqrae.image_decoding import decode_image
 from vqrae.training.args import DataArguments
 from vqrae.training.data import StreamingTrainingBatches, TrainingBatches
 
@@ -59,6 +62,18 @@ def test_builtin_photos_are_split_by_photo():
     assert image.mode == "RGB" and min(image.size) <= 384
     with pytest.raises(ValueError, match="splits 'train' and 'validation'"):
         builtin_photos("test")
+
+
+def test_the_colour_dataset_adds_the_colour_images_to_training_only():
+    photos, photos_column = load_image_dataset("train", dataset_name=BUILTIN_DATASET_NAME)
+    colour, colour_column = load_image_dataset("train", dataset_name=BUILTIN_COLOUR_DATASET_NAME)
+    added = [filename.rsplit(".", 1)[0] for _, filename in BUILTIN_COLOUR_IMAGES]
+    assert list(colour["photo"]) == [*photos["photo"], *added] and colour_column == photos_column == "image"
+    for value in colour.select(range(len(photos), len(colour)))["image"]:
+        pixels = np.asarray(decode_image(value), dtype=np.int16)
+        assert np.ptp(pixels[..., 0] - pixels[..., 1]) > 100  # colour, not grey
+    validation = load_image_dataset("validation", dataset_name=BUILTIN_COLOUR_DATASET_NAME)[0]
+    assert list(validation["photo"]) == list(builtin_photos("validation")["photo"])
 
 
 def test_image_folder_converts_modes_and_skips_broken_files(image_folder, processor):

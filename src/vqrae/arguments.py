@@ -52,7 +52,10 @@ class ImageSourceArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A `datasets` Hub id or local dataset folder ('builtin:photos': the built-in photos)."},
+        metadata={
+            "help": "A `datasets` Hub id or local dataset folder ('builtin:photos': the built-in photos; "
+            "'builtin:photos+colour': with two synthetic colour images among the training photos)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})

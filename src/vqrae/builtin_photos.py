@@ -1,7 +1,9 @@
 """The built-in photographs (`BUILTIN_DATASET_NAME`): real photos that ship inside scikit-image and scikit-learn,
 split *by photo* into training photos and held-out validation photos (`BUILTIN_TRAIN_PHOTOS`,
 `BUILTIN_VALIDATION_PHOTOS`). The validation split holds fixed square tiles of the held-out photos at three scales
-(`validation_tiles`: 324 tiles of the four photos). Needs scikit-image and scikit-learn, the `[train]` extra."""
+(`validation_tiles`: 324 tiles of the four photos). `BUILTIN_COLOUR_DATASET_NAME` adds scikit-image's two synthetic
+colour images to the training photos (`BUILTIN_COLOUR_IMAGES`), with the same validation split. Needs scikit-image and
+scikit-learn, the `[train]` extra."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from .errors import MissingSplitError
 from .image_decoding import decode_image
 
 __all__ = [
+    "BUILTIN_COLOUR_DATASET_NAME",
+    "BUILTIN_COLOUR_IMAGES",
     "BUILTIN_DATASET_NAME",
+    "BUILTIN_DATASET_NAMES",
     "BUILTIN_TRAIN_PHOTOS",
     "BUILTIN_VALIDATION_PHOTOS",
     "VALIDATION_TILE_SCALES",
@@ -26,9 +31,12 @@ __all__ = [
 
 BUILTIN_DATASET_NAME = "builtin:photos"
 """`dataset_name` of the built-in photographs (not a Hub id: the colon keeps it from clashing with one)."""
+BUILTIN_COLOUR_DATASET_NAME = "builtin:photos+colour"
+"""`dataset_name` of the built-in photographs with `BUILTIN_COLOUR_IMAGES` added to the training split."""
+BUILTIN_DATASET_NAMES = (BUILTIN_DATASET_NAME, BUILTIN_COLOUR_DATASET_NAME)
 
 # (package, file) of the real photographs shipped with scikit-image (`skimage/data`) and scikit-learn
-# (`sklearn/datasets/images`). Synthetic images (chessboard, logo, phantom, colour wheel, ...) are left out.
+# (`sklearn/datasets/images`). Synthetic images are left out (two of them, for colour: `BUILTIN_COLOUR_IMAGES`).
 # The two motorcycle frames are a stereo pair: they stay together, in training.
 BUILTIN_TRAIN_PHOTOS = (
     ("skimage", "astronaut.png"),
@@ -53,6 +61,13 @@ BUILTIN_VALIDATION_PHOTOS = (
     ("skimage", "coffee.png"),
     ("skimage", "camera.png"),
     ("sklearn", "flower.jpg"),
+)
+# Synthetic images of saturated colour that ship with scikit-image: its colour wheel (every hue at every saturation)
+# and its logo (a green and an orange field). The photos' palette is narrow (reds, oranges, greys); these two give the
+# training crops every hue.
+BUILTIN_COLOUR_IMAGES = (
+    ("skimage", "color.png"),
+    ("skimage", "logo.png"),
 )
 # The built-in photos are stored with their shorter side at most this long (the largest is 1411 px): decoding
 # stays cheap, and a 10% crop of a 384 px photo still has ~120 px to shrink from at the default resolution.
@@ -99,9 +114,12 @@ def validation_tiles(width: int, height: int) -> list[tuple[int, int, int, int]]
 
 
 @functools.lru_cache(maxsize=2)
-def _builtin_photo_files(split: str) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
-    """PNG bytes and names of the built-in photos of `split` (decoded, resized and cut once per process)."""
+def _builtin_photo_files(split: str, colour: bool = False) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """PNG bytes and names of the built-in photos of `split` (decoded, resized and cut once per process); `colour`:
+    with `BUILTIN_COLOUR_IMAGES` in the training split."""
     photos = BUILTIN_TRAIN_PHOTOS if split == "train" else BUILTIN_VALIDATION_PHOTOS
+    if colour and split == "train":
+        photos = photos + BUILTIN_COLOUR_IMAGES
     images, names = [], []
     for package, filename in photos:
         image = decode_image(_builtin_photo_path(package, filename))
@@ -122,17 +140,18 @@ def _builtin_photo_files(split: str) -> tuple[tuple[bytes, ...], tuple[str, ...]
     return tuple(images), tuple(names)
 
 
-def builtin_photos(split: str = "train"):
+def builtin_photos(split: str = "train", colour: bool = False):
     """The built-in photographs as a `datasets.Dataset` with columns `image` (an `Image` feature) and `photo`.
 
-    `split="train"` gives the training photos (`BUILTIN_TRAIN_PHOTOS`), whole; `split="validation"` gives fixed
+    `split="train"` gives the training photos (`BUILTIN_TRAIN_PHOTOS`, and `BUILTIN_COLOUR_IMAGES` with `colour`),
+    whole; `split="validation"` gives fixed
     square tiles of the held-out photos (`BUILTIN_VALIDATION_PHOTOS`) at three scales (`validation_tiles`), in photo
     order. No validation photo is ever seen in training. Requires scikit-image and scikit-learn
     (`pip install "vqrae[train]"`).
     """
     if split not in ("train", "validation"):
         raise MissingSplitError(f"The built-in photos have the splits 'train' and 'validation' (got split={split!r}).")
-    images, names = _builtin_photo_files(split)
+    images, names = _builtin_photo_files(split, colour)
     images = [{"bytes": data, "path": None} for data in images]
     features = datasets.Features({"image": datasets.Image(), "photo": datasets.Value("string")})
     return datasets.Dataset.from_dict({"image": images, "photo": list(names)}, features=features, split=split)

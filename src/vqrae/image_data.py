@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from transformers import SiglipImageProcessorPil
 
-from .builtin_photos import BUILTIN_DATASET_NAME, builtin_photos
+from .builtin_photos import BUILTIN_COLOUR_DATASET_NAME, BUILTIN_DATASET_NAME, BUILTIN_DATASET_NAMES, builtin_photos
 from .errors import MissingSplitError, UsageError
 from .image_decoding import ImageDecodeCounter, image_name, try_decode
 from .modeling_vqrae import center_crop_settings
@@ -199,11 +199,11 @@ def load_image_dataset(
     if train_dir is not None or validation_dir is not None:
         folder = train_dir if split == "train" else validation_dir
         dataset, source = _load_image_folder(folder, split, streaming, cache_dir), folder
-    elif dataset_name is None or dataset_name == BUILTIN_DATASET_NAME:
-        dataset = builtin_photos(split)
+    elif dataset_name is None or dataset_name in BUILTIN_DATASET_NAMES:
+        dataset = builtin_photos(split, colour=dataset_name == BUILTIN_COLOUR_DATASET_NAME)
         if streaming:
             dataset = dataset.to_iterable_dataset(num_shards=1)
-        source = BUILTIN_DATASET_NAME
+        source = dataset_name or BUILTIN_DATASET_NAME
     elif _saved_to_disk(dataset_name):
         dataset = _load_saved_split(dataset_name, split, split_option)
         if streaming:

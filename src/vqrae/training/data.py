@@ -23,7 +23,7 @@ from PIL import Image
 from skimage.color import rgb2yiq, yiq2rgb
 
 from ..atomic_io import atomic_write
-from ..builtin_photos import BUILTIN_DATASET_NAME
+from ..builtin_photos import BUILTIN_DATASET_NAME, BUILTIN_DATASET_NAMES
 from ..errors import MissingSplitError, UsageError
 from ..image_data import (
     ValidationImages,
@@ -283,7 +283,7 @@ def _load_splits(data_args: DataArguments):
         "validation_dir": data_args.validation_dir,
         "cache_dir": data_args.cache_dir,
     }
-    builtin = data_args.train_dir is None and data_args.dataset_name in (None, BUILTIN_DATASET_NAME)
+    builtin = data_args.train_dir is None and data_args.dataset_name in (None, *BUILTIN_DATASET_NAMES)
     train_split = "train" if builtin or data_args.train_dir else data_args.train_split
     train, column = load_image_dataset(train_split, **common)
     name = data_args.train_dir or data_args.dataset_name or BUILTIN_DATASET_NAME
