@@ -290,7 +290,27 @@ def check_same_model(s: Sources) -> None:
         )
 
 
-FIGURE_GROUPS = (default_run, precision, headlines)
+def colour(s: Sources) -> dict[str, str]:
+    """docs/training.md's colour paragraph: section 6d over all tiles, the tiny preset against the colour images with
+    the channel permutation (cells by position: the table repeats its "Δ vs a, paired" header)."""
+    cells = {}
+    for line in s.section("bench_colour").splitlines():
+        parts = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| all tiles") and len(parts) > 8:
+            cells[parts[1]] = parts
+    preset, variant = cells["a"], cells["colour-permute"]
+    return {
+        "colour.preset": preset[2].split(" [")[0],
+        "colour.colour_permute": variant[2].split(" [")[0],
+        "colour.colour_permute.change": variant[3],
+        "colour.colour_permute.psnr_change": variant[5],
+        "colour.colour_permute.ssim_change": variant[7],
+        "colour.steps": s.note("bench_colour", r"(\d+) steps per run").group(1),
+        "colour.seeds": str(len(numbers(s.note("bench_colour", r"seeds \[([\d, ]+)\]").group(1)))),
+    }
+
+
+FIGURE_GROUPS = (default_run, precision, headlines, colour)
 
 
 def figures(sources: Sources) -> dict[str, str]:
