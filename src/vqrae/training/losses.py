@@ -92,6 +92,7 @@ class VQRAELoss(nn.Module):
             self.discriminator_optimizer = torch.optim.AdamW(
                 self.discriminator.parameters(), lr=discriminator_learning_rate, betas=(0.5, 0.9), weight_decay=0.0
             )
+        self.grad_scaler = None  # set by `prepare`
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1), False)
 
@@ -99,6 +100,9 @@ class VQRAELoss(nn.Module):
         """Prepare the critic and its optimiser with `accelerator` (wrapped across processes, saved and loaded by
         `save_state`/`load_state`). Call it after preparing the model and its optimiser: accelerate checkpoints in the
         order prepared, so the critic is `model_1.safetensors` and its optimiser `optimizer_1.bin`."""
+        # Under fp16 the critic shares the model's gradient scaler (None otherwise): `critic_step` and the adaptive
+        # GAN weight need it.
+        self.grad_scaler = accelerator.scaler
         if self.discriminator is not None:
             self.discriminator, self.discriminator_optimizer = accelerator.prepare(
                 self.discriminator, self.discriminator_optimizer
@@ -137,11 +141,17 @@ class VQRAELoss(nn.Module):
                 critic.requires_grad_(False)
                 terms["generator"] = generator_hinge_loss(critic(reconstruction))
                 critic.requires_grad_(True)
-                weight = adaptive_gan_weight(terms["reconstruction"], terms["generator"], last_layer)
+                weight = adaptive_gan_weight(
+                    terms["reconstruction"], terms["generator"], last_layer, scale=self._loss_scale(loss)
+                )
                 terms["gan_weight"] = weight * self.gan_weight
                 loss = loss + terms["gan_weight"] * terms["generator"]
             terms["loss"] = loss
         return loss, terms
+
+    def _loss_scale(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """The fp16 gradient scaler's current scale as a tensor (no host sync), or None without a scaler."""
+        return None if self.grad_scaler is None else self.grad_scaler.scale(torch.ones_like(loss))
 
     def discriminator_loss(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """The critic's hinge loss on real images and (detached) reconstructions, both in the model's range."""
@@ -167,10 +177,20 @@ class VQRAELoss(nn.Module):
         return {"discriminator": loss}
 
     def critic_step(self, step: int) -> None:
-        """The critic's optimiser step, from `gan_start_step` on (after the micro-batches' `critic_backward`)."""
-        if self.uses_gan(step):
+        """The critic's optimiser step, from `gan_start_step` on (after the micro-batches' `critic_backward`).
+
+        Under fp16 the critic and the model share accelerate's gradient scaler, and each optimiser's gradients must
+        be unscaled exactly once: call this after clipping the model's gradients (accelerate's `clip_grad_norm_`
+        unscales every prepared optimiser) and before the model's optimiser step, whose `scaler.update()` forgets
+        what was unscaled. The scaler steps the critic (unscaling it only if clipping did not, skipping the step on
+        inf) and leaves the update of the scale to the model's step, once for both."""
+        if not self.uses_gan(step):
+            return
+        if self.grad_scaler is None:
             self.discriminator_optimizer.step()
-            self.discriminator_optimizer.zero_grad(set_to_none=True)
+        else:
+            self.grad_scaler.step(getattr(self.discriminator_optimizer, "optimizer", self.discriminator_optimizer))
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
 
 
 def reconstruction_losses(
@@ -336,7 +356,10 @@ class VQRAEPatchDiscriminator(nn.Module):
                 nn.init.normal_(module.weight, 0.0, 0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images * 2 - 1)
+        # In float32 whatever autocast surrounds it: accelerate's `prepare` wraps the forward in its own autocast,
+        # which would otherwise switch it back on inside the loss's float32 region.
+        with torch.autocast(images.device.type, enabled=False):
+            return self.layers(images.float() * 2 - 1)
 
 
 def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -348,10 +371,17 @@ def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(
-    reconstruction_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, maximum: float = 1e4
+    reconstruction_loss: torch.Tensor,
+    gan_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    maximum: float = 1e4,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """taming-transformers' balance: `||d rec / d last|| / (||d gan / d last|| + 1e-4)`, clamped and detached, so
-    the GAN gradient at the decoder's last layer has the size of the reconstruction gradient."""
-    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    the GAN gradient at the decoder's last layer has the size of the reconstruction gradient. With `scale` (fp16's
+    loss scale) the gradients are taken of the scaled losses and divided back, as for the backward pass: through
+    fp16 activations the unscaled gradients underflow to zero."""
+    scale = 1.0 if scale is None else scale
+    rec_grad = torch.autograd.grad(reconstruction_loss * scale, last_layer, retain_graph=True)[0] / scale
+    gan_grad = torch.autograd.grad(gan_loss * scale, last_layer, retain_graph=True)[0] / scale
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, maximum).detach()

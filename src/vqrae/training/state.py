@@ -152,10 +152,10 @@ def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> StepResult:
             means[name] = means.get(name, 0.0) + float(value.detach()) / accumulation
     if state.max_grad_norm > 0:
         means["grad_norm"] = float(accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm))
+    loss_fn.critic_step(step)  # before the model's step, whose fp16 scaler update ends the step for both
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    loss_fn.critic_step(step)
     if state.ema is not None:
         state.ema.update(state.unwrapped)
     state.step += 1
