@@ -201,6 +201,7 @@ def train(
 
     `command` is the command line that started the run (program and arguments, as `sys.argv`): Ctrl-C and a resume
     refused for its number of processes print the command that resumes the run, launched the same way."""
+    _refuse_deepspeed()
     resume = None if command is None else resume_command(command, os.environ)
     with _torch_threads(args.torch_num_threads):
         stage = resolve_stage(args.stage, model_args)
@@ -283,6 +284,19 @@ def _torch_threads(count: int | None):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _refuse_deepspeed() -> None:
+    """Refuse a DeepSpeed launch before any work. The run trains two models with two optimisers (the tokenizer and,
+    with a GAN, its critic) in one `Accelerator`, feeds it batches without a prepared dataloader and accumulates
+    without `accelerator.accumulate`; accelerate's DeepSpeed integration takes none of these. accelerate's launcher
+    and a DeepSpeed plugin both announce it in the environment variable that accelerate itself reads."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UsageError(
+            "DeepSpeed is not supported (ACCELERATE_USE_DEEPSPEED=true, from `accelerate launch --use_deepspeed` or "
+            "a DeepSpeed accelerate config): launch with DDP (--multi_gpu), FSDP2 (--use_fsdp --fsdp_version 2) "
+            "or as a single process."
+        )
 
 
 def _accelerator(args: VQRAETrainingArguments):
