@@ -201,7 +201,6 @@ def train(
 
     `command` is the command line that started the run (program and arguments, as `sys.argv`): Ctrl-C and a resume
     refused for its number of processes print the command that resumes the run, launched the same way."""
-    _refuse_deepspeed()
     resume = None if command is None else resume_command(command, os.environ)
     with _torch_threads(args.torch_num_threads):
         stage = resolve_stage(args.stage, model_args)
@@ -300,6 +299,7 @@ def _refuse_deepspeed() -> None:
 
 
 def _accelerator(args: VQRAETrainingArguments):
+    _refuse_deepspeed()  # the run's first use of accelerate, before the output folder, the model and the data
     return Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
