@@ -392,13 +392,16 @@ class VQRAEVectorQuantizer(_Float32Module):
             return 0
         picks = torch.randint(latents.shape[0], (count,), device=latents.device)
         replacements = latents[picks].float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(replacements, src=0)  # the same codebook on every process
         if self.use_simvq:
             # Rows X of the frozen codebook with X W^T = replacements: solve W X^T = replacements^T.
             weight = self.codebook_transform.weight.float()
-            rows = torch.linalg.lstsq(weight, replacements.t()).solution.t()
-            self.frozen_codebook[dead] = rows.to(self.frozen_codebook.dtype)
+            replacements = torch.linalg.lstsq(weight, replacements.t()).solution.t()
+        # Process 0's rows, as computed there: the same codebook on every process (the solve itself may differ in
+        # its last bits between processes, and FSDP broadcasts no buffers to hide it).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(replacements, src=0)
+        if self.use_simvq:
+            self.frozen_codebook[dead] = replacements.to(self.frozen_codebook.dtype)
         else:
             self.embedding.weight[dead] = replacements.to(self.embedding.weight.dtype)
         self.steps_unused[dead] = 0
