@@ -68,6 +68,16 @@ class _Float32Module(nn.Module):
         return super()._apply(keep_float32, recurse)
 
 
+def _linear_float32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` in float32 whatever dtype `layer`'s weights arrive in: FSDP's mixed precision hands the forward
+    bf16 copies of every parameter, `_Float32Module` notwithstanding. For float32 weights this is `layer(x)` itself
+    (`.float()` of a float32 tensor is the tensor)."""
+    if isinstance(layer, nn.Identity):
+        return x.float()
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
 def _check_indices(indices: torch.Tensor, codebook_size: int) -> None:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"`indices` must be a torch.Tensor of integers (got {type(indices).__name__}).")
@@ -187,7 +197,7 @@ class VQRAEFSQuantizer(_Float32Module):
         _check_indices(indices, self.codebook_size)
         with _float32_region(indices.device.type):
             codes = self._level_indices_to_codes(self.indices_to_level_indices(indices))
-            return self.project_out(codes) if project_out else codes
+            return _linear_float32(self.project_out, codes) if project_out else codes
 
     def implicit_codebook(self) -> torch.Tensor:
         """All `codebook_size` codes, `(codebook_size, len(levels))`, in index order. Materialised on request."""
@@ -210,8 +220,8 @@ class VQRAEFSQuantizer(_Float32Module):
         if z.shape[-1] != self.dim:
             raise ValueError(f"The quantizer expects vectors of width {self.dim} (got shape {tuple(z.shape)}).")
         with _float32_region(z.device.type):
-            codes, indices = self.quantize(self.project_in(z.float()))
-            quantized = self.project_out(codes)
+            codes, indices = self.quantize(_linear_float32(self.project_in, z))
+            quantized = _linear_float32(self.project_out, codes)
         return VQRAEQuantizerOutput(quantized=quantized, indices=indices, loss=quantized.new_zeros(()))
 
 
@@ -334,7 +344,9 @@ class VQRAEVectorQuantizer(_Float32Module):
         return self._codebook_cache[1]
 
     def _compute_codebook(self) -> torch.Tensor:
-        codebook = self.codebook_transform(self.frozen_codebook) if self.use_simvq else self.embedding.weight
+        codebook = (
+            _linear_float32(self.codebook_transform, self.frozen_codebook) if self.use_simvq else self.embedding.weight
+        )
         return F.normalize(codebook.float(), dim=-1) if self.cosine_lookup else codebook
 
     @torch.no_grad()
@@ -366,7 +378,7 @@ class VQRAEVectorQuantizer(_Float32Module):
         with _float32_region(indices.device.type):
             codes = F.embedding(indices.long(), self.codebook.float())
             if project_out:
-                codes = self.project_out(codes)
+                codes = _linear_float32(self.project_out, codes)
         return codes
 
     @torch.no_grad()
@@ -380,13 +392,16 @@ class VQRAEVectorQuantizer(_Float32Module):
             return 0
         picks = torch.randint(latents.shape[0], (count,), device=latents.device)
         replacements = latents[picks].float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(replacements, src=0)  # the same codebook on every process
         if self.use_simvq:
             # Rows X of the frozen codebook with X W^T = replacements: solve W X^T = replacements^T.
             weight = self.codebook_transform.weight.float()
-            rows = torch.linalg.lstsq(weight, replacements.t()).solution.t()
-            self.frozen_codebook[dead] = rows.to(self.frozen_codebook.dtype)
+            replacements = torch.linalg.lstsq(weight, replacements.t()).solution.t()
+        # Process 0's rows, as computed there: the same codebook on every process (the solve itself may differ in
+        # its last bits between processes, and FSDP broadcasts no buffers to hide it).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(replacements, src=0)
+        if self.use_simvq:
+            self.frozen_codebook[dead] = replacements.to(self.frozen_codebook.dtype)
         else:
             self.embedding.weight[dead] = replacements.to(self.embedding.weight.dtype)
         self.steps_unused[dead] = 0
@@ -406,7 +421,7 @@ class VQRAEVectorQuantizer(_Float32Module):
         if z.shape[-1] != self.dim:
             raise ValueError(f"The quantizer expects vectors of width {self.dim} (got shape {tuple(z.shape)}).")
         with _float32_region(z.device.type):
-            latents = self.project_in(z.float())
+            latents = _linear_float32(self.project_in, z)
             if self.cosine_lookup:
                 latents = F.normalize(latents, dim=-1)
             flat = latents.reshape(-1, self.codebook_dim)
@@ -423,5 +438,5 @@ class VQRAEVectorQuantizer(_Float32Module):
                 # Straight-through: the decoder's gradient reaches `z`; the codebook learns from `loss` alone. Written
                 # as codes + (latents - latents) so the forward value is exactly the code, even for huge latents.
                 codes = codes.detach() + (latents - latents.detach())
-            quantized = self.project_out(codes)
+            quantized = _linear_float32(self.project_out, codes)
         return VQRAEQuantizerOutput(quantized=quantized, indices=indices.view(latents.shape[:-1]), loss=loss)

@@ -14,6 +14,7 @@ from transformers import get_scheduler
 
 from .args import Stage, VQRAETrainingArguments
 from .losses import VQRAELoss
+from .sharding import full_state_dict, gathered_copy, is_sharded
 
 __all__ = ["ExponentialMovingAverage", "StepResult", "TrainingState", "build_training_state", "train_step"]
 
@@ -31,18 +32,20 @@ class ExponentialMovingAverage:
     """An exponential moving average of a model's floating-point parameters and buffers, kept in a copy of the
     model (`self.model`) that can be evaluated and saved. The decay warms up as `min(decay, (1 + n) / (10 + n))`.
     Integer buffers (such as a VQ codebook's usage counts) are copied as they are: they cannot be averaged, and the
-    saved model must carry the trained model's."""
+    saved model must carry the trained model's. A model sharded by FSDP2 is averaged from its gathered weights into
+    a whole copy on every process (collective: every process updates)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.num_updates = 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        shadow = gathered_copy(model) if is_sharded(model) else copy.deepcopy(model)
+        self.model = shadow.eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        source = model.state_dict()
+        source = full_state_dict(model)
         for name, shadow in self.model.state_dict().items():
             if shadow.dtype.is_floating_point:
                 shadow.lerp_(source[name].to(shadow.dtype), 1 - decay)
@@ -67,8 +70,11 @@ class TrainingState:
 
     @property
     def model_to_evaluate(self) -> torch.nn.Module:
-        """What is evaluated and saved: the EMA weights when they are kept, else the trained weights."""
-        return self.ema.model if self.ema is not None else self.unwrapped
+        """What is evaluated and saved: the EMA weights when they are kept, else the trained weights; whole weights
+        on every process when FSDP shards the model (then collective: every process asks)."""
+        if self.ema is not None:
+            return self.ema.model
+        return gathered_copy(self.unwrapped) if is_sharded(self.unwrapped) else self.unwrapped
 
 
 @dataclass

@@ -410,9 +410,12 @@ def _save(state: TrainingState, args: VQRAETrainingArguments, data: TrainingData
     )
 
 
-def _evaluate(state: TrainingState, validation: ValidationImages, args: VQRAETrainingArguments, log: MetricsLog):
+def _evaluate(
+    state: TrainingState, validation: ValidationImages, args: VQRAETrainingArguments, log: MetricsLog, model=None
+):
+    """Evaluate `model` (by default `state.model_to_evaluate`) on every process and log the result."""
     result = evaluate_model(
-        state.model_to_evaluate,
+        state.model_to_evaluate if model is None else model,
         validation,
         image_processor=state.unwrapped.get_image_processor(),
         batch_size=args.per_device_eval_batch_size,
@@ -457,9 +460,10 @@ def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArgumen
             unreadable_train,
             unreadable_validation,
         )
-    result = _evaluate(state, data.validation, args, log)
+    model = state.model_to_evaluate  # gathered on every process when FSDP shards the model
+    result = _evaluate(state, data.validation, args, log, model)
     if accelerator.is_main_process:
-        _write_outputs(args, state.model_to_evaluate, result, log.path)
+        _write_outputs(args, model, result, log.path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result.metrics
