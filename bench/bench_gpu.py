@@ -4,6 +4,7 @@ attention, torch.compile on and off (on a CUDA GPU); bf16 vs float32 weights (on
     python bench/bench_gpu.py                   # on a GPU: base + so400m (~4 min on an H100/H200); else the CPU part
     python bench/bench_gpu.py --smoke           # both parts, tiny, on the CPU (GPU part: aot_eager); writes nothing
     python bench/bench_gpu.py --cpu             # the CPU part even where a GPU is present
+    python bench/bench_gpu.py --engines         # on a GPU: the engines part only (under 7 min: --engines-time-budget)
 
 On a device machine, copy the results back as they come (a run stopped by a time limit keeps what it measured):
 
@@ -30,6 +31,20 @@ rounds, with the min-max over rounds. Peak memory is `torch.cuda.max_memory_allo
 just before); it includes the weights (and for training the AdamW states and the gradients). An out-of-memory error
 halves the batch and retries; the table says so.
 
+**Engines part** (`--engines`). vqrae's own training step (`build_training_state`, `train_step`, `VQRAELoss`:
+AdamW, cosine schedule, clipping, no EMA) on random images, the encoder trained jointly, batch 32, 2 untimed steps
+and 10 timed ones, for `base` and `so400m` in bf16 (accelerate's mixed precision: float32 weights, autocast) under
+each engine: `ddp` (accelerate's DDP wrapper in a torchrun-style world of one process), `fsdp2` (torch's
+`fully_shard` on every `_no_split_modules` block, then the root, with a bf16 `MixedPrecisionPolicy`, as accelerate
+applies it), `fsdp2 (accelerate)` (accelerate's FSDP plugin, version 2; GPU only: on the CPU accelerate runs each
+process alone) and `deepspeed zero-2` (where the deepspeed package is installed; a refusal by vqrae is recorded as
+`refused`). Then a few steps in fp16 with the GAN (`base`, DDP): the critic's loss per step and how far its weights
+moved. Each job runs in a child process of this script (one accelerate state per process; a crash or out-of-memory
+error is recorded in the table, not fatal); the jobs share `--engines-time-budget` seconds. images/s over the timed
+steps, and `torch.cuda.max_memory_allocated()` over them. `--smoke` runs every job at the tiny size on the CPU over
+gloo, in bf16 (accelerate's fp16 needs a GPU), and fails unless `ddp`, `fsdp2` and the GAN job trained and the
+critic's weights and loss moved.
+
 **CPU part.** `base`, encode and decode, batch 8, SDPA, no compile: float32 weights, bf16 weights (a copy cast with
 `model.to(torch.bfloat16)`) and float32 weights under `torch.autocast("cpu", torch.bfloat16)` (what
 `vqrae-tokenize --mixed_precision bf16` does), alternating round by round; median and min-max of seconds per call,
@@ -41,11 +56,19 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
+import itertools
 import json
 import math
+import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -65,6 +88,7 @@ from _common import (
 from torch._dynamo.utils import counters
 
 from vqrae import VQRAEModel
+from vqrae.errors import UsageError
 from vqrae.training.args import ModelArguments
 from vqrae.training.trainer import build_model
 
@@ -72,11 +96,12 @@ SECTION = ("bench_gpu", "8. bf16 end to end: GPU throughput and memory, CPU bf16
 SUBSECTIONS = [
     ("bench_gpu_cuda", "8a. On a GPU: base and so400m, bf16, SDPA vs eager, torch.compile on and off"),
     ("bench_gpu_cpu", "8b. On the CPU: bf16 vs float32 weights ({size})"),
+    ("bench_gpu_engines", "8c. On a GPU: training engines (DDP, FSDP2, DeepSpeed ZeRO-2) in bf16, fp16 with the GAN"),
 ]
 INTRO = (
     "Written by `bench/bench_gpu.py` (its docstring has the details). Random weights built from config (no "
-    "downloads), FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv, 256 px. The two parts run on different machines, each "
-    "with its own machine line and command."
+    "downloads), FSQ [8, 8, 8, 5, 5, 5] + post_quant_conv, 256 px. Each part runs in its own command (the GPU "
+    "parts on a lent GPU, the CPU part here), with its own machine line."
 )
 # Encoder shapes; the decoder mirrors the encoder (the library default). `so400m` is SigLIP-so400m's width, depth,
 # heads and MLP at patch 16 (as in the SigLIP2 so400m-patch16 checkpoints).
@@ -368,19 +393,23 @@ def gpu_body(results: list[dict], weights: dict, skipped: list[str], finished: b
     return "\n".join(lines)
 
 
+def copy_results(args, json_name: str, payload: dict) -> None:
+    """--copy-to: BENCHMARKS.md (when written) and the raw results as JSON, after every block."""
+    if args.copy_to:
+        Path(args.copy_to).mkdir(parents=True, exist_ok=True)
+        if not args.no_write:
+            shutil.copy(BENCHMARKS_MD, Path(args.copy_to) / "BENCHMARKS.md")
+        (Path(args.copy_to) / json_name).write_text(json.dumps(payload))
+
+
 def run_gpu_part(args, device: torch.device, start_load: float) -> None:
     started = time.perf_counter()
     results, weights, skipped = [], {}, []
-    json_path = Path(args.copy_to) / "bench_gpu.json" if args.copy_to else None
 
     def write(finished: bool) -> None:
         body = gpu_body(results, weights, skipped, finished, args)
         publish(*SECTION, body, start_load, args.no_write, subsection=(INTRO, SUBSECTIONS, "bench_gpu_cuda"))
-        if args.copy_to:
-            Path(args.copy_to).mkdir(parents=True, exist_ok=True)
-            if not args.no_write:
-                shutil.copy(BENCHMARKS_MD, Path(args.copy_to) / "BENCHMARKS.md")
-            json_path.write_text(json.dumps({"weights_gib": weights, "results": results, "skipped": skipped}))
+        copy_results(args, "bench_gpu.json", {"weights_gib": weights, "results": results, "skipped": skipped})
 
     for size in args.sizes:
         if time.perf_counter() - started > args.time_budget:
@@ -527,6 +556,286 @@ def run_cpu_part(args, start_load: float) -> None:
     publish(*SECTION, "\n".join(lines), start_load, args.no_write, subsection=(INTRO, subsections, "bench_gpu_cpu"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Engines part: vqrae's own training step under DDP, FSDP2 and DeepSpeed, and fp16 with the GAN
+# ---------------------------------------------------------------------------------------------------------------
+
+# Each job runs in its own process (accelerate's state is one per process; a crash or an out-of-memory error of one
+# engine cannot take the others down). Smoke mode runs them on the CPU in bf16: accelerate's fp16 needs a GPU.
+ENGINES = ("ddp", "fsdp2", "fsdp2 (accelerate)", "deepspeed zero-2")
+GAN_JOB = "fp16 + GAN"
+# What must run on the CPU (the smoke run fails otherwise): accelerate shards with FSDP only on GPUs, and DeepSpeed
+# is optional (refused or not installed is an answer, not a failure).
+REQUIRED_ON_CPU = ("ddp", "fsdp2", GAN_JOB)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_env(engine: str) -> dict:
+    """torchrun's variables for a world of one process: accelerate then wraps the model itself (DDP, its FSDP2
+    plugin, DeepSpeed). The plain `fsdp2` job shards with torch directly and keeps accelerate out of it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if engine != "fsdp2":
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        env["MASTER_PORT"] = str(_free_port())
+    if engine == "fsdp2 (accelerate)":
+        env["ACCELERATE_USE_FSDP"] = "true"
+    return env
+
+
+def _shard_fsdp2(model, device: torch.device) -> None:
+    """FSDP2 as accelerate applies it: `fully_shard` on every `_no_split_modules` block, then on the root, with
+    bf16 parameters in compute and float32 gradient reduction, over a process group of one."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+        fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def _engine_accelerator(engine: str, precision: str, device: torch.device, model):
+    from accelerate import Accelerator
+
+    cpu = device.type == "cpu"
+    if engine == "fsdp2 (accelerate)":
+        from accelerate import FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=list(model._no_split_modules),
+            mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        )
+        return Accelerator(mixed_precision=precision, fsdp_plugin=plugin)
+    if engine == "deepspeed zero-2":
+        from accelerate import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1, gradient_clipping=1.0)
+        return Accelerator(mixed_precision=precision, deepspeed_plugin=plugin)
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def _critic_weights(loss_fn) -> torch.Tensor:
+    from accelerate.utils import extract_model_from_parallel
+
+    critic = extract_model_from_parallel(loss_fn.discriminator)
+    return torch.cat([p.detach().float().flatten().cpu() for p in critic.parameters()])
+
+
+def engine_job(job: dict) -> dict:
+    """One engine's training steps through vqrae's own `build_training_state` and `train_step` (AdamW, cosine
+    schedule, gradient clipping; no EMA), on random images of the model's size. Returns the measurements."""
+    from vqrae.training.args import Stage, VQRAETrainingArguments
+    from vqrae.training.losses import VQRAELoss
+    from vqrae.training.state import build_training_state, train_step
+
+    engine, device = job["engine"], torch.device(job["device"])
+    gan = engine == GAN_JOB
+    model = build(job["size"], torch.device("cpu"))
+    if engine == "fsdp2":
+        model.to(device)
+        _shard_fsdp2(model, device)
+    steps = job["warmup_steps"] + job["steps"]
+    args = VQRAETrainingArguments(
+        output_dir=job["output_dir"], mixed_precision=job["precision"], max_steps=steps, warmup_steps=0,
+        per_device_train_batch_size=job["batch_size"], ema_decay=None, gan_weight=0.1 if gan else 0.0,
+    )  # fmt: skip
+    processor = model.get_image_processor()
+    loss_fn = VQRAELoss(
+        image_mean=processor.image_mean, image_std=processor.image_std, gan_weight=args.gan_weight,
+        discriminator_learning_rate=args.learning_rate,
+    ).to(device)  # fmt: skip
+    accelerator = _engine_accelerator("ddp" if gan else engine, job["precision"], device, model)
+    state = build_training_state(model, loss_fn, args, accelerator, Stage.JOINT)
+    torch.manual_seed(1)
+    size = image_size_of(state.unwrapped)
+    pixels = torch.rand(job["batch_size"], 3, size, size, device=accelerator.device) * 2 - 1
+    batches = itertools.repeat({"pixel_values": pixels, "unreadable": []})
+    critic_start = _critic_weights(loss_fn) if gan else None
+    losses, critic_losses = [], []
+    for index in range(steps):
+        if index == job["warmup_steps"]:
+            synchronize(accelerator.device)
+            if accelerator.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(accelerator.device)
+            start = time.perf_counter()
+        terms = train_step(state, loss_fn, batches).terms
+        losses.append(terms["loss"])
+        critic_losses.append(terms.get("discriminator", float("nan")))
+    synchronize(accelerator.device)
+    seconds = time.perf_counter() - start
+    result = {
+        "wrapper": type(state.model).__name__,
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "images_per_s": job["batch_size"] * job["steps"] / seconds,
+        "peak_bytes": float(torch.cuda.max_memory_allocated(accelerator.device))
+        if accelerator.device.type == "cuda" else float("nan"),
+        "losses": losses,
+    }  # fmt: skip
+    if gan:
+        critic_change = _critic_weights(loss_fn) - critic_start
+        result["critic_losses"] = critic_losses
+        result["critic_relative_change"] = float(critic_change.norm() / critic_start.norm())
+    return result
+
+
+def _error_status(error: BaseException) -> str:
+    if isinstance(error, UsageError):
+        return "refused"
+    if isinstance(error, ImportError) and "deepspeed" in str(error).lower():
+        return "not installed"
+    return "out of memory" if is_out_of_memory(error) else "failed"
+
+
+def engine_worker(job_path: str) -> None:
+    """The child process's side: run the job, write its result (or the error's first line) next to the job."""
+    job = json.loads(Path(job_path).read_text())
+    try:
+        result = {"status": "ok", **engine_job(job)}
+    except Exception as error:  # noqa: BLE001 - every engine's failure is a result of this benchmark
+        traceback.print_exc()
+        text = " ".join(str(error).split()) or type(error).__name__
+        result = {"status": _error_status(error), "error": f"{type(error).__name__}: {text}"[:300]}
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    Path(job["result_path"]).write_text(json.dumps(result))
+
+
+def run_engine_process(job: dict, timeout: float) -> dict:
+    """Run one job in a child process of this script, within `timeout` seconds."""
+    Path(job["job_path"]).write_text(json.dumps(job))
+    command = [sys.executable, str(Path(__file__).resolve()), "--engine-job", job["job_path"]]
+    try:
+        done = subprocess.run(command, env=_launch_env(job["engine"]), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "stopped", "error": f"still running when the time budget ran out ({timeout:.0f} s left)"}
+    if Path(job["result_path"]).exists():
+        return json.loads(Path(job["result_path"]).read_text())
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or [f"exit status {done.returncode}"]
+    return {"status": "failed", "error": f"the process died (exit status {done.returncode}): {last[0][:300]}"}
+
+
+def _skip_reason(engine: str, device: torch.device) -> str | None:
+    if engine == "fsdp2 (accelerate)" and device.type != "cuda":
+        return "skipped: accelerate shards with FSDP only on GPUs (on the CPU each process runs alone)"
+    if engine == "deepspeed zero-2" and importlib.util.find_spec("deepspeed") is None:
+        return "not installed: the deepspeed package is absent"
+    return None
+
+
+def engine_jobs(args, device: torch.device, folder: str) -> list[dict]:
+    """The jobs in the order they run: every engine for the first size, the GAN job, then the other sizes."""
+    gan_precision = "fp16" if device.type == "cuda" else "bf16"  # accelerate's fp16 needs a GPU
+    plan = [(args.engine_sizes[0], engine, "bf16") for engine in ENGINES]
+    plan.append((args.engine_sizes[0], GAN_JOB, gan_precision))
+    plan += [(size, engine, "bf16") for size in args.engine_sizes[1:] for engine in ENGINES]
+    jobs = []
+    for index, (size, engine, precision) in enumerate(plan):
+        base = Path(folder) / f"job{index}"
+        jobs.append(
+            {
+                "size": size, "engine": engine, "precision": precision, "device": device.type,
+                "batch_size": args.engine_batch, "steps": args.engine_steps, "warmup_steps": args.engine_warmup_steps,
+                "output_dir": str(base), "job_path": f"{base}.json", "result_path": f"{base}.result.json",
+            }
+        )  # fmt: skip
+    return jobs
+
+
+def run_engines_part(args, device: torch.device, start_load: float) -> list[dict]:
+    started = time.perf_counter()
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for job in engine_jobs(args, device, folder):
+            left = args.engines_time_budget - (time.perf_counter() - started)
+            record = {key: job[key] for key in ("size", "engine", "precision", "batch_size")}
+            reason = _skip_reason(job["engine"], device)
+            if reason is None and left < 5:
+                reason = f"skipped: the time budget of {args.engines_time_budget:.0f} s was spent"
+            if reason is not None:
+                status, _, text = reason.partition(": ")
+                record.update(status=status, error=text)
+            else:
+                record.update(run_engine_process(job, left))
+            record["seconds"] = time.perf_counter() - started
+            records.append(record)
+            print(f"engines: {engine_summary(record)}", flush=True)
+            if not args.no_write or args.copy_to:  # a run stopped by a time limit keeps what it measured
+                write_engines(args, records, start_load, finished=False)
+    write_engines(args, records, start_load, finished=True)
+    print(f"Engines part done in {time.perf_counter() - started:.0f} s", flush=True)
+    return records
+
+
+def engine_summary(record: dict) -> str:
+    what = f"{record['size']} {record['engine']} ({record['precision']}, batch {record['batch_size']}): "
+    if record["status"] != "ok":
+        return what + f"{record['status']}: {record.get('error', '')}"
+    text = f"{record['images_per_s']:.1f} images/s, peak {gib(record['peak_bytes'])} GiB, {record['wrapper']}"
+    return what + text
+
+
+def engines_body(records: list[dict], args, finished: bool) -> str:
+    header = ["size", "engine", "precision", "batch", "status", "wrapped as", "images/s", "peak GiB"]
+    header.append("loss first -> last")
+    rows, notes = [], []
+    for r in records:
+        ok = r["status"] == "ok"
+        losses = f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" if ok else "-"
+        wrapped = f"{r['wrapper']} ({r['distributed_type']})" if ok else "-"
+        rate = f"{r['images_per_s']:.1f}" if ok else "-"
+        status = r["status"] if ok else f"{r['status']}: {r.get('error', '')}"
+        peak = gib(r["peak_bytes"]) if ok else "-"
+        rows.append([r["size"], r["engine"], r["precision"], r["batch_size"], status, wrapped, rate, peak, losses])
+        if ok and r["engine"] == GAN_JOB:
+            critic = ", ".join(f"{value:.4f}" for value in r["critic_losses"])
+            notes.append(
+                f"{GAN_JOB} ({r['precision']}): the critic's loss per step {critic}; its weights moved by "
+                f"{r['critic_relative_change']:.2e} of their norm over the run."
+            )
+    lines = [
+        f"vqrae's own `build_training_state` and `train_step` (AdamW, cosine schedule, clipping at 1.0, no EMA), "
+        f"random images, the encoder trained jointly; {args.engine_warmup_steps} untimed steps, then "
+        f"{args.engine_steps} timed ones. Each job in its own process, as one process of a torchrun-style world "
+        "of 1; `fsdp2`: torch's `fully_shard` on every `_no_split_modules` block and the root with a bf16 "
+        "`MixedPrecisionPolicy`, the accelerator unwrapped; `fsdp2 (accelerate)`: accelerate's FSDP plugin, "
+        "version 2. bf16 and fp16 are accelerate's mixed precision (float32 weights, autocast).",
+        "",
+        markdown_table(header, rows),
+        "",
+        *[f"- {note}" for note in notes],
+        "- peak GiB: `torch.cuda.max_memory_allocated()` over the timed steps (weights, gradients, AdamW states).",
+    ]
+    if not finished:
+        lines.append("- INCOMPLETE: the run was still going (or was stopped) after the rows above.")
+    return "\n".join(lines)
+
+
+def write_engines(args, records: list[dict], start_load: float, finished: bool) -> None:
+    body = engines_body(records, args, finished)
+    publish(*SECTION, body, start_load, args.no_write, subsection=(INTRO, SUBSECTIONS, "bench_gpu_engines"))
+    copy_results(args, "bench_gpu_engines.json", {"records": records})
+
+
+def check_engines_ran(records: list[dict]) -> None:
+    """--smoke: the engines that run on a CPU trained, and the critic learnt."""
+    by_engine = {r["engine"]: r for r in records}
+    failed = [f"{name}: {by_engine[name]['status']}" for name in REQUIRED_ON_CPU if by_engine[name]["status"] != "ok"]
+    gan = by_engine[GAN_JOB]
+    if not failed and not (gan["critic_relative_change"] > 0 and len(set(gan["critic_losses"])) > 1):
+        failed.append(f"{GAN_JOB}: the critic did not learn ({gan['critic_losses']})")
+    if failed:
+        raise SystemExit("bench_gpu.py: error: engines that must run on the CPU did not: " + "; ".join(failed))
+
+
 def main(argv=None):
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
     parser.add_argument("--cpu", action="store_true", help="run the CPU part even where a GPU is present")
@@ -543,6 +852,17 @@ def main(argv=None):
     )
     parser.add_argument("--copy-to", default=None, help="GPU part: copy BENCHMARKS.md and a JSON here as it goes")
     parser.add_argument("--fake-oom-above", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engines", action="store_true", help="run only the engines part (DDP, FSDP2, DeepSpeed; fp16 with the GAN)"
+    )
+    parser.add_argument("--engine-sizes", nargs="+", default=["base", "so400m"], choices=sorted(SIZES))
+    parser.add_argument("--engine-batch", type=int, default=32, help="engines part: images per step")
+    parser.add_argument("--engine-steps", type=int, default=10, help="engines part: timed steps per job")
+    parser.add_argument("--engine-warmup-steps", type=int, default=2, help="engines part: untimed steps first")
+    parser.add_argument(
+        "--engines-time-budget", type=float, default=420, help="engines part: seconds for all its jobs together"
+    )
+    parser.add_argument("--engine-job", default=None, help=argparse.SUPPRESS)  # a child process's job (JSON)
     parser.add_argument("--cpu-size", default="base", choices=sorted(SIZES), help="CPU part: the model size")
     parser.add_argument("--cpu-batch", type=int, default=8)
     parser.add_argument("--rounds-cpu", type=int, default=15, help="CPU part: timed rounds")
@@ -552,14 +872,20 @@ def main(argv=None):
     smoke = {
         "sizes": ["tiny"], "steps": ["encode", "train stage 1"], "inference_batch": 4, "train_batch": 2, "rounds": 2,
         "round_seconds": 0.0, "compile_backend": "aot_eager", "fake_oom_above": 3, "cpu_size": "tiny", "cpu_batch": 1,
-        "rounds_cpu": 1,
+        "rounds_cpu": 1, "engine_sizes": ["tiny"], "engine_batch": 2, "engine_steps": 2, "engine_warmup_steps": 0,
     }  # fmt: skip
     args = parse_bench_args(parser, argv, smoke)
+    if args.engine_job:
+        engine_worker(args.engine_job)
+        return
     start_load = load_average()
 
     if args.smoke:
         run_gpu_part(args, torch.device("cpu"), start_load)
         run_cpu_part(args, start_load)
+        check_engines_ran(run_engines_part(args, torch.device("cpu"), start_load))
+    elif args.engines:
+        run_engines_part(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"), start_load)
     elif torch.cuda.is_available() and not args.cpu:
         run_gpu_part(args, torch.device("cuda"), start_load)
     else:
