@@ -220,7 +220,8 @@ def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
     assert (status_0, status_1) == (2, 2), stderr_0[-3000:] + stderr_1[-3000:]
     (line,) = [line for line in stderr_0.splitlines() if "error" in line.lower()]
     assert line.startswith("vqrae-train: error: The processes found different checkpoints to resume from")
-    assert f"process 0: {output}-0/checkpoints/checkpoint-1; process 1: no checkpoint in {output}-1/checkpoints" in line
+    found = f"process 0: {output}-0/checkpoints/checkpoint-1; process 1: no checkpoint in {output}-1/checkpoints"
+    assert found in line
     assert "Traceback" not in stderr_0 + stderr_1 and "error" not in stderr_1.lower()  # said once, by process 0
     # --ddp_timeout is the process group's timeout (seconds).
     assert "process group timeout 0:02:03" in stderr_0 and "process group timeout 0:02:03" in stderr_1
