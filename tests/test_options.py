@@ -123,3 +123,17 @@ def test_an_optional_integer_may_be_unset():
     arguments.check_at_least("max_images", None, 1, optional=True)
     with pytest.raises(UsageError, match=r"`--max_images` must be an integer >= 1 or unset \(got 0\)"):
         arguments.check_at_least("max_images", 0, 1, optional=True)
+
+
+def test_ddp_timeout_is_transformers_option_and_a_resume_may_change_it(capsys):
+    """`--ddp_timeout` (transformers' TrainingArguments name and default, seconds) only bounds how long a process
+    waits for the others: it shapes no weights, so a resume may change it; 0 would abort every collective."""
+    from vqrae.cli.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--ddp_timeout DDP_TIMEOUT" in capsys.readouterr().out
+    assert parse_args([])[2].ddp_timeout == 1800 and parse_args(["--ddp_timeout", "60"])[2].ddp_timeout == 60
+    assert "ddp_timeout" in RESUMABLE_OPTIONS
+    with pytest.raises(UsageError, match="--ddp_timeout"):
+        parse_args(["--ddp_timeout", "0"])

@@ -162,3 +162,79 @@ def test_two_cpu_processes_keep_one_vq_codebook(tmp_path):
     assert all(0 < r["codebook_usage"] <= 1 for r in records(output))
     model = weights(output)
     assert (model["quantizer.steps_unused"] <= 1).all()  # restarted or used at the last step: never two steps idle
+
+
+# Each process of a two-process run started by hand (the environment torchrun gives its workers), so each one's exit
+# status is seen. On process 0 a publication that takes PUSH_SECONDS; with SEPARATE_FOLDERS each process trains in
+# `--output_dir`-RANK, as machines without a shared filesystem would. A refused process then reports its process
+# group's timeout.
+TWO_PROCESS_SCRIPT = """
+import os, sys, time
+import torch
+import vqrae.training.hub
+from vqrae.cli.train import main
+
+rank, argv = os.environ["RANK"], sys.argv[1:]
+if os.environ.get("SEPARATE_FOLDERS"):
+    argv[argv.index("--output_dir") + 1] += "-" + rank
+if rank == "0":
+    vqrae.training.hub.push_to_hub = lambda folder, **kwargs: time.sleep(float(os.environ.get("PUSH_SECONDS", 0)))
+status = main(argv)
+if torch.distributed.is_initialized():  # a refused run (a finished one has ended its process group)
+    group = torch.distributed.distributed_c10d._get_default_group()
+    print(f"process group timeout {group._get_backend(torch.device('cpu')).options._timeout}", file=sys.stderr)
+sys.exit(status)
+"""
+
+
+def _two_processes(tmp_path, argv: list[str], **environ) -> list[tuple[int, str]]:
+    script = tmp_path / "two_processes.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    common = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **environ}
+    common.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), *argv],
+            env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        return [(process.wait(timeout=300), process.stderr.read()) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
+    """Without a shared filesystem each machine finds the checkpoints of its own --output_dir: process 0 would resume
+    at step 1 while process 1 starts afresh, and the weights would part silently. Refused in one line, by both."""
+    output = tmp_path / "run"
+    run(Path(f"{output}-0"), "--save_steps", "1", max_steps=1)  # process 0's folder holds checkpoint-1
+    argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--max_steps", "2", "--output_dir", str(output)]
+    argv += ["--resume_from_checkpoint", "latest", "--ddp_timeout", "123"]
+    (status_0, stderr_0), (status_1, stderr_1) = _two_processes(tmp_path, argv, SEPARATE_FOLDERS="1")
+    assert (status_0, status_1) == (2, 2), stderr_0[-3000:] + stderr_1[-3000:]
+    (line,) = [line for line in stderr_0.splitlines() if "error" in line.lower()]
+    assert line.startswith("vqrae-train: error: The processes found different checkpoints to resume from")
+    found = f"process 0: {output}-0/checkpoints/checkpoint-1; process 1: no checkpoint in {output}-1/checkpoints"
+    assert found in line
+    assert "Traceback" not in stderr_0 + stderr_1 and "error" not in stderr_1.lower()  # said once, by process 0
+    # --ddp_timeout is the process group's timeout (seconds).
+    assert "process group timeout 0:02:03" in stderr_0 and "process group timeout 0:02:03" in stderr_1
+    assert not Path(f"{output}-1", "checkpoints").exists()  # refused before any work
+
+
+def test_other_processes_do_not_wait_for_the_main_one_to_save_and_publish(tmp_path):
+    """Saving the model (which can copy the checkpoints) and publishing it run on the main process after the last
+    evaluation; the others end then instead of waiting in a barrier, where --ddp_timeout (here 3 seconds) would
+    abort the run while the main process uploads (here for 8)."""
+    output = tmp_path / "run"
+    argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--max_steps", "1", "--eval_steps", "100", "--save_steps", "100"]
+    argv += ["--output_dir", str(output), "--push_to_hub", "--hub_model_id", "org/tiny", "--ddp_timeout", "3"]
+    (status_0, stderr_0), (status_1, stderr_1) = _two_processes(tmp_path, argv, PUSH_SECONDS="8")
+    assert (status_0, status_1) == (0, 0), stderr_0[-3000:] + stderr_1[-3000:]
+    assert (output / "model.safetensors").is_file() and (output / "eval_results.json").is_file()

@@ -350,6 +350,14 @@ class VQRAETrainingArguments:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "resumable": True,
+            "help": "Seconds a process waits for the others in a collective before the run is aborted (NCCL's own "
+            "default is 600; transformers' TrainingArguments name and default).",
+        },
+    )
     logging_steps: int = field(
         default=10, metadata={"resumable": True, "help": "Log the losses every this many steps."}
     )
@@ -402,6 +410,7 @@ class VQRAETrainingArguments:
             "save_steps",
             "discriminator_channels",
             "discriminator_layers",
+            "ddp_timeout",
         ):
             check_at_least(name, getattr(self, name), 1)
         check_at_least("save_total_limit", self.save_total_limit, 1, optional=True)

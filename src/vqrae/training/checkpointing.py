@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from ..atomic_io import set_default_mode
@@ -47,6 +48,7 @@ __all__ = [
     "prepare_output_dir",
     "read_checkpoint_record",
     "resolve_resume",
+    "resolve_resume_everywhere",
     "resume_command",
     "rng_state",
     "save_checkpoint",
@@ -132,6 +134,34 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
             f"no {TRAINER_STATE_FILE})."
         )
     return resume
+
+
+def resolve_resume_everywhere(accelerator, resume: str | None, output_dir: str) -> str | None:
+    """`resolve_resume` in every process of the run, which must find the same checkpoint (by name: each reads its
+    own `output_dir`, which on machines without a shared filesystem are different folders). A process that found
+    none would start at step 0 beside others that resume, and the weights would part silently: refused, naming what
+    each process found. A refusal in any process is raised in all of them, so none waits for the others."""
+    if resume is None or accelerator.num_processes == 1:
+        return resolve_resume(resume, output_dir)
+    try:
+        path, problem = resolve_resume(resume, output_dir), None
+    except UsageError as error:
+        path, problem = None, str(error)
+    seen = path or f"no checkpoint in {os.path.join(output_dir, CHECKPOINTS_DIR)}"
+    found = gather_object([(None if path is None else os.path.basename(path), seen, problem)])
+    problems = [(index, problem) for index, (_, _, problem) in enumerate(found) if problem]
+    if problems:
+        index, problem = next((item for item in problems if item[0] == accelerator.process_index), problems[0])
+        raise UsageError(problem if index == accelerator.process_index else f"Process {index}: {problem}")
+    if len({name for name, _, _ in found}) > 1:
+        each = "; ".join(f"process {index}: {seen}" for index, (_, seen, _) in enumerate(found))
+        raise UsageError(
+            f"The processes found different checkpoints to resume from ({each}): each would continue from its own "
+            "step and the weights would part. Give every process the same checkpoint (an --output_dir on a "
+            "filesystem all machines share, or a copy of the checkpoint in each machine's --output_dir), or start "
+            "afresh with --overwrite_output_dir."
+        )
+    return path
 
 
 def _remove_tree(path: str) -> None:

@@ -138,6 +138,8 @@ def evaluate(args: EvaluateArguments):
         compute_rfid=args.rfid,
         inception_weights=args.inception_weights,
     )
+    # What is left runs on the main process alone and the others need none of it: they return now rather than wait
+    # in a barrier through the crops (long with many of them), which NCCL's watchdog (10 minutes) would abort.
     if args.num_crops and accelerator.is_main_process:
         # The whole images (not the evaluated centre crops), on the main process: every image, one count.
         images, _ = decode_images(dataset, image_column, args.max_eval_samples)
@@ -146,5 +148,4 @@ def evaluate(args: EvaluateArguments):
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_evaluation(output_dir, result)
-    accelerator.wait_for_everyone()
     return result

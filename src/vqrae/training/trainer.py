@@ -29,11 +29,12 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..arguments import is_main_process
@@ -58,7 +59,7 @@ from .checkpointing import (
     load_checkpoint,
     prepare_output_dir,
     read_checkpoint_record,
-    resolve_resume,
+    resolve_resume_everywhere,
     resume_command,
     save_checkpoint,
     truncate_metrics,
@@ -205,7 +206,7 @@ def train(
     with _torch_threads(args.torch_num_threads):
         stage = resolve_stage(args.stage, model_args)
         accelerator = _accelerator(args)
-        resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        resume_path = resolve_resume_everywhere(accelerator, args.resume_from_checkpoint, args.output_dir)
         if accelerator.is_main_process:
             resuming = args.resume_from_checkpoint is not None
             prepare_output_dir(args.output_dir, RUN_OUTPUTS, overwrite=args.overwrite_output_dir, resuming=resuming)
@@ -306,7 +307,10 @@ def _accelerator(args: VQRAETrainingArguments):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, TRACKER_DIR)
         ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+        ],
     )
 
 
@@ -462,9 +466,10 @@ def _finish(state: TrainingState, data: TrainingData, args: VQRAETrainingArgumen
         )
     model = state.model_to_evaluate  # gathered on every process when FSDP shards the model
     result = _evaluate(state, data.validation, args, log, model)
+    # The other processes need nothing of what the main one writes now (saving can copy the checkpoints, publishing
+    # can take long): they end here instead of waiting in a barrier that --ddp_timeout would abort.
     if accelerator.is_main_process:
         _write_outputs(args, model, result, log.path)
-    accelerator.wait_for_everyone()
     accelerator.end_training()
     return result.metrics
 
