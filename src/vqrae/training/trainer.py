@@ -287,10 +287,9 @@ def _torch_threads(count: int | None):
 
 
 def _refuse_deepspeed() -> None:
-    """Refuse a DeepSpeed launch before any work. The run trains two models with two optimisers (the tokenizer and,
-    with a GAN, its critic) in one `Accelerator`, feeds it batches without a prepared dataloader and accumulates
-    without `accelerator.accumulate`; accelerate's DeepSpeed integration takes none of these. accelerate's launcher
-    and a DeepSpeed plugin both announce it in the environment variable that accelerate itself reads."""
+    """Refuse a DeepSpeed launch before any work: the run trains two models (the tokenizer, a GAN's critic) in one
+    `Accelerator`, without a prepared dataloader or `accelerator.accumulate`, which DeepSpeed's integration refuses.
+    The launcher and a DeepSpeed plugin both set the variable accelerate reads."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UsageError(
             "DeepSpeed is not supported (ACCELERATE_USE_DEEPSPEED=true, from `accelerate launch --use_deepspeed` or "
