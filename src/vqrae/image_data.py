@@ -115,8 +115,16 @@ def processor_size(image_processor, image_size: int | None = None) -> int:
 
 
 def to_pixel_values(image_processor, images: list[Image.Image]) -> torch.Tensor:
-    """`pixel_values` `(B, C, H, W)` float32 of RGB images, through the model's image processor."""
-    return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+    """`pixel_values` `(B, C, H, W)` float32 of RGB images, through the model's image processor. Refused when not
+    finite (an image processor whose `image_std` holds a 0): checked here, on the CPU, so that training need not
+    check each batch again on the accelerator (a host sync per step)."""
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            f"The image processor made NaN or infinite `pixel_values` (image_mean {image_processor.image_mean}, "
+            f"image_std {image_processor.image_std}; every image_std must be > 0)."
+        )
+    return pixel_values
 
 
 # ---------------------------------------------------------------------------------------------------------------

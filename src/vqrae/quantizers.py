@@ -83,7 +83,7 @@ def _check_indices(indices: torch.Tensor, codebook_size: int) -> None:
         raise TypeError(f"`indices` must be a torch.Tensor of integers (got {type(indices).__name__}).")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"`indices` must hold integers (torch.int32 or torch.int64), got dtype {indices.dtype}.")
-    if indices.numel() == 0:
+    if indices.numel() == 0 or torch.compiler.is_compiling():  # the range check reads values: not traceable
         return
     low, high = (int(value) for value in torch.aminmax(indices))
     if low < 0 or high >= codebook_size:
@@ -322,6 +322,10 @@ class VQRAEVectorQuantizer(_Float32Module):
         # model keeps its counts.
         self.register_buffer("steps_unused", torch.full((num_embeddings,), restart_unused_steps, dtype=torch.int64))
         self._codebook_cache: tuple | None = None
+        # (counts tensor, its version, restart_unused_steps, n): the next n training passes cannot find a code unused
+        # for `restart_unused_steps`, so they skip reading the counts back (a host sync). Valid only while the counts
+        # are that very tensor at that version (loading a state dict or editing them invalidates it).
+        self._quiet_passes: tuple | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -334,8 +338,9 @@ class VQRAEVectorQuantizer(_Float32Module):
     def codebook(self) -> torch.Tensor:
         """The effective codebook, `(num_embeddings, codebook_dim)` (l2-normalised rows with `cosine_lookup`).
         Outside autograd it is computed once per weight update and cached (SimVQ's `C W^T` is a 16384 x D x D
-        product, cosine lookup normalises every row)."""
-        if torch.is_grad_enabled():
+        product, cosine lookup normalises every row). Traced (torch.compile / torch.export), it is computed: the
+        cache is eager bookkeeping."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._compute_codebook()
         tensors = [self.frozen_codebook, self.codebook_transform.weight] if self.use_simvq else [self.embedding.weight]
         key = tuple((tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype) for tensor in tensors)
@@ -362,6 +367,8 @@ class VQRAEVectorQuantizer(_Float32Module):
         rows = max(1, self.max_distance_elements // codebook.shape[1])
         codebook_sq = torch.cat([block.pow(2).sum(dim=1) for block in codebook.split(rows)])
         codebook_t = codebook.t()
+        if torch.compiler.is_compiling():  # a loop over the rows would fix the batch size of a traced graph
+            return torch.addmm(codebook_sq, vectors, codebook_t, beta=1.0, alpha=-2.0).argmin(dim=1)
         chunk = max(1, self.max_distance_elements // self.num_embeddings)
         indices = torch.empty(vectors.shape[0], dtype=torch.int64, device=vectors.device)
         # One distance buffer for every chunk: a fresh 64 MiB matrix per chunk is page-faulted in again each time.
@@ -387,25 +394,47 @@ class VQRAEVectorQuantizer(_Float32Module):
         `(n, codebook_dim)`, drawn at random (with replacement when there are fewer latents than such codes), and
         reset its count. Returns the number of codes restarted."""
         dead = self.steps_unused >= self.restart_unused_steps
-        count = int(dead.sum())
+        # One host sync for both: the number of codes to restart, and the largest count left after the restart (how
+        # many passes may follow before a code can be due: see `_restart_may_be_due`).
+        count, kept_max = torch.stack([dead.sum(), self.steps_unused.masked_fill(dead, 0).max()]).tolist()
+        self._quiet_passes = (
+            self.steps_unused,
+            None,
+            self.restart_unused_steps,
+            self.restart_unused_steps - 1 - kept_max,
+        )
         if count == 0:
             return 0
         picks = torch.randint(latents.shape[0], (count,), device=latents.device)
-        replacements = latents[picks].float()
+        rows = latents[picks].float()
         if self.use_simvq:
             # Rows X of the frozen codebook with X W^T = replacements: solve W X^T = replacements^T.
             weight = self.codebook_transform.weight.float()
-            replacements = torch.linalg.lstsq(weight, replacements.t()).solution.t()
-        # Process 0's rows, as computed there: the same codebook on every process (the solve itself may differ in
-        # its last bits between processes, and FSDP broadcasts no buffers to hide it).
+            rows = torch.linalg.lstsq(weight, rows.t()).solution.t().contiguous()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(replacements, src=0)
-        if self.use_simvq:
-            self.frozen_codebook[dead] = replacements.to(self.frozen_codebook.dtype)
-        else:
-            self.embedding.weight[dead] = replacements.to(self.embedding.weight.dtype)
+            # The very same codebook on every process (the rows as solved, not only the latents: neither DDP nor FSDP
+            # broadcasts the frozen codebook, and lstsq need not agree to the bit across devices).
+            torch.distributed.broadcast(rows, src=0)
+        target = self.frozen_codebook if self.use_simvq else self.embedding.weight
+        target[dead] = rows.to(target.dtype)
         self.steps_unused[dead] = 0
         return count
+
+    def _restart_may_be_due(self) -> bool:
+        """Whether a code may have gone unused for `restart_unused_steps` passes. After a restart check, with the
+        largest count left at m, each pass adds at most 1, so the next `restart_unused_steps - 1 - m` passes cannot
+        find one: they skip the check and its host sync (every process skips the same passes: the counts agree)."""
+        quiet = self._quiet_passes
+        if (
+            quiet is None
+            or quiet[0] is not self.steps_unused
+            or quiet[1] != self.steps_unused._version
+            or quiet[2] != self.restart_unused_steps
+            or quiet[3] <= 0
+        ):
+            return True
+        self._quiet_passes = (*quiet[:3], quiet[3] - 1)
+        return False
 
     @torch.no_grad()
     def _count_usage(self, indices: torch.Tensor) -> None:
@@ -414,6 +443,8 @@ class VQRAEVectorQuantizer(_Float32Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(used)
         self.steps_unused.add_(1).masked_fill_(used > 0, 0)
+        if self._quiet_passes is not None and self._quiet_passes[0] is self.steps_unused:
+            self._quiet_passes = (self.steps_unused, self.steps_unused._version, *self._quiet_passes[2:])
 
     def forward(self, z: torch.Tensor) -> VQRAEQuantizerOutput:
         """Quantize `z` of shape `(..., dim)`. In training mode, with `restart_unused_steps`, first restart the
@@ -426,7 +457,7 @@ class VQRAEVectorQuantizer(_Float32Module):
                 latents = F.normalize(latents, dim=-1)
             flat = latents.reshape(-1, self.codebook_dim)
             restarting = self.training and self.restart_unused_steps > 0
-            if restarting:
+            if restarting and self._restart_may_be_due():
                 self.restart_unused_codes(flat.detach())
             codebook = self.codebook.float()
             indices = self.nearest_indices(flat.detach(), codebook.detach())

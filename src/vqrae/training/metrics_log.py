@@ -48,7 +48,11 @@ class MetricsLog:
         """Write the window's means as a `train` record (averaged over processes), with the share of the codebook
         the window's batches used (over all processes), and start a new window."""
         names = list(self.sums)
-        means = torch.tensor([self.sums[name] / self.steps for name in names], device=self.accelerator.device)
+        # The window's only host sync for the loss terms (the sums are float64 tensors; the means float32 as before).
+        sums = [
+            torch.as_tensor(self.sums[name], dtype=torch.float64, device=self.accelerator.device) for name in names
+        ]
+        means = (torch.stack(sums) / self.steps).float() if names else torch.zeros(0, device=self.accelerator.device)
         means = dict(zip(names, self.accelerator.reduce(means, "mean").tolist()))
         used = int((self.accelerator.reduce(self.codes_chosen_in_window.int(), "sum") > 0).sum())
         self.codes_chosen_in_window.zero_()

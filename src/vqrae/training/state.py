@@ -79,10 +79,11 @@ class TrainingState:
 
 @dataclass
 class StepResult:
-    """What one optimiser step reports: the mean of each loss term over its micro-batches (and `grad_norm`), the
+    """What one optimiser step reports: the mean of each loss term over its micro-batches (and `grad_norm`), as
+    float64 tensors on the device (read back only when a logging window is written: no host sync per step), the
     codes its batches chose (flat indices), and the names of the training images its batches found unreadable."""
 
-    terms: dict[str, float]
+    terms: dict[str, torch.Tensor]
     codes: torch.Tensor
     unreadable: list[str]
 
@@ -104,6 +105,9 @@ def build_training_state(
     with accelerate, then the loss's critic and its optimiser (the order of their files in a checkpoint)."""
     if stage is Stage.ONE:
         model.freeze_encoder(True)
+    # The batches are checked as they are made, on the CPU (`to_pixel_values`); checking them again on the device
+    # would read the answer back, a host sync per micro-batch.
+    model.check_finite_pixels = False
     model.to(accelerator.device)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -135,7 +139,7 @@ def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> StepResult:
     """One optimiser step of the model and of the loss's critic over `gradient_accumulation_steps` micro-batches
     from `batches`."""
     accelerator, accumulation, step = state.accelerator, state.gradient_accumulation_steps, state.step
-    means: dict[str, float] = {}
+    means: dict[str, torch.Tensor] = {}
     codes, unreadable = [], []
     for micro in range(accumulation):
         batch = next(batches)
@@ -155,9 +159,10 @@ def train_step(state: TrainingState, loss_fn: VQRAELoss, batches) -> StepResult:
             )
         codes.append(output.indices.flatten())
         for name, value in {**terms, **critic}.items():
-            means[name] = means.get(name, 0.0) + float(value.detach()) / accumulation
+            # In float64, as Python's floats summed these before: the logged means stay the same to the bit.
+            means[name] = means.get(name, 0.0) + value.detach().double() / accumulation
     if state.max_grad_norm > 0:
-        means["grad_norm"] = float(accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm))
+        means["grad_norm"] = accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm).double()
     loss_fn.critic_step(step)  # before the model's step, whose fp16 scaler update ends the step for both
     state.optimizer.step()
     state.scheduler.step()

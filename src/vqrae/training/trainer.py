@@ -306,8 +306,11 @@ def _accelerator(args: VQRAETrainingArguments):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, TRACKER_DIR)
         ),
+        # No buffer needs DDP's broadcast before every forward (a 16384 x D copy for SimVQ's frozen codebook): the
+        # constant ones never change, and the VQ's codebook rows and usage counts change only in its restart and
+        # usage-count code, which broadcasts and all-reduces them itself.
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=False),
+            DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False),
             InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
         ],
     )
