@@ -58,6 +58,14 @@ class ImageSourceArguments:
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    data_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Data files of --dataset_name, passed to `datasets.load_dataset` (paths or globs; `{a..b}` "
+            "ranges and `{x,y}` lists are expanded), e.g. `--dataset_name webdataset --data_files "
+            "'shards/{00000..00999}.tar'` for tar shards of key.jpg members."
+        },
+    )
     dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})
     image_column: str | None = field(
         default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
@@ -73,6 +81,7 @@ class ImageSourceArguments:
         return {
             "dataset_name": self.dataset_name,
             "dataset_config_name": self.dataset_config_name,
+            "data_files": self.data_files,
             "revision": self.dataset_revision,
             "image_column": self.image_column,
             "streaming": self.streaming,
