@@ -19,6 +19,7 @@ __all__ = [
     "ModelSourceArguments",
     "check_at_least",
     "check_output_dir",
+    "default_num_workers",
     "is_main_process",
 ]
 
@@ -89,13 +90,23 @@ class ImageSourceArguments:
         }
 
 
+def default_num_workers() -> int:
+    """DataLoader workers by default: half the CPUs (the other half runs the model on a CPU machine), 1 to 4."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 @dataclass(kw_only=True)
 class ComputeArguments:
     """How the images are pushed through the model."""
 
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass (per process)."})
     dataloader_num_workers: int = field(
-        default=0, metadata={"changes_tokens": False, "help": "Processes that decode images."}
+        default_factory=default_num_workers,
+        metadata={
+            "changes_tokens": False,
+            "help": "Processes that decode and prepare images while the model encodes (default: half the CPUs, "
+            "1 to 4; 0: in the main process). The order of the images does not depend on it.",
+        },
     )
 
     def __post_init__(self):
