@@ -458,3 +458,24 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match=r"`--model` 'empty' is a folder but holds no loadable model: "):
         load_model_and_processor("empty")
+
+
+def test_one_pass_preparation_equals_the_centre_square_then_the_processor(setup, tmp_path):
+    """The saved processor cuts the centred square itself, so tokenize runs it once on the decoded image: the same
+    pixels as `center_square` followed by the processor, for wide, tall, small (upscaled) and grayscale images."""
+    from vqrae.image_data import center_square, processor_resample, processor_size
+    from vqrae.token_encoding import ImagePreparation, cuts_center_square
+
+    _, model_dir, _, _ = setup
+    _, processor = load_model_and_processor(model_dir, None, torch.device("cpu"))
+    side = processor_size(processor, None)
+    assert cuts_center_square(processor, side) and not cuts_center_square(processor, side + 1)
+    prepare = ImagePreparation(processor, "image", [], "center", None)
+    rng = np.random.default_rng(1)
+    for shape in [(30, 71, 3), (90, 20, 3), (7, 9, 3), (45, 33)]:
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        path = tmp_path / f"{shape}.png"
+        image.save(path)
+        square = center_square(image.convert("RGB"), side, processor_resample(processor))
+        expected = processor(images=[square], return_tensors="pt")["pixel_values"][0].float()
+        assert torch.equal(prepare({"image": {"path": str(path), "bytes": None}}, 0)[2], expected)

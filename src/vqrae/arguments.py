@@ -19,6 +19,7 @@ __all__ = [
     "ModelSourceArguments",
     "check_at_least",
     "check_output_dir",
+    "default_num_workers",
     "is_main_process",
 ]
 
@@ -58,6 +59,14 @@ class ImageSourceArguments:
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    data_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Data files of --dataset_name, passed to `datasets.load_dataset` (paths or globs; `{a..b}` "
+            "ranges and `{x,y}` lists are expanded), e.g. `--dataset_name webdataset --data_files "
+            "'shards/{00000..00999}.tar'` for tar shards of key.jpg members."
+        },
+    )
     dataset_revision: str | None = field(default=None, metadata={"help": "The dataset's revision (branch, commit)."})
     image_column: str | None = field(
         default=None, metadata={"help": "The column holding the images (default: the dataset's only Image column)."}
@@ -73,11 +82,17 @@ class ImageSourceArguments:
         return {
             "dataset_name": self.dataset_name,
             "dataset_config_name": self.dataset_config_name,
+            "data_files": self.data_files,
             "revision": self.dataset_revision,
             "image_column": self.image_column,
             "streaming": self.streaming,
             "split_option": self.SPLIT_OPTION,
         }
+
+
+def default_num_workers() -> int:
+    """DataLoader workers by default: half the CPUs (the other half runs the model on a CPU machine), 1 to 4."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(kw_only=True)
@@ -86,7 +101,12 @@ class ComputeArguments:
 
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass (per process)."})
     dataloader_num_workers: int = field(
-        default=0, metadata={"changes_tokens": False, "help": "Processes that decode images."}
+        default_factory=default_num_workers,
+        metadata={
+            "changes_tokens": False,
+            "help": "Processes that decode and prepare images while the model encodes (default: half the CPUs, "
+            "1 to 4; 0: in the main process). The order of the images does not depend on it.",
+        },
     )
 
     def __post_init__(self):

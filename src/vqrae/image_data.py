@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import datasets
@@ -38,6 +39,7 @@ __all__ = [
     "dataset_identity",
     "example_identities",
     "example_identity",
+    "expand_braces",
     "hold_out",
     "id_column",
     "load_image_dataset",
@@ -184,6 +186,7 @@ def load_image_dataset(
     *,
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
+    data_files: list[str] | None = None,
     train_dir: str | None = None,
     validation_dir: str | None = None,
     image_column: str | None = None,
@@ -199,11 +202,19 @@ def load_image_dataset(
     `dataset_name` (`None` or `BUILTIN_DATASET_NAME`: the built-in photos; a folder written by `save_to_disk`: read
     with `datasets.load_from_disk`; anything else: a Hub dataset or a local dataset folder). For folders,
     `split="train"` reads `train_dir` and any other split reads `validation_dir`. `split_option` is how the caller's
-    command line chooses a split (named when the split is missing).
+    command line chooses a split (named when the split is missing). `data_files` (brace-expanded, see
+    `expand_braces`) go to `datasets.load_dataset` with a named dataset or builder (`webdataset`, `parquet`, ...):
+    a flat list makes its `train` split.
 
     Returns `(dataset, image_column)`. Raises `ValueError` for an unknown split, a missing image column or an
     empty dataset.
     """
+    named = not (train_dir or validation_dir or dataset_name in (None, *BUILTIN_DATASET_NAMES))
+    if data_files and not (named and not _saved_to_disk(dataset_name)):
+        raise UsageError(
+            f"`data_files` {list(data_files)} needs a `dataset_name` that datasets loads them with (e.g. webdataset, "
+            f"parquet, imagefolder; got dataset_name={dataset_name!r}, train_dir={train_dir!r})."
+        )
     if train_dir is not None or validation_dir is not None:
         folder = train_dir if split == "train" else validation_dir
         dataset, source = _load_image_folder(folder, split, streaming, cache_dir), folder
@@ -219,6 +230,8 @@ def load_image_dataset(
         source = dataset_name
     else:
         load = {"split": split, "streaming": streaming, "cache_dir": cache_dir, "revision": revision}
+        if data_files:
+            load["data_files"] = [name for pattern in data_files for name in expand_braces(pattern)]
         dataset, source = _load_named_dataset(dataset_name, dataset_config_name, split_option, **load), dataset_name
 
     column = resolve_image_column(dataset, image_column)
@@ -262,10 +275,37 @@ def _load_named_dataset(dataset_name: str, dataset_config_name: str | None, spli
     except (FileNotFoundError, ConnectionError) as error:
         # datasets' DatasetNotFoundError is a FileNotFoundError; offline, a Hub id not in the cache is a
         # ConnectionError.
+        if load.get("data_files"):
+            raise UsageError(f"`data_files` of {dataset_name!r} could not be loaded ({error}).") from error
         where = "a folder here" if not os.path.exists(dataset_name) else "a dataset folder datasets can read"
         raise UsageError(
             f"`dataset_name` {dataset_name!r} is not {where} and could not be loaded from the Hub ({error})."
         ) from error
+
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a shell-style brace pattern stands for, in order, as webdataset's shard lists are written (datasets
+    does not expand them): `{00000..00999}` a range of numbers, zero-padded to the width of its ends when they have
+    equal widths; `{a,b}` a list. Other braces are kept as they are (datasets' globs then see them)."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), expand_braces(pattern[match.end() :])
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        if int(last) < int(first):
+            raise UsageError(f"The range {{{body}}} in `data_files` {pattern!r} runs backwards.")
+        width = len(first) if len(first) == len(last) else 0
+        items = [f"{number:0{width}d}" for number in range(int(first), int(last) + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        return [head + "{" + body + "}" + rest for rest in tail]
+    return [head + item + rest for item in items for rest in tail]
 
 
 def _saved_to_disk(folder: str) -> bool:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .image_data import center_square, processor_resample, processor_size
 from .image_decoding import UNREADABLE_ERRORS, decode_image, relative_path
+from .modeling_vqrae import center_crop_settings
 
 __all__ = [
     "ImagePreparation",
@@ -60,12 +61,33 @@ class ImagePreparation:
             logger.warning("Skipping unreadable image %s (index %d): %s", identifier, index, error)
             return index, identifier, None, kept
         side = processor_size(self.processor, None)
-        if self.crop == "center":
-            image = center_square(image, side, processor_resample(self.processor))
-        else:  # squeezed to a square, whatever crop the processor is set to
+        if self.crop == "none":  # squeezed to a square, whatever crop the processor is set to
             image = image.resize((side, side), processor_resample(self.processor))
+        elif not cuts_center_square(self.processor, side):
+            image = center_square(image, side, processor_resample(self.processor))
+        # else the processor cuts that same square itself, in the same steps: one pass instead of two.
         pixel_values = self.processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
         return index, identifier, pixel_values, kept
+
+
+def cuts_center_square(processor, side: int) -> bool:
+    """Whether `processor` resizes and cuts the largest centred `side` square itself (`center_crop_settings`, as a
+    VQRAE model's saved processor does), so `center_square` before it would only repeat its work."""
+    def setting(name):
+        value = getattr(processor, name, None)
+        return _as_dict(value) if name in ("size", "crop_size") else value
+
+    return bool(getattr(processor, "do_resize", False)) and all(
+        setting(name) == value for name, value in center_crop_settings(side).items()
+    )
+
+
+def _as_dict(size) -> dict | None:
+    """A processor's `size` / `crop_size` (a dict, or transformers' `SizeDict`) as a plain dict of its set keys."""
+    if size is None:
+        return None
+    items = size.items() if hasattr(size, "items") else vars(size).items()
+    return {key: value for key, value in items if value is not None}
 
 
 class ShardBatches(torch.utils.data.Dataset):
@@ -83,7 +105,11 @@ class ShardBatches(torch.utils.data.Dataset):
 
 
 def collate_rows(items):
-    return items
+    """`(items, pixel_values)`: the shard's items and the readable ones' `pixel_values` stacked into one batch (None
+    when none is readable), in the DataLoader's worker, so the main process only moves it to the device (pinned on
+    CUDA)."""
+    readable = [item[2] for item in items if item[2] is not None]
+    return items, torch.stack(readable) if readable else None
 
 
 def weights_digest(model) -> str:

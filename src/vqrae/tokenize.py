@@ -327,14 +327,18 @@ def encode_shard(
         columns["features"] = []
     skipped = []
     loader = torch.utils.data.DataLoader(
-        batches, batch_size=args.batch_size, num_workers=args.dataloader_num_workers, collate_fn=collate_rows
+        batches,
+        batch_size=args.batch_size,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=collate_rows,
+        pin_memory=device.type == "cuda",
     )
     features_dtype = np.dtype(args.features_dtype)
-    for items in loader:
+    for items, pixel_values in loader:
         readable = [item for item in items if item[2] is not None]
         skipped.extend(item[1] for item in items if item[2] is None)
         if readable:
-            pixel_values = torch.stack([item[2] for item in readable]).to(device)
+            pixel_values = pixel_values.to(device, non_blocking=True)
             with torch.inference_mode(), autocast_context(precision, device):
                 encoded = model.encode(pixel_values)
             indices = encoded.indices.to(torch.int32).cpu().numpy()

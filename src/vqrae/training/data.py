@@ -382,6 +382,7 @@ def load_training_data(
         train,
         source=name,
         config=data_args.dataset_config_name,
+        data_files=data_args.data_files or None,
         revision=data_args.dataset_revision,
         split=split,
         held_out_percentage=held_out and held_out["percentage"],
