@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import run, save_model, tiny_model
 from vqrae.cli.tokenize import parse_tokenize_args
 from vqrae.errors import UsageError
-from vqrae.image_data import expand_braces, load_image_dataset
+from vqrae.image_data import load_image_dataset
+from vqrae.image_decoding import expand_braces
 from vqrae.tokenize import tokenize
 
 PER_SHARD = 5
@@ -76,7 +77,9 @@ def test_tokenize_webdataset_shards_streamed(shards, tmp_path):
     common = ["--model", str(tmp_path / "model"), "--shard_size", "3", "--batch_size", "2"]
     tokenize(parse_tokenize_args([*common, "--dataset_name", "webdataset", "--data_files", _pattern(shards),
                                   "--streaming", "--output_dir", str(tmp_path / "tar")]))  # fmt: skip
-    tokenize(parse_tokenize_args([*common, "--train_dir", str(shards / "folder"), "--output_dir", str(tmp_path / "f")]))
+    tokenize(
+        parse_tokenize_args([*common, "--train_dir", str(shards / "folder"), "--output_dir", str(tmp_path / "f")])
+    )
     tables = [
         datasets.load_dataset("parquet", data_dir=str(tmp_path / name / "data"), split="train").with_format("numpy")
         for name in ("tar", "f")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import datasets
@@ -28,7 +27,7 @@ from transformers import SiglipImageProcessorPil
 
 from .builtin_photos import BUILTIN_COLOUR_DATASET_NAME, BUILTIN_DATASET_NAME, BUILTIN_DATASET_NAMES, builtin_photos
 from .errors import MissingSplitError, UsageError
-from .image_decoding import ImageDecodeCounter, image_name, try_decode
+from .image_decoding import ImageDecodeCounter, expand_braces, image_name, try_decode
 from .modeling_vqrae import center_crop_settings
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "dataset_identity",
     "example_identities",
     "example_identity",
-    "expand_braces",
     "hold_out",
     "id_column",
     "load_image_dataset",
@@ -281,31 +279,6 @@ def _load_named_dataset(dataset_name: str, dataset_config_name: str | None, spli
         raise UsageError(
             f"`dataset_name` {dataset_name!r} is not {where} and could not be loaded from the Hub ({error})."
         ) from error
-
-
-_BRACES = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """The names a shell-style brace pattern stands for, in order, as webdataset's shard lists are written (datasets
-    does not expand them): `{00000..00999}` a range of numbers, zero-padded to the width of its ends when they have
-    equal widths; `{a,b}` a list. Other braces are kept as they are (datasets' globs then see them)."""
-    match = _BRACES.search(pattern)
-    if match is None:
-        return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), expand_braces(pattern[match.end() :])
-    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numbers:
-        first, last = numbers.groups()
-        if int(last) < int(first):
-            raise UsageError(f"The range {{{body}}} in `data_files` {pattern!r} runs backwards.")
-        width = len(first) if len(first) == len(last) else 0
-        items = [f"{number:0{width}d}" for number in range(int(first), int(last) + 1)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        return [head + "{" + body + "}" + rest for rest in tail]
-    return [head + item + rest for item in items for rest in tail]
 
 
 def _saved_to_disk(folder: str) -> bool:

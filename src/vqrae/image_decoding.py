@@ -1,6 +1,7 @@
 """Reading images: any value a `datasets` image column holds (a PIL image, `{"bytes", "path"}`, a path, bytes)
-decoded to RGB (grayscale, palette, RGBA and 16-bit images converted), the name that identifies it, and the
-bookkeeping of unreadable images, which are skipped and counted (`UNREADABLE_ERRORS`) rather than crash a run."""
+decoded to RGB (grayscale, palette, RGBA and 16-bit images converted), the name that identifies it, the
+bookkeeping of unreadable images, which are skipped and counted (`UNREADABLE_ERRORS`) rather than crash a run, and
+the file names a brace pattern of shards stands for (`expand_braces`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,7 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "expand_braces",
     "ImageDecodeCounter",
     "UNREADABLE_ERRORS",
     "decode_image",
@@ -151,3 +154,28 @@ def relative_path(path: str, root: str | None) -> str:
             if file.startswith(folder + os.sep):
                 return os.path.relpath(file, folder).replace(os.sep, "/")
     return path
+
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a shell-style brace pattern stands for, in order, as webdataset's shard lists are written (datasets
+    does not expand them): `{00000..00999}` a range of numbers, zero-padded to the width of its ends when they have
+    equal widths; `{a,b}` a list. Other braces are kept as they are (datasets' globs then see them)."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), expand_braces(pattern[match.end() :])
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        if int(last) < int(first):
+            raise UsageError(f"The range {{{body}}} in `data_files` {pattern!r} runs backwards.")
+        width = len(first) if len(first) == len(last) else 0
+        items = [f"{number:0{width}d}" for number in range(int(first), int(last) + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        return [head + "{" + body + "}" + rest for rest in tail]
+    return [head + item + rest for item in items for rest in tail]

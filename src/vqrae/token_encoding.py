@@ -73,6 +73,7 @@ class ImagePreparation:
 def cuts_center_square(processor, side: int) -> bool:
     """Whether `processor` resizes and cuts the largest centred `side` square itself (`center_crop_settings`, as a
     VQRAE model's saved processor does), so `center_square` before it would only repeat its work."""
+
     def setting(name):
         value = getattr(processor, name, None)
         return _as_dict(value) if name in ("size", "crop_size") else value

@@ -389,3 +389,15 @@ def load_training_data(
         max_train_samples=data_args.max_train_samples,
     )
     return TrainingData(batches=batches, validation=validation, identity=identity)
+
+
+def batch_iterator(data: TrainingData, args, num_workers: int, start_step: int):
+    """Micro-batches from `start_step` on: map-style data by micro-batch number (a sampler over the steps left of
+    `args.max_steps`, times `args.gradient_accumulation_steps`), a stream from its saved position. A stream is read
+    in the main process: its resume position (`examples_read`) is counted on this copy of it."""
+    if isinstance(data.batches, StreamingTrainingBatches):
+        return iter(torch.utils.data.DataLoader(data.batches, batch_size=None))
+    accumulation = args.gradient_accumulation_steps
+    sampler = range(start_step * accumulation, args.max_steps * accumulation)
+    loader = torch.utils.data.DataLoader(data.batches, batch_size=None, sampler=sampler, num_workers=num_workers)
+    return iter(loader)

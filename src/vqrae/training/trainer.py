@@ -65,7 +65,7 @@ from .checkpointing import (
     truncate_metrics,
 )
 from .config_files import read_training_config, write_training_config
-from .data import StreamingTrainingBatches, TrainingData, load_training_data
+from .data import TrainingData, batch_iterator, load_training_data
 from .losses import VQRAELoss
 from .metrics import evaluate_model, write_evaluation
 from .metrics_log import MetricsLog
@@ -176,17 +176,6 @@ def resolve_warmup(args: VQRAETrainingArguments) -> VQRAETrainingArguments:
     return dataclasses.replace(args, warmup_steps=warmup)
 
 
-def _batch_iterator(data: TrainingData, args: VQRAETrainingArguments, num_workers: int, start_step: int):
-    """Micro-batches from `start_step` on: map-style data by micro-batch number (a sampler over the steps left),
-    a stream from its saved position."""
-    if isinstance(data.batches, StreamingTrainingBatches):
-        return iter(torch.utils.data.DataLoader(data.batches, batch_size=None))
-    accumulation = args.gradient_accumulation_steps
-    sampler = range(start_step * accumulation, args.max_steps * accumulation)
-    loader = torch.utils.data.DataLoader(data.batches, batch_size=None, sampler=sampler, num_workers=num_workers)
-    return iter(loader)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ def train(
         if args.report_to != "none":
             accelerator.init_trackers("vqrae", config=_tracker_config(options))
 
-        batches = _batch_iterator(data, args, data_args.dataloader_num_workers, state.step)
+        batches = batch_iterator(data, args, data_args.dataloader_num_workers, state.step)
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         log = MetricsLog(metrics_path, accelerator, per_step, state.unwrapped.codebook_size)
         show = not accelerator.is_main_process or args.disable_tqdm
