@@ -73,7 +73,10 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
     argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--output_dir", str(output), "--max_steps", "100000"]
     argv += ["--save_steps", "1", "--eval_steps", "100000", "--train_dir", str(photo_folder(tmp_path / "photos", 8))]
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file, not a pipe nobody reads while it trains
-        process = subprocess.Popen([*TRAIN, *argv], stderr=stderr, stdout=subprocess.DEVNULL)
+        # SIGINT back to its default in the child: a shell's background job (`... &`) starts with it ignored, and
+        # Python then installs no KeyboardInterrupt handler, so the Ctrl-C would never arrive.
+        restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        process = subprocess.Popen([*TRAIN, *argv], stderr=stderr, stdout=subprocess.DEVNULL, preexec_fn=restore)
         deadline = time.monotonic() + 240
         while latest_checkpoint(str(output)) is None:
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
