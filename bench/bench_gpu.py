@@ -668,8 +668,8 @@ def engine_job(job: dict) -> dict:
                 torch.cuda.reset_peak_memory_stats(accelerator.device)
             start = time.perf_counter()
         terms = train_step(state, loss_fn, batches).terms
-        losses.append(terms["loss"])
-        critic_losses.append(terms.get("discriminator", float("nan")))
+        losses.append(float(terms["loss"]))
+        critic_losses.append(float(terms.get("discriminator", float("nan"))))
     synchronize(accelerator.device)
     seconds = time.perf_counter() - start
     result = {

@@ -331,7 +331,7 @@ def encode_shard(
         batch_size=args.batch_size,
         num_workers=args.dataloader_num_workers,
         collate_fn=collate_rows,
-        pin_memory=device.type == "cuda",
+        pin_memory=torch.device(device).type == "cuda",
     )
     features_dtype = np.dtype(args.features_dtype)
     for items, pixel_values in loader:
