@@ -98,6 +98,25 @@ def _checkpoint_resume(accelerator, model, state, overrides, batches, folder):
     return continued, resumed, before
 
 
+def _refusals(accelerator, overrides):
+    """What a training state says of a learned VQ codebook with restarts, before and after sharding, and of the
+    same sharded without restarts (None: accepted)."""
+    from vqrae.errors import UsageError
+
+    said = {}
+    for name, model in {
+        "not sharded": tiny_model(**overrides),
+        "sharded": _shard(tiny_model(**overrides)),
+        "sharded, no restarts": _shard(tiny_model(**overrides, vq_restart_unused_steps=0)),
+    }.items():
+        try:
+            _state(model, accelerator, None)
+            said[name] = None
+        except UsageError as error:
+            said[name] = str(error)
+    return said
+
+
 def _worker(rank, port, folder):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
@@ -158,6 +177,7 @@ def _worker(rank, port, folder):
             "checkpoint_resumed": checkpoint_resumed,
             "fresh": fresh,
         }
+    report["refusals"] = _refusals(accelerator, overrides={"use_fsq": False, "num_embeddings": 64, "codebook_dim": 8})
     torch.save(report, os.path.join(folder, f"{rank}.pt"))
     accelerator.end_training()
 
@@ -205,3 +225,12 @@ def test_fsdp2_checkpoint_resume_loses_and_repeats_nothing(two_processes, name):
         assert any(not torch.equal(fresh[key], continued[key]) for key in continued)
         for key in continued:
             assert torch.equal(resumed[key], continued[key]), key
+
+
+def test_a_learned_codebook_with_restarts_is_refused_sharded(two_processes):
+    """Its restarts would write into FSDP's temporary gathered copy: the codebook would silently never restart."""
+    for report in two_processes:
+        said = report["refusals"]
+        assert said["not sharded"] is None and said["sharded, no restarts"] is None
+        assert said["sharded"].startswith("vq_restart_unused_steps=20 with a learned codebook"), said["sharded"]
+        assert "--use_simvq" in said["sharded"]

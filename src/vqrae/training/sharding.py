@@ -9,7 +9,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
-__all__ = ["full_state_dict", "gathered_copy", "is_sharded"]
+from ..errors import UsageError
+
+__all__ = ["check_shardable", "full_state_dict", "gathered_copy", "is_sharded"]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -35,3 +37,19 @@ def gathered_copy(model: torch.nn.Module) -> torch.nn.Module:
         copy = model_class(model.config)
     copy.load_state_dict(weights)
     return copy.to(next(iter(weights.values())).device)
+
+
+def check_shardable(model: torch.nn.Module) -> None:
+    """Refuse a sharded model that FSDP would train wrongly without a word: a learned VQ codebook with restarts of
+    unused codes. The restarts write codebook rows during the forward, where FSDP2 holds a gathered (bf16) copy of
+    the weights that it discards afterwards: the rows would never change while their usage counts were reset."""
+    if not is_sharded(model):
+        return
+    config = model.config
+    if not config.use_fsq and not config.use_simvq and config.vq_restart_unused_steps > 0:
+        raise UsageError(
+            f"vq_restart_unused_steps={config.vq_restart_unused_steps} with a learned codebook (use_simvq=False) "
+            "cannot train under FSDP: the restarts write codebook rows inside the forward, where FSDP holds a "
+            "temporary gathered copy. Use --use_simvq (its codebook is a buffer, restarted on every process), "
+            "--vq_restart_unused_steps 0, or DDP (--multi_gpu)."
+        )

@@ -14,7 +14,7 @@ from transformers import get_scheduler
 
 from .args import Stage, VQRAETrainingArguments
 from .losses import VQRAELoss
-from .sharding import full_state_dict, gathered_copy, is_sharded
+from .sharding import check_shardable, full_state_dict, gathered_copy, is_sharded
 
 __all__ = ["ExponentialMovingAverage", "StepResult", "TrainingState", "build_training_state", "train_step"]
 
@@ -67,6 +67,9 @@ class TrainingState:
     max_grad_norm: float
     ema: ExponentialMovingAverage | None = None
     step: int = 0
+
+    def __post_init__(self):
+        check_shardable(self.unwrapped)  # before the first step: what FSDP would train wrongly is refused
 
     @property
     def model_to_evaluate(self) -> torch.nn.Module:

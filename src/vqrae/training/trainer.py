@@ -275,20 +275,27 @@ def _torch_threads(count: int | None):
         torch.set_num_threads(threads)
 
 
-def _refuse_deepspeed() -> None:
-    """Refuse a DeepSpeed launch before any work: the run trains two models (the tokenizer, a GAN's critic) in one
-    `Accelerator`, without a prepared dataloader or `accelerator.accumulate`, which DeepSpeed's integration refuses.
-    The launcher and a DeepSpeed plugin both set the variable accelerate reads."""
+def _refuse_unsupported_engines() -> None:
+    """Refuse a DeepSpeed or FSDP1 launch (as the launcher or an accelerate config sets it) before any work.
+    DeepSpeed refuses two models (tokenizer, critic) in one `Accelerator`, without a prepared dataloader or
+    `accelerator.accumulate`. FSDP1's flat parameters refuse stage 1's frozen encoder beside trainable weights, and
+    the EMA, evaluation and saving gather FSDP2's sharded weights only."""
+    supported = "launch with DDP (--multi_gpu), FSDP2 (--use_fsdp --fsdp_version 2) or as a single process."
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UsageError(
             "DeepSpeed is not supported (ACCELERATE_USE_DEEPSPEED=true, from `accelerate launch --use_deepspeed` or "
-            "a DeepSpeed accelerate config): launch with DDP (--multi_gpu), FSDP2 (--use_fsdp --fsdp_version 2) "
-            "or as a single process."
+            f"a DeepSpeed accelerate config): {supported}"
+        )
+    version = os.environ.get("FSDP_VERSION", "1")  # accelerate's own default
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and version != "2":
+        raise UsageError(
+            f"FSDP version {version} is not supported (FSDP_VERSION={version}, from `accelerate launch --use_fsdp` "
+            f"or an FSDP accelerate config): {supported}"
         )
 
 
 def _accelerator(args: VQRAETrainingArguments):
-    _refuse_deepspeed()  # the run's first use of accelerate, before the output folder, the model and the data
+    _refuse_unsupported_engines()  # the run's first use of accelerate: before the output folder, model and data
     return Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
