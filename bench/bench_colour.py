@@ -1,16 +1,17 @@
-"""Colour and crop scale: the tiny preset against colour augmentation and smaller crops, at equal steps, by tile scale.
+"""Colour and crop scale: the tiny preset before and after it took up colour, and smaller crops, by tile scale.
 
-    python bench/bench_colour.py                               # 4 variants x 3 seeds x 1000 steps (~40 min, 2 cores)
+    python bench/bench_colour.py --variants a colour-permute   # 2 variants x 3 seeds x 3000 steps (~1 h, 2 cores)
     python bench/bench_colour.py --steps 300 --seeds 1 2 --no-write
     python bench/bench_colour.py --smoke                       # 2 steps, 2 runs, a few tiles: that it runs; no writes
 
-Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`) and one change, the variant, for
-the same number of steps with each seed (`bench_quality.train_run`: the seed sets the initialisation and the order
-of the crops, so runs of one seed are paired). The built-in training photos hold a narrow palette (the reds and
-oranges of `retina` and `ihc`, greys), and the tiny preset's crops (8-100 % of a photo's area) never zoom in as far
-as the held-out set's quarter-side tiles (0.042-0.063 of a photo's area). The variants add scikit-image's two
-synthetic colour images to the training photos (`--dataset_name builtin:photos+colour`), then the channel
-permutation of the crops (`--color_augment permute`), then smaller crops (`--min_crop_scale 0.04`).
+Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`) set back to what it was before it
+took up colour (`BEFORE`) and the variant's changes, for the same number of steps with each seed
+(`bench_quality.train_run`: the seed sets the initialisation and the order of the crops, so runs of one seed are
+paired). The built-in training photos hold a narrow palette (the reds and oranges of `retina` and `ihc`, greys), and
+the crops (8-100 % of a photo's area) never zoom in as far as the held-out set's quarter-side tiles (0.042-0.063 of
+a photo's area). The variants add scikit-image's two synthetic colour images to the training photos
+(`--dataset_name builtin:photos+colour`), then the channel permutation of the crops (`--color_augment permute`: the
+tiny preset now), then smaller crops (`--min_crop_scale 0.04`).
 
 Each run's saved model is evaluated by `vqrae.training.metrics.evaluate_model` (the figures of `eval_results.json`)
 on the held-out tiles of each scale (`validation_tiles`: the photo's shorter side, a half, a quarter of it): the
@@ -27,17 +28,21 @@ from _common import bench_parser, load_average, markdown_table, parse_bench_args
 from bench_heldout import tile_scales
 from bench_quality import cell, run_folders, train_run, verdict_word
 
+# The tiny preset as it was before it took up colour (issue 17): every variant starts from it, so each keeps its
+# meaning whatever the preset is now.
+BEFORE = ["--dataset_name", "builtin:photos", "--color_augment", "none"]
+COLOUR = ["--dataset_name", "builtin:photos+colour"]
 # name -> (label, options added to the tiny CPU recipe)
 VARIANTS = {
-    "a": ("tiny preset", []),
-    "colour": ("a + --dataset_name builtin:photos+colour", ["--dataset_name", "builtin:photos+colour"]),
+    "a": ("the tiny preset before issue 17 (builtin:photos, no colour augmentation)", BEFORE),
+    "colour": ("a + --dataset_name builtin:photos+colour", [*BEFORE, *COLOUR]),
     "colour-permute": (
-        "colour + --color_augment permute",
-        ["--dataset_name", "builtin:photos+colour", "--color_augment", "permute"],
+        "colour + --color_augment permute (the tiny preset since issue 17)",
+        [*BEFORE, *COLOUR, "--color_augment", "permute"],
     ),
     "colour-permute-zoom": (
         "colour-permute + --min_crop_scale 0.04",
-        ["--dataset_name", "builtin:photos+colour", "--color_augment", "permute", "--min_crop_scale", "0.04"],
+        [*BEFORE, *COLOUR, "--color_augment", "permute", "--min_crop_scale", "0.04"],
     ),
 }
 REFERENCE = "a"
@@ -124,7 +129,7 @@ def report(runs: dict, variants: list[str], seeds: list[int], steps: int) -> str
 
 def main(argv=None):
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
-    parser.add_argument("--steps", type=int, default=1000, help="training steps of every run")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps of every run (the preset's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temporary folder)")

@@ -76,6 +76,14 @@ def test_the_colour_dataset_adds_the_colour_images_to_training_only():
     assert list(validation["photo"]) == list(builtin_photos("validation")["photo"])
 
 
+def test_training_defaults_to_the_colour_dataset_and_a_named_source_is_kept():
+    """With no data named, training uses the built-in photos with the colour images (the tiny preset); data named
+    in any way is used as named, the plain built-in photos included."""
+    assert DataArguments().dataset_name == BUILTIN_COLOUR_DATASET_NAME
+    assert DataArguments(dataset_name=BUILTIN_DATASET_NAME).dataset_name == BUILTIN_DATASET_NAME
+    assert DataArguments(train_dir="photos/").dataset_name is None
+
+
 def test_image_folder_converts_modes_and_skips_broken_files(image_folder, processor):
     train_dir, validation_dir = image_folder
     dataset, column = load_image_dataset("train", train_dir=str(train_dir), validation_dir=str(validation_dir))

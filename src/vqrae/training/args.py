@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..arguments import ImageSourceArguments, check_at_least
+from ..builtin_photos import BUILTIN_COLOUR_DATASET_NAME
 from ..configuration_vqrae import NOT_TRAINING_OPTIONS, VQRAEConfig, is_number
 from ..errors import UsageError
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
@@ -247,10 +248,10 @@ class DataArguments(ImageSourceArguments):
     )
     random_flip: bool = field(default=True, metadata={"help": "Random horizontal flips of training crops."})
     color_augment: str = field(
-        default="none",
+        default="permute",
         metadata={
             "help": "Colour augmentation of training crops: none; hue (chroma rotated by a random angle in YIQ, luma "
-            "kept); permute (RGB channels in a random order)."
+            "kept); permute (RGB channels in a random order: the tokens must carry every hue, not guess it)."
         },
     )
     dataloader_num_workers: int = field(
@@ -262,6 +263,9 @@ class DataArguments(ImageSourceArguments):
     )
 
     def __post_init__(self):
+        if self.dataset_name is None and self.train_dir is None:
+            # The built-in training photos with the two synthetic colour images: their palette alone is narrow.
+            self.dataset_name = BUILTIN_COLOUR_DATASET_NAME
         if self.train_dir is None and self.validation_dir is not None:
             raise UsageError("`validation_dir` needs `train_dir` (local folders are used for both splits).")
         if self.train_dir is not None and self.dataset_name is not None:
