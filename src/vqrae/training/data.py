@@ -293,7 +293,9 @@ def _load_splits(data_args: DataArguments):
         validation_split = "validation" if builtin or data_args.train_dir else data_args.validation_split
         try:
             validation = load_image_dataset(validation_split, **common)
-            label = data_args.validation_dir or name
+            # The built-in sources share one validation split, that of `builtin:photos`: named so, the figures
+            # are those `vqrae-evaluate` writes for it, to the label.
+            label = data_args.validation_dir or (BUILTIN_DATASET_NAME if builtin else name)
             return (train, column), validation, label, validation_split, None
         except MissingSplitError:
             missing = f"{name!r} has no {validation_split!r} split"
