@@ -10,6 +10,11 @@ close-up: smooth, with little beyond its colours, which an 8-bit RGB thumbnail o
 bicubically enlarged) holds almost exactly, while a token carries log2(codebook size) bits (about 16 for the
 default FSQ's 64,000 codes). PSNR and SSIM per scale show where the tokens win and where the thumbnail does;
 intervals are 95 % bootstrap intervals over the tiles of a scale.
+
+Two diagnostic columns say what the tokens' PSNR loses to colour: the reconstruction with its mean colour replaced
+by the original tile's (an error of the image's colour as a whole, such as a cast), and with the mean of each token's
+cell replaced by the original's (the thumbnail's own information, at the token grid). They are oracles, not a
+decoder: each reads the original.
 """
 
 from __future__ import annotations
@@ -88,7 +93,20 @@ def per_tile(model_path: str) -> tuple[dict, list[str], object]:
         return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2) / 255.0
 
     grid = model.config.token_grid_size
-    values = {"psnr": [], "ssim": [], "bicubic_psnr": [], "bicubic_ssim": []}
+
+    def cells(images):
+        """Each pixel replaced by the mean of its token's cell."""
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images, grid)
+        return torch.nn.functional.interpolate(pooled, size=images.shape[-2:], mode="nearest")
+
+    values = {
+        "psnr": [],
+        "ssim": [],
+        "bicubic_psnr": [],
+        "bicubic_ssim": [],
+        "image_mean_psnr": [],
+        "cell_means_psnr": [],
+    }
     with torch.no_grad():
         for start in range(0, len(validation.images), 64):
             images = validation.images[start : start + 64]
@@ -101,6 +119,10 @@ def per_tile(model_path: str) -> tuple[dict, list[str], object]:
                 ssim = structural_similarity_index_measure(prediction, target, data_range=1.0, reduction="none")
                 values[prefix + "psnr"] += psnr.clamp(max=100).tolist()
                 values[prefix + "ssim"] += ssim.tolist()
+            for name, mean in (("image_mean_", lambda x: x.mean(dim=(2, 3), keepdim=True)), ("cell_means_", cells)):
+                corrected = (ours - mean(ours) + mean(target)).clamp(0, 1)
+                psnr = peak_signal_noise_ratio(corrected, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+                values[name + "psnr"] += psnr.clamp(max=100).tolist()
     return {name: np.array(v) for name, v in values.items()}, scales, model.config
 
 
@@ -130,9 +152,11 @@ def main(argv=None):
         rows.append([
             label, int(pick.sum()), cell(values["psnr"][pick], 2), cell(values["bicubic_psnr"][pick], 2),
             cell(gap, 2), cell(values["ssim"][pick], 3), cell(values["bicubic_ssim"][pick], 3),
+            cell(values["image_mean_psnr"][pick], 2), cell(values["cell_means_psnr"][pick], 2),
         ])  # fmt: skip
     header = ["tiles", "count", "VQRAE PSNR dB", "bicubic PSNR dB", "VQRAE - bicubic, paired", "VQRAE SSIM",
-              "bicubic SSIM"]  # fmt: skip
+              "bicubic SSIM", "VQRAE PSNR, image's mean colour from the original (oracle)",
+              "VQRAE PSNR, each token cell's mean from the original (oracle)"]  # fmt: skip
     body = (
         f"Model: `{model_path}` ({Path(model_path).name}); {token_bits:.0f} bits per image in tokens against "
         f"{thumbnail_bits} in the thumbnail. Cells: mean [95 % bootstrap interval over the tiles].\n\n"
