@@ -70,7 +70,20 @@ def fetch(version: str, destination: Path = DESTINATION) -> Path:
                 members = [member for member in tar.getmembers() if member.name.startswith(prefix)]
                 for member in members:
                     member.name = member.name[len(prefix) :]
-                tar.extractall(staging, members=[m for m in members if m.name], filter="data")
+                # Plain files and folders inside the folder only; Python before 3.11.4 has no extraction filters,
+                # so the members are screened here as well.
+                safe = [
+                    member
+                    for member in members
+                    if member.name
+                    and (member.isfile() or member.isdir())
+                    and not member.name.startswith("/")
+                    and ".." not in Path(member.name).parts
+                ]
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, members=safe, filter="data")
+                else:
+                    tar.extractall(staging, members=safe)
             for name, text in STAND_INS.items():
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
