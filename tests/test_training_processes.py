@@ -166,8 +166,8 @@ def test_two_cpu_processes_keep_one_vq_codebook(tmp_path):
 
 # Each process of a two-process run started by hand (the environment torchrun gives its workers), so each one's exit
 # status is seen. On process 0 a publication that takes PUSH_SECONDS; with SEPARATE_FOLDERS each process trains in
-# `--output_dir`-RANK, as machines without a shared filesystem would. A refused process then reports its process
-# group's timeout.
+# `--output_dir`-RANK, as machines without a shared filesystem would. A process reports its process group's timeout
+# as it leaves the group.
 TWO_PROCESS_SCRIPT = """
 import os, sys, time
 import torch
@@ -179,10 +179,17 @@ if os.environ.get("SEPARATE_FOLDERS"):
     argv[argv.index("--output_dir") + 1] += "-" + rank
 if rank == "0":
     vqrae.training.hub.push_to_hub = lambda folder, **kwargs: time.sleep(float(os.environ.get("PUSH_SECONDS", 0)))
+destroy = torch.distributed.destroy_process_group
+
+def report_and_destroy(group=None):
+    if group is None and torch.distributed.is_initialized():
+        default = torch.distributed.distributed_c10d._get_default_group()
+        print(f"process group timeout {default._get_backend(torch.device('cpu')).options._timeout}", file=sys.stderr)
+    destroy(group)
+
+torch.distributed.destroy_process_group = report_and_destroy
 status = main(argv)
-if torch.distributed.is_initialized():  # a refused run (a finished one has ended its process group)
-    group = torch.distributed.distributed_c10d._get_default_group()
-    print(f"process group timeout {group._get_backend(torch.device('cpu')).options._timeout}", file=sys.stderr)
+assert not torch.distributed.is_initialized(), "the process group outlived the run"
 sys.exit(status)
 """
 
