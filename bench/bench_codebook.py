@@ -1,10 +1,10 @@
 """Codebook use and quality of FSQ 64,000, VQ 16384 and SimVQ 16384 at the tiny preset's full run.
 
-    python bench/bench_codebook.py                 # 3 runs x 3000 steps (~25 min on 2 cores)
+    python bench/bench_codebook.py                 # 3 runs x the preset's 4000 steps (~30 min on 2 cores)
     python bench/bench_codebook.py --steps 200 --no-write
     python bench/bench_codebook.py --smoke          # FSQ and VQ, 2 steps, 16 crops: checks it runs; writes nothing
 
-Each quantizer trains with the built-in CPU recipe (`configs/tiny_cpu.yaml`, its 3000 steps and seed) and only the
+Each quantizer trains with the built-in CPU recipe (`configs/tiny_cpu.yaml`, its steps and seed) and only the
 quantizer changed: `--quantizer cosmos_fsq` (the default), `--quantizer vq` and `--quantizer vq --use_simvq true`
 (the `vq` preset: codes initialised from and restarted at encoder outputs, no weight decay on the codebook).
 Codebook use counts the codes of 2048 random crops of the training photos (131,072 tokens: eight times a

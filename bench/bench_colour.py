@@ -1,24 +1,25 @@
-"""Colour and crop scale: the tiny preset before and after it took up colour, and smaller crops, by tile scale.
+"""The tiny preset's issue-17 changes (colour images, channel permutation, FSQ noise) and smaller crops, by tile scale.
 
-    python bench/bench_colour.py --variants a colour-permute   # 2 variants x 3 seeds x 3000 steps (~1 h, 2 cores)
+    python bench/bench_colour.py --variants a colour-permute colour-permute-noise   # 3 x 3 seeds x 3000 steps (~1 h)
     python bench/bench_colour.py --steps 300 --seeds 1 2 --no-write
-    python bench/bench_colour.py --smoke                       # 2 steps, 2 runs, a few tiles: that it runs; no writes
+    python bench/bench_colour.py --smoke                       # 2 steps, 3 runs, a few tiles: that it runs; no writes
 
-Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`) set back to what it was before it
-took up colour (`BEFORE`) and the variant's changes, for the same number of steps with each seed
-(`bench_quality.train_run`: the seed sets the initialisation and the order of the crops, so runs of one seed are
-paired). The built-in training photos hold a narrow palette (the reds and oranges of `retina` and `ihc`, greys), and
-the crops (8-100 % of a photo's area) never zoom in as far as the held-out set's quarter-side tiles (0.042-0.063 of
-a photo's area). The variants add scikit-image's two synthetic colour images to the training photos
-(`--dataset_name builtin:photos+colour`), then the channel permutation of the crops (`--color_augment permute`: the
-tiny preset now), then smaller crops (`--min_crop_scale 0.04`).
+Every run is `vqrae-train` with the built-in CPU recipe (`configs/tiny_cpu.yaml`) set back to what it was before
+issue 17 (`BEFORE`) and the variant's changes, for the same number of steps with each seed
+(`bench_quality.train_run`: the seed sets the initialisation, the order of the crops and the noise, so runs of one
+seed are paired). The built-in training photos hold a narrow palette (the reds and oranges of `retina` and `ihc`,
+greys), and the crops (8-100 % of a photo's area) never zoom in as far as the held-out set's quarter-side tiles
+(0.042-0.063 of a photo's area). The variants add scikit-image's two synthetic colour images to the training photos
+(`--dataset_name builtin:photos+colour`), then the channel permutation of the crops (`--color_augment permute`),
+then either smaller crops (`--min_crop_scale 0.04`) or FSQ noise substitution (`--fsq_noise_probability 0.5`: half
+the tokens skip the rounding in training, for uniform noise one level step wide; the tiny preset now).
 
 Each run's saved model is evaluated by `vqrae.training.metrics.evaluate_model` (the figures of `eval_results.json`)
 on the held-out tiles of each scale (`validation_tiles`: the photo's shorter side, a half, a quarter of it): the
 colour error (CIEDE2000 between a tile's mean colour and its reconstruction's), PSNR and SSIM. Cells are the mean
 over seeds [95 % t interval over seeds]; a difference to the reference variant is the mean of the per-seed paired
-differences with its t interval, and "inside the noise" when that interval holds 0. The bicubic thumbnail of the same
-token grid is the same for every run.
+differences with its t interval, and "inside the noise" when that interval holds 0. A second table sets each variant
+against the one it adds to, in the same way. The bicubic thumbnail of the same token grid is the same for every run.
 """
 
 from __future__ import annotations
@@ -28,21 +29,25 @@ from _common import bench_parser, load_average, markdown_table, parse_bench_args
 from bench_heldout import tile_scales
 from bench_quality import cell, run_folders, train_run, verdict_word
 
-# The tiny preset as it was before it took up colour (issue 17): every variant starts from it, so each keeps its
-# meaning whatever the preset is now.
-BEFORE = ["--dataset_name", "builtin:photos", "--color_augment", "none"]
+# The tiny preset as it was before it took up colour and FSQ noise (issue 17): every variant starts from it, so each
+# keeps its meaning whatever the preset is now.
+BEFORE = ["--dataset_name", "builtin:photos", "--color_augment", "none", "--fsq_noise_probability", "0"]
 COLOUR = ["--dataset_name", "builtin:photos+colour"]
-# name -> (label, options added to the tiny CPU recipe)
+PERMUTE = ["--color_augment", "permute"]
+# name -> (label, options added to the tiny CPU recipe, the variant it adds to)
 VARIANTS = {
-    "a": ("the tiny preset before issue 17 (builtin:photos, no colour augmentation)", BEFORE),
-    "colour": ("a + --dataset_name builtin:photos+colour", [*BEFORE, *COLOUR]),
-    "colour-permute": (
-        "colour + --color_augment permute (the tiny preset since issue 17)",
-        [*BEFORE, *COLOUR, "--color_augment", "permute"],
-    ),
+    "a": ("the tiny preset before issue 17 (builtin:photos, no colour augmentation, no FSQ noise)", BEFORE, None),
+    "colour": ("a + --dataset_name builtin:photos+colour", [*BEFORE, *COLOUR], "a"),
+    "colour-permute": ("colour + --color_augment permute", [*BEFORE, *COLOUR, *PERMUTE], "colour"),
     "colour-permute-zoom": (
         "colour-permute + --min_crop_scale 0.04",
-        [*BEFORE, *COLOUR, "--color_augment", "permute", "--min_crop_scale", "0.04"],
+        [*BEFORE, *COLOUR, *PERMUTE, "--min_crop_scale", "0.04"],
+        "colour-permute",
+    ),
+    "colour-permute-noise": (
+        "colour-permute + --fsq_noise_probability 0.5 (the tiny preset now)",
+        [*BEFORE, *COLOUR, *PERMUTE, "--fsq_noise_probability", "0.5"],
+        "colour-permute",
     ),
 }
 REFERENCE = "a"
@@ -123,21 +128,43 @@ def report(runs: dict, variants: list[str], seeds: list[int], steps: int) -> str
         "seeds [95 % t interval over seeds]; differences are paired by seed, and `better`/`worse` say which way an "
         f"interval that excludes 0 points (a lower colour error is better). Variants: {labels}. "
         f"The thumbnail carries {first['bicubic_bits_per_image']:.0f} bits per image, the tokens "
-        f"{first['bits_per_image']:.0f}.\n\n" + markdown_table(header, rows)
+        f"{first['bits_per_image']:.0f}.\n\n" + markdown_table(header, rows) + steps_report(runs, variants, seeds)
     )
+
+
+def steps_report(runs: dict, variants: list[str], seeds: list[int]) -> str:
+    """A second table: each variant against the variant it adds to (when both ran), paired by seed, by tile
+    scale; empty when no such pair ran."""
+    pairs = [(name, VARIANTS[name][2]) for name in variants if VARIANTS[name][2] in variants]
+    if not pairs:
+        return ""
+    header = ["tiles", "variant", "against"] + [f"Δ {label}, paired" for _, label, _, _ in METRICS]
+    rows = []
+    for scale in runs[(variants[0], seeds[0])]:
+        tiles = "all tiles" if scale == ALL else f"{scale:g} side"
+        for name, base in pairs:
+            row = [f"{tiles} ({runs[(name, seeds[0])][scale]['num_images']})", name, base]
+            for metric, _, digits, higher in METRICS:
+                differences = [runs[(name, seed)][scale][metric] - runs[(base, seed)][scale][metric] for seed in seeds]
+                verdict = verdict_word(differences if higher else [-d for d in differences])
+                row.append(f"{cell(differences, digits, sign=True)}: {verdict}")
+            rows.append(row)
+    return "\n\nStep by step, each variant against the one it adds to:\n\n" + markdown_table(header, rows)
 
 
 def main(argv=None):
     parser = bench_parser(__doc__.split("\n\n")[0], threads=False)
-    parser.add_argument("--steps", type=int, default=3000, help="training steps of every run (the preset's)")
+    parser.add_argument(
+        "--steps", type=int, default=3000, help="training steps of every run (3000; the preset itself trains 4000)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument(
         "--reuse", action="store_true", help="read finished runs of the same options found in --keep, train the rest"
     )
-    # --smoke: 2 steps of the reference and the variant with every option, one seed, a few tiles.
-    smoke = {"steps": 2, "seeds": [1], "variants": [REFERENCE, "colour-permute-zoom"]}
+    # --smoke: 2 steps of the reference, a variant and one that adds to it, one seed, a few tiles.
+    smoke = {"steps": 2, "seeds": [1], "variants": [REFERENCE, "colour-permute", "colour-permute-noise"]}
     args = parse_bench_args(parser, argv, smoke)
     extra, tiles = ([], None) if not args.smoke else (["--max_eval_samples", str(SMOKE_TILES)], SMOKE_TILES)
     start_load = load_average()
@@ -156,7 +183,8 @@ def main(argv=None):
                 )
                 print(f"{variant} seed {seed} ({result['wall']:.0f} s): {summary}", flush=True)
     body = report(runs, args.variants, args.seeds, args.steps)
-    publish("bench_colour", "6d. Colour augmentation and crop scale, by tile scale", body, start_load, args.no_write)
+    title = "6d. The tiny preset's colour augmentation, crop scale and FSQ noise, by tile scale"
+    publish("bench_colour", title, body, start_load, args.no_write)
     return 0
 
 

@@ -64,6 +64,14 @@ def test_old_config_json_without_new_fields_loads(tmp_path):
         ({"post_quant_conv_kernel_size": 2}, ValueError, r"`post_quant_conv_kernel_size` must be a positive odd"),
         ({"post_quant_conv_kernel_size": 0}, ValueError, r"`post_quant_conv_kernel_size`.*got 0"),
         ({"post_quant_conv_kernel_size": -3}, ValueError, r"`post_quant_conv_kernel_size`.*got -3"),
+        (
+            {"fsq_noise_probability": 1.5},
+            ValueError,
+            r"`fsq_noise_probability` must be a number from 0 to 1 \(got 1.5\)",
+        ),
+        ({"fsq_noise_probability": -0.1}, ValueError, r"`fsq_noise_probability`.*\(got -0.1\)"),
+        ({"fsq_noise_probability": float("nan")}, ValueError, r"`fsq_noise_probability`.*\(got nan\)"),
+        ({"fsq_noise_probability": "0.5"}, TypeError, r"Field 'fsq_noise_probability'"),
         ({"num_embeddings": 1}, ValueError, r"`num_embeddings` must be an integer >= 2 \(got 1\)"),
         ({"codebook_dim": 0}, ValueError, r"`codebook_dim` must be an integer >= 1 or unset \(got 0\)"),
         ({"commitment_cost": -0.1}, ValueError, r"`commitment_cost` must be a finite number >= 0"),
@@ -113,6 +121,7 @@ INEFFECTIVE = [
         ]
     ),
     ("fsq_levels", [8, 8, 8], {"use_fsq": True}, {"use_fsq": False}),
+    ("fsq_noise_probability", 0.5, {"use_fsq": True}, {"use_fsq": False}),
     ("post_quant_conv_kernel_size", 3, {"use_post_quant_conv": True}, {"use_post_quant_conv": False}),
     ("post_quant_conv_on_codes", True, {"use_post_quant_conv": True}, {"use_post_quant_conv": False}),
 ]

@@ -143,6 +143,16 @@ def test_quantizer_table_fsq_with_post_quant_conv(run_folder):
         assert row in text
 
 
+def test_quantizer_table_says_when_training_substituted_noise_for_rounding(tmp_path):
+    folder = tmp_path / "noisy"
+    save_model(tiny_model(0, **SEED_PRESETS["cosmos_fsq"], fsq_noise_probability=0.5), folder)
+    text = render_model_card(folder).text
+    assert (
+        "| Levels | [8, 8, 8, 5, 5, 5]; in training, 50% of tokens skip the rounding for uniform noise one level step "
+        "wide (inference always rounds) |"
+    ) in text
+
+
 def test_untrained_vq_model_card_has_no_results_pictures_or_training(tmp_path):
     folder = tmp_path / "fresh"
     save_model(tiny_model(0, encoder_name_or_path=str(tmp_path), **SEED_PRESETS["vq"]), folder)

@@ -127,6 +127,41 @@ def test_projection_and_shapes():
     assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through gradients reach the input
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fsq_noise_substitution_in_training_only(dtype):
+    """`noise_probability`: in training, about that share of tokens reaches the decoder as `tanh(z)` plus noise
+    within half a level step (off the grid), the rest as the rounded codes; the indices are the rounded ones either
+    way, the gradient is `tanh`'s for both, and in eval mode nothing changes."""
+    torch.manual_seed(0)
+    plain = VQRAEFSQuantizer(LEVELS, dim=48, project_out=False)
+    noisy = VQRAEFSQuantizer(LEVELS, dim=48, project_out=False, noise_probability=0.25)
+    noisy.load_state_dict(plain.state_dict())
+    z = torch.randn(64, 32, 48).to(dtype)
+    reference = plain(z)
+    noisy.eval()
+    evaluated = noisy(z)
+    assert torch.equal(evaluated.quantized, reference.quantized) and torch.equal(evaluated.indices, reference.indices)
+
+    noisy.train()
+    z = z.requires_grad_()
+    out = noisy(z)
+    assert out.quantized.dtype == torch.float32
+    assert torch.equal(out.indices, reference.indices)
+    on_grid = (out.quantized == reference.quantized).all(dim=-1)
+    substituted = ~on_grid
+    assert 0.2 < substituted.float().mean().item() < 0.3  # 2048 tokens: 0.25 +- 0.05 is > 5 standard deviations
+    bounded = torch.tanh(noisy.project_in(z.float()))
+    step = 1 / noisy._half_width
+    offset = (out.quantized - bounded)[substituted]
+    assert (offset.abs() <= step / 2 + 1e-6).all()
+    assert offset.abs().max() > 0.45 * step.min()  # spread over the step, not a rounding in disguise
+    torch.testing.assert_close(out.quantized[on_grid], reference.quantized[on_grid], rtol=0, atol=0)
+    # The same gradient as the rounded codes': that of tanh (straight-through), whichever way a token went.
+    (grad,) = torch.autograd.grad(out.quantized.sum(), z)
+    (expected,) = torch.autograd.grad(torch.tanh(noisy.project_in(z.float())).sum(), z)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_fsq_is_float32_under_bf16_autocast():
     torch.manual_seed(0)
     fsq = VQRAEFSQuantizer(LEVELS, dim=48)

@@ -49,6 +49,7 @@ DEFAULT_FSQ_LEVELS = (8, 8, 8, 5, 5, 5)
 # Fields that act only with another setting: field -> (that setting, the value it needs, how vqrae-train sets it).
 # Anywhere else such a field must keep its default, so a config never records an option that did nothing.
 _NEEDS_VQ = ("use_fsq", False, "--quantizer vq")
+_NEEDS_FSQ = ("use_fsq", True, "--quantizer cosmos_fsq or standard_fsq")
 _NEEDS_POST_QUANT_CONV = ("use_post_quant_conv", True, "--use_post_quant_conv true")
 EFFECTIVE_ONLY_WITH = {
     "num_embeddings": _NEEDS_VQ,
@@ -57,7 +58,8 @@ EFFECTIVE_ONLY_WITH = {
     "use_simvq": _NEEDS_VQ,
     "vq_cosine_lookup": _NEEDS_VQ,
     "vq_restart_unused_steps": _NEEDS_VQ,
-    "fsq_levels": ("use_fsq", True, "--quantizer cosmos_fsq or standard_fsq"),
+    "fsq_levels": _NEEDS_FSQ,
+    "fsq_noise_probability": _NEEDS_FSQ,
     "post_quant_conv_kernel_size": _NEEDS_POST_QUANT_CONV,
     "post_quant_conv_on_codes": _NEEDS_POST_QUANT_CONV,
 }
@@ -140,6 +142,10 @@ class VQRAEConfig(PreTrainedConfig):
             Finite scalar quantization (`True`) or a learned VQ codebook (`False`).
         fsq_levels (`list[int]`, *optional*, defaults to `[8, 8, 8, 5, 5, 5]`):
             Levels per FSQ dimension, each >= 2; the codebook holds `prod(fsq_levels)` codes (64,000 by default).
+        fsq_noise_probability (`float`, *optional*, defaults to 0.0):
+            FSQ, training only: the chance that a token skips the rounding and reaches the decoder as its bounded
+            values plus uniform noise one level step wide (noise substitution, Ballé et al., 2017), from 0 to 1.
+            Its indices, evaluation and inference are unchanged: they always round.
         num_embeddings (`int`, *optional*, defaults to 16384):
             Number of VQ codes (used when `use_fsq=False`), >= 2.
         codebook_dim (`int`, *optional*):
@@ -214,6 +220,7 @@ class VQRAEConfig(PreTrainedConfig):
     encoder_name_or_path: str | None = None
     use_fsq: bool = True
     fsq_levels: list[int] | tuple[int, ...] | None = None
+    fsq_noise_probability: int | float = 0.0
     num_embeddings: int = 16384
     codebook_dim: int | None = None
     commitment_cost: int | float = 0.25
@@ -326,6 +333,10 @@ class VQRAEConfig(PreTrainedConfig):
         """FSQ levels, the VQ codebook and `post_quant_conv`."""
         if not self.fsq_levels or any(level < 2 for level in self.fsq_levels):
             raise ValueError(f"`fsq_levels` must be a non-empty list of integers >= 2 (got {self.fsq_levels!r}).")
+        if not 0 <= self.fsq_noise_probability <= 1:
+            raise ValueError(
+                f"`fsq_noise_probability` must be a number from 0 to 1 (got {self.fsq_noise_probability!r})."
+            )
         check_at_least("num_embeddings", self.num_embeddings, 2)
         check_at_least("codebook_dim", self.codebook_dim, 1, optional=True)
         if self.vq_restart_unused_steps < 0:

@@ -204,7 +204,12 @@ class VQRAEModel(VQRAEPreTrainedModel):
         # Cosmos-Tokenizer's placement: post_quant_conv reads the quantizer's own codes, in place of its project_out.
         project_out = not config.post_quant_conv_on_codes
         if config.use_fsq:
-            self.quantizer = VQRAEFSQuantizer(levels=config.fsq_levels, dim=hidden_size, project_out=project_out)
+            self.quantizer = VQRAEFSQuantizer(
+                levels=config.fsq_levels,
+                dim=hidden_size,
+                project_out=project_out,
+                noise_probability=config.fsq_noise_probability,
+            )
         else:
             self.quantizer = VQRAEVectorQuantizer(
                 num_embeddings=config.num_embeddings,

@@ -50,12 +50,14 @@ VISION_PRESETS = {
 # per patch back into 192 pixel values), mixes neighbouring codes with a 3x3 post_quant_conv, which gives the
 # decoder the context for smooth patch borders from the first step, decodes overlapping patches blended over 6 pixels
 # at each border and smooths the image with a 32-channel conv head (no visible patch grid, and a PSNR at least as
-# high: BENCHMARKS.md section 6).
+# high: BENCHMARKS.md section 6). With FSQ, half its tokens skip the rounding in training for noise one level step
+# wide (BENCHMARKS.md section 6d).
 SIZE_PRESET_MODEL_FIELDS = {
     "tiny": {
         "decoder_num_hidden_layers": 3,
         "post_quant_conv_kernel_size": 3,
         "decoder_patch_overlap": 3,
         "decoder_conv_head_channels": 32,
+        "fsq_noise_probability": 0.5,
     }
 }

@@ -139,12 +139,21 @@ class VQRAEFSQuantizer(_Float32Module):
         project_out (`bool`, *optional*, defaults to `True`): map the codes back to `dim`. `False` hands on the
             grid codes themselves (`len(levels)` wide), for a model whose next layer reads them (Cosmos-Tokenizer's
             `post_quant_conv`).
+        noise_probability (`float`, *optional*, defaults to 0.0): in training mode only, the chance that a token
+            is not rounded but passed on as its bounded values plus uniform noise one level step wide (noise
+            substitution: Ballé et al., 2017, "End-to-end Optimized Image Compression"), each token drawn
+            independently. The decoder learns from values between the grid points too, and the encoder's gradient
+            is the same either way (that of `tanh`). The indices are always the rounded ones; evaluation and
+            inference always round.
     """
 
-    def __init__(self, levels: list[int] | tuple[int, ...], dim: int, project_out: bool = True):
+    def __init__(
+        self, levels: list[int] | tuple[int, ...], dim: int, project_out: bool = True, noise_probability: float = 0.0
+    ):
         super().__init__()
         self.levels = list(levels)
         self.dim = dim
+        self.noise_probability = noise_probability
         self.codebook_dim = len(self.levels)
         self.codebook_size = math.prod(self.levels)
         for name, table in self.level_tables().items():
@@ -167,7 +176,8 @@ class VQRAEFSQuantizer(_Float32Module):
         }
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
+        noise = f", noise_probability={self.noise_probability}" if self.noise_probability else ""
+        return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}{noise}"
 
     def _check_width(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.shape[-1] != self.codebook_dim:
@@ -215,12 +225,24 @@ class VQRAEFSQuantizer(_Float32Module):
                 codes = bounded + (codes - bounded).detach()
             return codes, self._level_indices_to_indices(level_indices)
 
+    def substitute_noise(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`codes` (the straight-through codes of `z`, `(..., len(levels))`) with each token replaced, with
+        probability `noise_probability`, by `tanh(z)` plus noise uniform over one level step (`1 / h`) around it,
+        in float32; the gradient is that of `tanh`, as for the rounded codes."""
+        bounded = torch.tanh(z.float())
+        noisy = bounded + (torch.rand_like(bounded) - 0.5) / self._half_width
+        substituted = torch.rand(bounded.shape[:-1] + (1,), device=bounded.device) < self.noise_probability
+        return torch.where(substituted, noisy, codes)
+
     def forward(self, z: torch.Tensor) -> VQRAEQuantizerOutput:
         """Quantize `z` of shape `(..., dim)`."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"The quantizer expects vectors of width {self.dim} (got shape {tuple(z.shape)}).")
         with _float32_region(z.device.type):
-            codes, indices = self.quantize(_linear_float32(self.project_in, z))
+            projected = _linear_float32(self.project_in, z)
+            codes, indices = self.quantize(projected)
+            if self.training and self.noise_probability > 0:
+                codes = self.substitute_noise(projected, codes)
             quantized = _linear_float32(self.project_out, codes)
         return VQRAEQuantizerOutput(quantized=quantized, indices=indices, loss=quantized.new_zeros(()))
 

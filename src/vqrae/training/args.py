@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from ..arguments import ImageSourceArguments, check_at_least
 from ..builtin_photos import BUILTIN_COLOUR_DATASET_NAME
-from ..configuration_vqrae import NOT_TRAINING_OPTIONS, VQRAEConfig, is_number
+from ..configuration_vqrae import EFFECTIVE_ONLY_WITH, NOT_TRAINING_OPTIONS, VQRAEConfig, is_number
 from ..errors import UsageError
 from ..presets import QUANTIZER_PRESETS, SIZE_PRESET_MODEL_FIELDS, VISION_PRESETS
 from .data import check_color_augment
@@ -209,9 +209,14 @@ class ModelArguments:
         if size_preset:
             kwargs.update(SIZE_PRESET_MODEL_FIELDS.get(self.vision_config or "tiny", {}))
         kwargs.update(explicit)
-        if size_preset and not kwargs.get("use_post_quant_conv") and "post_quant_conv_kernel_size" not in explicit:
-            # The size's kernel is for a quantizer with a post_quant_conv; without one it would do nothing (refused).
-            kwargs.pop("post_quant_conv_kernel_size", None)
+        if size_preset:
+            # A size's field that acts only with another setting (its post_quant_conv kernel needs a post_quant_conv,
+            # its FSQ noise an FSQ quantizer) is dropped where that setting is off: it would do nothing (refused).
+            for name in SIZE_PRESET_MODEL_FIELDS.get(self.vision_config or "tiny", {}):
+                setting, needed, _ = EFFECTIVE_ONLY_WITH.get(name, (None, None, None))
+                default = VQRAEConfig.__dataclass_fields__[setting].default if setting else None
+                if setting is not None and name not in explicit and kwargs.get(setting, default) != needed:
+                    kwargs.pop(name, None)
         return kwargs
 
 
@@ -303,7 +308,7 @@ class VQRAETrainingArguments:
             "Default: 1 with a pretrained encoder or --init_from; a random encoder is trained jointly (no stage)."
         },
     )
-    max_steps: int = field(default=3000, metadata={"help": "Optimiser steps to train for."})
+    max_steps: int = field(default=4000, metadata={"help": "Optimiser steps to train for."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
     per_device_eval_batch_size: int = field(
         default=32, metadata={"resumable": True, "help": "Evaluation batch size per process."}

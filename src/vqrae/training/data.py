@@ -396,10 +396,16 @@ def load_training_data(
 def batch_iterator(data: TrainingData, args, num_workers: int, start_step: int):
     """Micro-batches from `start_step` on: map-style data by micro-batch number (a sampler over the steps left of
     `args.max_steps`, times `args.gradient_accumulation_steps`), a stream from its saved position. A stream is read
-    in the main process: its resume position (`examples_read`) is counted on this copy of it."""
+    in the main process: its resume position (`examples_read`) is counted on this copy of it.
+
+    Starting an iterator draws its workers' base seed from torch's global generator, which the model's own random
+    draws (FSQ noise) also use. A resumed run starts its iterator after restoring the generator, an uninterrupted
+    one long before that step: the draw is kept off the global generator, so both take the same noise."""
     if isinstance(data.batches, StreamingTrainingBatches):
-        return iter(torch.utils.data.DataLoader(data.batches, batch_size=None))
-    accumulation = args.gradient_accumulation_steps
-    sampler = range(start_step * accumulation, args.max_steps * accumulation)
-    loader = torch.utils.data.DataLoader(data.batches, batch_size=None, sampler=sampler, num_workers=num_workers)
-    return iter(loader)
+        loader = torch.utils.data.DataLoader(data.batches, batch_size=None)
+    else:
+        accumulation = args.gradient_accumulation_steps
+        sampler = range(start_step * accumulation, args.max_steps * accumulation)
+        loader = torch.utils.data.DataLoader(data.batches, batch_size=None, sampler=sampler, num_workers=num_workers)
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
