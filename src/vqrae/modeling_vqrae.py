@@ -205,10 +205,7 @@ class VQRAEModel(VQRAEPreTrainedModel):
         project_out = not config.post_quant_conv_on_codes
         if config.use_fsq:
             self.quantizer = VQRAEFSQuantizer(
-                levels=config.fsq_levels,
-                dim=hidden_size,
-                project_out=project_out,
-                noise_probability=config.fsq_noise_probability,
+                config.fsq_levels, hidden_size, project_out, noise_probability=config.fsq_noise_probability
             )
         else:
             self.quantizer = VQRAEVectorQuantizer(
