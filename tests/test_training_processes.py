@@ -87,11 +87,13 @@ def _launch_two_processes(argv: list[str], port: int | None = None) -> subproces
 
 
 def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    # Without the tiny size's FSQ noise: each process draws its own, so two processes take other noise than one.
+    no_noise = ["--fsq_noise_probability", "0"]
     single = tmp_path / "single"
-    run(single, "--per_device_train_batch_size", "4", max_steps=3)
+    run(single, "--per_device_train_batch_size", "4", *no_noise, max_steps=3)
 
     two = tmp_path / "two"
-    argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--per_device_train_batch_size", "2", "--max_steps", "3"]
+    argv = [*TINY_SIZE_ARGS, *TINY_RUN_ARGS, "--per_device_train_batch_size", "2", "--max_steps", "3", *no_noise]
     argv += ["--eval_steps", "100", "--save_steps", "100", "--output_dir", str(two)]
     port = _free_port()
     done = _launch_two_processes(argv, port)
