@@ -206,3 +206,20 @@ def test_resume_command_relaunches_the_way_the_run_was_launched():
     assert resume_command(["vqrae-train", "--max_steps", "9"], {"ACCELERATE_USE_CPU": "1"}) == (
         "vqrae-train --max_steps 9 --resume_from_checkpoint latest"
     )
+
+
+def test_a_resumed_run_takes_the_fsq_noise_of_the_uninterrupted_run(tmp_path):
+    """FSQ noise is drawn from torch's generator, which checkpoints save. Resumed from checkpoint 1, a 3-step run
+    with noise ends with the uninterrupted run's weights, bit for bit: starting the data iterator of a resume draws
+    nothing from that generator (if it did, steps 2 and 3 would take other noise)."""
+    output = tmp_path / "out"
+    keep = ["--fsq_noise_probability", "0.5", "--save_steps", "1", "--save_total_limit", "3"]
+    run(output, *keep, max_steps=3)
+    uninterrupted = load_file(str(output / "model.safetensors"))
+    run(output, *keep, "--resume_from_checkpoint", str(output / "checkpoints" / "checkpoint-1"), max_steps=3)
+    resumed = load_file(str(output / "model.safetensors"))
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+    # The noise reaches the weights: without it the same run ends elsewhere.
+    run(tmp_path / "plain", "--fsq_noise_probability", "0", max_steps=3)
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert not all(torch.equal(plain[name], resumed[name]) for name in plain)
