@@ -153,6 +153,7 @@ def default_run(s: Sources) -> dict[str, str]:
         "heldout.half.gain": paired(gap[half]),
         "heldout.quarter.count": s.cell("bench_heldout", quarter, "count"),
         "heldout.quarter.loss": f"{-numbers(s.cell('bench_heldout', quarter, 'VQRAE - bicubic, paired'))[0]:.2f} dB",
+        "heldout.all.gain": paired(numbers(s.cell("bench_heldout", "all tiles", "VQRAE - bicubic, paired"))),
     }
 
 
@@ -292,14 +293,23 @@ def check_same_model(s: Sources) -> None:
 
 def colour(s: Sources) -> dict[str, str]:
     """docs/training.md's colour paragraph: section 6d over all tiles, the tiny preset against the colour images with
-    the channel permutation (cells by position: the table repeats its "Δ vs a, paired" header)."""
-    cells = {}
+    the channel permutation (cells by position: the table repeats its "Δ vs a, paired" header), and its
+    step-by-step table's FSQ noise against none, by tile scale."""
+    cells, steps = {}, {}
     for line in s.section("bench_colour").splitlines():
         parts = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if line.startswith("| all tiles") and len(parts) > 8:
             cells[parts[1]] = parts
+        elif line.startswith("| ") and len(parts) == 6 and parts[1:3] == ["colour-permute-noise", "colour-permute"]:
+            steps[parts[0].split(" (")[0]] = parts  # the step-by-step table: the FSQ noise against no noise
     preset, variant = cells["a"], cells["colour-permute"]
+    noise = {}
+    for tiles, label in (("all tiles", "all"), ("1 side", "whole"), ("0.5 side", "half"), ("0.25 side", "quarter")):
+        noise[f"colour.noise.{label}.psnr_change"] = steps[tiles][4]
+    noise["colour.noise.all.ssim_change"] = steps["all tiles"][5]
+    noise["colour.noise.all.colour_change"] = steps["all tiles"][3]
     return {
+        **noise,
         "colour.preset": preset[2].split(" [")[0],
         "colour.colour_permute": variant[2].split(" [")[0],
         "colour.colour_permute.change": variant[3],
