@@ -235,13 +235,9 @@ def _quantizer(config) -> dict:
     if config.use_fsq:
         kind = "FSQ (finite scalar quantization)"
         description = f"finite scalar quantization (FSQ, levels {config.fsq_levels})"
-        codebook = ("Levels", str(config.fsq_levels))
-        if config.fsq_noise_probability:
-            codebook = (
-                "Levels",
-                f"{config.fsq_levels}; in training, {config.fsq_noise_probability:.0%} of tokens skip the rounding "
-                "for uniform noise one level step wide (inference always rounds)",
-            )
+        noise = config.fsq_noise_probability
+        training = f"; in training, {noise:.0%} of tokens skip the rounding for uniform noise one level step wide"
+        codebook = ("Levels", f"{config.fsq_levels}{training + ' (inference always rounds)' if noise else ''}")
     else:
         width = config.codebook_dim or config.vision_config.hidden_size
         kind = "SimVQ (learned linear map of a frozen codebook)" if config.use_simvq else "VQ (learned codebook)"
